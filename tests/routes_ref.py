@@ -1,0 +1,193 @@
+"""Test helpers: read a moe_routes.jsonl, check coverage, and compute reference routing with HF transformers.
+
+The reference is independent of vLLM: the HF model recomputes the hidden states for prompt + output, a
+forward pre-hook on each router (`gate`) module captures its input, and the routing rule of each model
+family is written out here from the model's published definition (softmax/sigmoid, top-k, groups,
+renormalisation, scaling).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ROOT / "schemas" / "moe_routes.schema.json"
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+DRIVER = ROOT / "tests" / "vllm_driver.py"
+PY = os.environ.get("MOE_ROUTES_TEST_PYTHON") or sys.executable
+
+
+def gsm8k_questions(n: int) -> list[str]:
+    out = []
+    with open(GSM8K, encoding="utf-8") as f:
+        for line in f:
+            out.append(json.loads(line)["question"])
+            if len(out) == n:
+                break
+    return out
+
+
+def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900, extra_env: dict | None = None):
+    """Run tests/vllm_driver.py in a fresh interpreter; returns the per-run result dicts."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec, out = workdir / "spec.json", workdir / "result.json"
+    spec.write_text(json.dumps({"model": str(model), "runs": runs}))
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.pop("VLLM_LOG_MOE", None)
+    env.pop("VLLM_LOG_MOE_LAYERS", None)
+    env.update(extra_env or {})
+    proc = subprocess.run([PY, str(DRIVER), "--spec", str(spec), "--out", str(out)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    (workdir / "driver.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"driver failed rc={proc.returncode}\n{proc.stderr[-4000:]}")
+    results = json.loads(out.read_text())["runs"]
+    return results, proc.stdout + proc.stderr
+
+
+class RouteLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.metas: list[dict] = []
+        self.gaps: list[dict] = []
+        self.routes: dict[tuple[str, int, int], tuple[list[int], list[float], bool]] = {}
+        self.counts: Counter = Counter()
+        raw = self.path.read_bytes()
+        assert raw.endswith(b"\n"), "log does not end with a whole line"
+        for lineno, line in enumerate(raw.decode().splitlines(), 1):
+            rec = json.loads(line)
+            if lineno == 1:
+                assert rec["type"] == "meta", "line 1 is not a meta record"
+            if rec["type"] == "meta":
+                self.metas.append(rec)
+            elif rec["type"] == "gap":
+                self.gaps.append(rec)
+            else:
+                key = (rec["req_id"], rec["token_idx"], rec["layer"])
+                self.counts[key] += 1
+                self.routes[key] = (rec["topk_ids"], rec["topk_weights"], rec.get("cached", False))
+
+    @property
+    def meta(self) -> dict:
+        return self.metas[0]
+
+    def validate_schema(self) -> int:
+        import jsonschema
+
+        validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+        n = 0
+        with open(self.path) as f:
+            for line in f:
+                validator.validate(json.loads(line))
+                n += 1
+        return n
+
+    def check_exact_coverage(self, outputs: list[dict]) -> None:
+        """Every finished request: positions 0..P+G-2 once per logged layer, nothing else."""
+        dups = [k for k, c in self.counts.items() if c != 1]
+        assert not dups, f"{len(dups)} (req, pos, layer) keys logged more than once, e.g. {dups[:3]}"
+        layers = self.meta["layers_logged"]
+        expected = set()
+        for o in outputs:
+            n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
+            expected.update((o["request_id"], p, layer) for p in range(n_pos) for layer in layers)
+        got = set(self.routes)
+        missing, extra = expected - got, got - expected
+        assert not missing, f"{len(missing)} positions missing, e.g. {sorted(missing)[:5]}"
+        assert not extra, f"{len(extra)} unexpected records, e.g. {sorted(extra)[:5]}"
+        assert not self.gaps, f"gap records: {self.gaps[:3]}"
+
+    def per_request(self, req_id: str, n_pos: int, layers: list[int]):
+        ids = np.array([[self.routes[(req_id, p, l)][0] for l in layers] for p in range(n_pos)])
+        w = np.array([[self.routes[(req_id, p, l)][1] for l in layers] for p in range(n_pos)], dtype=np.float64)
+        return ids, w
+
+
+def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[int]):
+    """HF transformers routing for each sequence: list of (ids [T, L, K], weights [T, L, K])."""
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    cfg = model.config
+    gates = {}
+    for name, mod in model.named_modules():
+        if name.endswith(".gate") and ".layers." in name and hasattr(mod, "weight") and mod.weight.dim() == 2:
+            gates[int(name.split(".layers.")[1].split(".")[0])] = mod
+    assert set(layers) <= set(gates), (layers, sorted(gates))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [gates[l].register_forward_pre_hook(lambda m, args, l=l: captured.__setitem__(l, args[0].detach()))
+             for l in layers]
+    out = []
+    try:
+        with torch.no_grad():
+            for seq in sequences:
+                captured.clear()
+                model(torch.tensor([seq]))
+                per_layer = [route_rule(cfg, captured[l].reshape(-1, captured[l].shape[-1]).float(), gates[l])
+                             for l in layers]
+                out.append((np.stack([p[0] for p in per_layer], 1), np.stack([p[1] for p in per_layer], 1)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def route_rule(cfg, hidden, gate):
+    """The published routing rule of each model family, from the router's input."""
+    import torch
+
+    logits = hidden @ gate.weight.float().T
+    mt = cfg.model_type
+    if mt in ("qwen2_moe", "qwen3_moe", "mixtral"):
+        k = cfg.num_experts_per_tok
+        probs = torch.softmax(logits, dim=-1)
+        w, ids = torch.topk(probs, k, dim=-1)
+        renorm = True if mt == "mixtral" else bool(cfg.norm_topk_prob)
+        if renorm:
+            w = w / w.sum(-1, keepdim=True)
+        return ids.numpy(), w.numpy()
+    if mt == "glm4_moe":
+        k, n_group, topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        scores = torch.sigmoid(logits)
+        biased = scores + gate.e_score_correction_bias.float()
+        t, e = biased.shape
+        group_scores = biased.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(-1)
+        keep_groups = group_scores.topk(topk_group, dim=-1)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, keep_groups, 1.0)
+        mask = mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+        ids = biased.masked_fill(mask == 0, float("-inf")).topk(k, dim=-1)[1]
+        w = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        return ids.numpy(), (w * cfg.routed_scaling_factor).numpy()
+    raise NotImplementedError(mt)
+
+
+def compare_with_reference(log: RouteLog, model_dir: Path, outputs: list[dict]) -> dict:
+    """Agreement of logged routing with the HF reference over every (token, layer) of every request."""
+    layers = log.meta["layers_logged"]
+    seqs = [o["prompt_token_ids"] + o["token_ids"][:-1] for o in outputs]
+    refs = reference_routing(model_dir, seqs, layers)
+    total = agree = 0
+    max_w = 0.0
+    for o, seq, (ref_ids, ref_w) in zip(outputs, seqs, refs):
+        ids, w = log.per_request(o["request_id"], len(seq), layers)
+        order_log = np.argsort(ids, -1)
+        order_ref = np.argsort(ref_ids, -1)
+        ids_s = np.take_along_axis(ids, order_log, -1)
+        ref_s = np.take_along_axis(ref_ids, order_ref, -1)
+        same = (ids_s == ref_s).all(-1)
+        total += same.size
+        agree += int(same.sum())
+        if same.any():
+            dw = np.abs(np.take_along_axis(w, order_log, -1) - np.take_along_axis(ref_w, order_ref, -1))[same]
+            max_w = max(max_w, float(dw.max()))
+    return {"entries": total, "id_agreement": agree / total, "max_weight_diff": max_w}

@@ -1,0 +1,391 @@
+"""Tests for plot_hist.py on a small hand-computed log.
+
+The log (4 experts, top-2, layers 1 and 3, requests "a" and "b", tokens 0 and 1):
+
+  layer 1:  a/0 [0,1] w[.75,.25]   a/1 [0,2] w[.5,.5]   b/0 [0,1] w[.6,.4]   b/1 [3,0] w[.9,.1] (cached)
+  layer 3:  a/0 [1,2] w[.5,.5]     a/1 [1,2] w[.5,.5]   b/0 [2,3] w[.5,.5]   b/1 [1,3] w[.5,.5]
+
+plus a gap record for request "a" (positions 5..7 -> 2 positions) and a second
+writer's meta record.  All expected numbers below are worked out by hand.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import plot_hist  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "plot_hist.py")
+
+
+def meta(**kw):
+    m = {"type": "meta", "schema_version": 1, "engine": "vllm", "engine_version": "0.15.1",
+         "torch_version": "2.9.1", "model_id": "test/tiny-moe", "device": "cpu", "seed": 0,
+         "num_experts": 4, "top_k": 2, "num_hidden_layers": 4, "moe_layers": [1, 3],
+         "layers_logged": [1, 3], "id_kind": "logical", "routing_source": "kernel",
+         "patch_series": "test", "patches": [], "writer": {"pid": 1}, "created_unix": 0.0}
+    m.update(kw)
+    return json.dumps(m)
+
+
+def route(req, tok, layer, ids, ws, cached=False):
+    # exactly the fast writer's compact form and key order
+    ids_s = ",".join(str(i) for i in ids)
+    ws_s = ",".join(repr(w) for w in ws)
+    line = (f'{{"type":"route","req_id":"{req}","token_idx":{tok},"layer":{layer},'
+            f'"topk_ids":[{ids_s}],"topk_weights":[{ws_s}]')
+    return line + (',"cached":true}' if cached else "}")
+
+
+GOOD_LINES = [
+    meta(),
+    route("a", 0, 1, [0, 1], [0.75, 0.25]),
+    route("a", 0, 3, [1, 2], [0.5, 0.5]),
+    route("a", 1, 1, [0, 2], [0.5, 0.5]),
+    route("a", 1, 3, [1, 2], [0.5, 0.5]),
+    '{"type":"gap","req_id":"a","token_start":5,"token_end":7,"reason":"test"}',
+    meta(writer={"pid": 2}),
+    route("b", 0, 1, [0, 1], [0.6, 0.4]),
+    route("b", 0, 3, [2, 3], [0.5, 0.5]),
+    route("b", 1, 1, [3, 0], [0.9, 0.1], cached=True),
+    # same kind of record in another key order and with spaces (json.loads path)
+    '{"layer": 3, "topk_weights": [0.5, 0.5], "topk_ids": [1, 3], "token_idx": 1, '
+    '"req_id": "b", "type": "route"}',
+]
+
+
+def write(tmp_path, lines, name="moe_routes.jsonl", trailing_newline=True):
+    p = tmp_path / name
+    text = "\n".join(lines) + ("\n" if trailing_newline else "")
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.fixture
+def good(tmp_path):
+    return write(tmp_path, GOOD_LINES)
+
+
+def run_main(argv, capsys):
+    rc = plot_hist.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def shares_of(d):
+    return [round(s, 6) for s in d["shares"]]
+
+
+# --------------------------------------------------------------------------- core numbers
+
+def test_counts_and_stats_hand_computed(good):
+    c = plot_hist.load_routes(good)
+    assert c.num_experts == 4 and c.top_k == 2
+    assert c.layers == [1, 3]
+    # layer 1: e0 in all 4 records, e1 twice (a/0, b/0), e2 once (a/1), e3 once (b/1)
+    # layer 3: e1 three times (a/0, a/1, b/1), e2 three times (a/0, a/1, b/0), e3 twice
+    assert c.counts.tolist() == [[4, 2, 1, 1], [0, 3, 3, 2]]
+    assert c.layer_records.tolist() == [4, 4]
+    assert c.records == 8
+    assert c.requests == 2            # "a", "b"
+    assert c.tokens == 4              # a/0 a/1 b/0 b/1
+    assert c.cached_records == 1
+    assert c.gap_records == 1 and c.gap_positions == 2
+    assert c.meta_records == 2
+
+    s = plot_hist.summarize(c)
+    o = s["overall"]
+    # overall counts e0 4, e1 2+3=5, e2 1+3=4, e3 1+2=3; total 16
+    assert o["counts"] == [4, 5, 4, 3]
+    assert shares_of(o) == [0.25, 0.3125, 0.25, 0.1875]
+    # H = 2*(.25*2) + .3125*log2(3.2) + .1875*log2(5.3333)
+    #   = 1.0 + .3125*1.678072 + .1875*2.415037 = 1.0 + 0.524398 + 0.452820 = 1.977217
+    assert o["entropy_bits"] == pytest.approx(1.977217, abs=1e-6)
+    assert o["entropy_frac"] == pytest.approx(1.977217 / 2, abs=1e-6)   # log2(4) = 2
+    assert o["imbalance"] == pytest.approx(1.25)                        # 5 / (16/4)
+    assert [(t["expert"], t["share"]) for t in o["top3"]] == [(1, 0.3125), (0, 0.25), (2, 0.25)]
+
+    l1, l3 = s["per_layer"]
+    assert l1["layer"] == 1 and l3["layer"] == 3
+    assert l1["records"] == 4 and l3["records"] == 4
+    # layer 1: shares .5 .25 .125 .125 -> H = .5*1 + .25*2 + 2*.125*3 = 1.75 bits
+    assert shares_of(l1) == [0.5, 0.25, 0.125, 0.125]
+    assert l1["entropy_bits"] == pytest.approx(1.75)
+    assert l1["entropy_frac"] == pytest.approx(0.875)
+    assert l1["imbalance"] == pytest.approx(2.0)                        # 4 / (8/4)
+    assert [(t["expert"], t["share"]) for t in l1["top3"]] == [(0, 0.5), (1, 0.25), (2, 0.125)]
+    # layer 3: shares 0 .375 .375 .25 -> H = 2*.375*1.415037 + .25*2 = 1.561278
+    assert shares_of(l3) == [0.0, 0.375, 0.375, 0.25]
+    assert l3["entropy_bits"] == pytest.approx(1.561278, abs=1e-6)
+    assert l3["entropy_frac"] == pytest.approx(0.780639, abs=1e-6)
+    assert l3["imbalance"] == pytest.approx(1.5)                        # 3 / 2
+    assert [(t["expert"], t["share"]) for t in l3["top3"]] == [(1, 0.375), (2, 0.375), (3, 0.25)]
+
+
+def test_layer_selection(good):
+    c = plot_hist.load_routes(good, layers=[3])
+    assert c.layers == [3]
+    assert c.counts.tolist() == [[0, 3, 3, 2]]
+    assert c.records == 4 and c.tokens == 4 and c.requests == 2
+    assert c.cached_records == 0        # the cached record is in layer 1
+
+
+def test_request_selection(good):
+    c = plot_hist.load_routes(good, requests=["b"])
+    # b: layer 1 [0,1] [3,0] -> e0 2, e1 1, e3 1; layer 3 [2,3] [1,3] -> e1 1, e2 1, e3 2
+    assert c.counts.tolist() == [[2, 1, 0, 1], [0, 1, 1, 2]]
+    assert c.records == 4 and c.requests == 1 and c.tokens == 2
+    assert c.gap_records == 0           # the gap belongs to request "a"
+    o = plot_hist.summarize(c)["overall"]
+    assert shares_of(o) == [0.25, 0.25, 0.125, 0.375]
+    assert [t["expert"] for t in o["top3"]] == [3, 0, 1]
+
+
+def test_weighted(good):
+    c = plot_hist.load_routes(good, weighted=True)
+    # layer 1: e0 .75+.5+.6+.1 = 1.95, e1 .25+.4 = .65, e2 .5, e3 .9 (total 4)
+    # layer 3: every weight .5 -> half of the unweighted counts
+    assert c.counts[0].tolist() == pytest.approx([1.95, 0.65, 0.5, 0.9])
+    assert c.counts[1].tolist() == pytest.approx([0.0, 1.5, 1.5, 1.0])
+    o = plot_hist.summarize(c)["overall"]
+    # overall 1.95, 2.15, 2.0, 1.9 of 8
+    assert o["shares"] == pytest.approx([0.24375, 0.26875, 0.25, 0.2375])
+    assert [t["expert"] for t in o["top3"]] == [1, 2, 0]
+    assert o["imbalance"] == pytest.approx(2.15 / 2.0)
+
+
+def test_cli_weighted_flag(good, tmp_path, capsys):
+    js = tmp_path / "w.json"
+    rc, out, _ = run_main([good, "--weighted", "--no-plots", "--summary-json", str(js)], capsys)
+    assert rc == 0
+    s = json.loads(js.read_text())
+    assert s["weighted"] is True and s["count_unit"] == "topk_weight"
+    assert s["per_layer"][0]["shares"] == pytest.approx([0.4875, 0.1625, 0.125, 0.225])
+
+
+# --------------------------------------------------------------------------- CLI / outputs
+
+SUMMARY_KEYS = {"input", "model_id", "model_ids", "random_weights", "num_experts", "top_k",
+                "weighted", "count_unit", "selection", "records", "requests", "tokens", "layers",
+                "layers_logged", "cached_records", "gap_records", "gap_positions", "meta_records",
+                "lines", "truncated_last_line", "warnings", "uniform_share", "entropy_max_bits",
+                "overall", "per_layer"}
+DIST_KEYS = {"total", "counts", "shares", "entropy_bits", "entropy_frac", "imbalance", "top3"}
+
+
+def test_cli_subprocess_outputs(good, tmp_path):
+    out_dir = tmp_path / "out"
+    js = tmp_path / "summary.json"
+    r = subprocess.run([sys.executable, SCRIPT, good, "--out-dir", str(out_dir),
+                        "--summary-json", str(js)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "records 8" in r.stdout and "requests 2" in r.stdout and "tokens 4" in r.stdout
+    assert "e1 31.2%" in r.stdout                      # top overall expert
+    assert "H=1.977 bits" in r.stdout and "imbalance max/mean 1.250" in r.stdout
+    assert "gap records 1" in r.stdout and "cached-position records 1" in r.stdout
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    for name in ("expert_hist.png", "expert_heatmap.png"):
+        p = out_dir / name
+        assert p.stat().st_size > 0
+        img = mpimg.imread(str(p))
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+
+    s = json.loads(js.read_text())
+    assert SUMMARY_KEYS <= set(s)
+    assert DIST_KEYS <= set(s["overall"])
+    assert all(DIST_KEYS | {"layer", "records"} <= set(d) for d in s["per_layer"])
+    assert json.loads((out_dir / "expert_stats.json").read_text()) == s
+    assert s["uniform_share"] == 0.25 and s["entropy_max_bits"] == 2.0
+
+
+def test_default_out_dir_is_log_dir(good, tmp_path, capsys):
+    rc, _, _ = run_main([good], capsys)
+    assert rc == 0
+    for name in ("expert_hist.png", "expert_heatmap.png", "expert_stats.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_no_plots_and_requests_file(good, tmp_path, capsys):
+    rf = tmp_path / "reqs.txt"
+    rf.write_text("b\n\n")
+    out = tmp_path / "o"
+    rc, stdout, _ = run_main([good, "--requests-file", str(rf), "--layers", "1", "--no-plots",
+                              "--out-dir", str(out)], capsys)
+    assert rc == 0
+    assert not (out / "expert_hist.png").exists()
+    s = json.loads((out / "expert_stats.json").read_text())
+    assert s["records"] == 2 and s["overall"]["counts"] == [2, 1, 0, 1]
+    assert s["selection"] == {"layers": [1], "requests": ["b"]}
+
+
+def test_help():
+    r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0
+    assert "--weighted" in r.stdout and "examples:" in r.stdout
+    assert "python plot_hist.py moe_routes.jsonl" in r.stdout
+
+
+def test_random_weights_note(tmp_path, capsys):
+    p = write(tmp_path, [meta(random_weights=True)] + GOOD_LINES[1:5])
+    rc, out, _ = run_main([p, "--no-plots"], capsys)
+    assert rc == 0
+    assert "RANDOM weights" in out and "mean nothing" in out
+
+
+# --------------------------------------------------------------------------- bad input
+
+def replace_line(lineno, text):
+    lines = list(GOOD_LINES)
+    lines[lineno - 1] = text
+    return lines
+
+
+BAD_CASES = [
+    ("not_json", replace_line(3, '{"type":"route","req_id":"a",'), 3, "not valid JSON"),
+    ("layer_str", replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace(
+        '"layer":1', '"layer":"1"')), 4, "layer"),
+    ("id_range", replace_line(2, route("a", 0, 1, [0, 4], [0.75, 0.25])), 2, "outside [0, 4)"),
+    ("id_negative", replace_line(8, route("b", 0, 1, [-1, 1], [0.6, 0.4])), 8, "outside [0, 4)"),
+    ("ids_len", replace_line(5, route("a", 1, 3, [1, 2, 3], [0.5, 0.5])), 5, "top_k is 2"),
+    ("weights_len", replace_line(9, route("b", 0, 3, [2, 3], [1.0])), 9, "top_k is 2"),
+    ("weight_str", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace(
+        "0.25]", '"0.25"]')), 2, "topk_weights[1]"),
+    ("weight_bad_number", replace_line(3, route("a", 0, 3, [1, 2], [0.5, 0.5]).replace(
+        "0.5,", "0.5.5,")), 3, "not valid JSON"),
+    ("leading_zero", replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace(
+        '"token_idx":1', '"token_idx":01')), 4, "not valid JSON"),
+    ("bool_id", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace(
+        "[0,1]", "[true,1]")), 2, "topk_ids[0]"),
+    ("missing_meta", GOOD_LINES[1:], 1, "not a meta record"),
+    ("meta_disagrees", replace_line(7, meta(num_experts=8)), 7, "disagrees"),
+    ("unknown_type", replace_line(6, '{"type":"routes"}'), 6, "unknown record type"),
+    ("array_record", replace_line(6, "[1,2]"), 6, "not an object"),
+    ("extra_key", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25])[:-1] + ',"x":1}'),
+     2, "unexpected key"),
+    # the first error in file order wins even when a later line is invalid too
+    ("first_error_wins", replace_line(5, '{oops')[:2] + [route("a", 0, 3, [1, 9], [0.5, 0.5])]
+     + replace_line(5, '{oops')[3:], 3, "outside [0, 4)"),
+]
+
+
+@pytest.mark.parametrize("name,lines,lineno,fragment", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_input_exit_1_with_line_number(tmp_path, capsys, name, lines, lineno, fragment):
+    p = write(tmp_path, lines)
+    rc, out, err = run_main([p, "--no-plots"], capsys)
+    assert rc == 1
+    assert f"{p}:{lineno}:" in err, err
+    assert fragment in err, err
+
+
+def test_bad_input_subprocess(tmp_path):
+    p = write(tmp_path, replace_line(4, "not json at all"))
+    r = subprocess.run([sys.executable, SCRIPT, p, "--no-plots"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"moe_routes.jsonl:4:" in r.stderr
+
+
+def test_empty_file(tmp_path, capsys):
+    p = write(tmp_path, [], trailing_newline=False)
+    rc, _, err = run_main([p], capsys)
+    assert rc == 1 and "no meta record" in err
+
+
+def test_truncated_last_line_warns_and_uses_rest(tmp_path, capsys):
+    lines = GOOD_LINES + ['{"type":"route","req_id":"b","token_idx":2,"lay']
+    p = write(tmp_path, lines, trailing_newline=False)
+    rc, out, err = run_main([p, "--no-plots"], capsys)
+    assert rc == 0
+    assert f"{p}:12: truncated last line" in err
+    s = json.loads((tmp_path / "expert_stats.json").read_text())
+    assert s["records"] == 8 and s["overall"]["counts"] == [4, 5, 4, 3]
+    assert s["truncated_last_line"] == 12
+
+
+def test_complete_last_line_without_newline_is_used(tmp_path):
+    p = write(tmp_path, GOOD_LINES, trailing_newline=False)
+    c = plot_hist.load_routes(p)
+    assert c.records == 8 and c.truncated_line is None
+
+
+def test_garbage_line_with_newline_in_middle_is_error(tmp_path, capsys):
+    p = write(tmp_path, GOOD_LINES[:3] + ['{"type":"route","req_id":"b","tok'] + GOOD_LINES[3:])
+    rc, _, err = run_main([p], capsys)
+    assert rc == 1 and f"{p}:4:" in err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--layers", "2"], "matches no route record"),
+    (["--requests", "zzz"], "matches no route record"),
+    (["--layers", "1", "--requests", "nope"], "matches no route record"),
+])
+def test_empty_selection(good, capsys, argv, fragment):
+    rc, _, err = run_main([good, "--no-plots"] + argv, capsys)
+    assert rc == 1
+    assert fragment in err
+
+
+def test_partial_selection_warns(good, capsys):
+    rc, _, err = run_main([good, "--no-plots", "--layers", "1,2"], capsys)
+    assert rc == 0
+    assert "warning" in err and "[2]" in err
+
+
+# --------------------------------------------------------------------------- fast path
+
+def test_fast_and_json_paths_agree(tmp_path, monkeypatch):
+    """Many lines so the chunked fast path is used; same data re-encoded with json.dumps."""
+    import random
+    rnd = random.Random(1)
+    recs = []
+    for t in range(300):
+        for layer in (1, 3):
+            ids = rnd.sample(range(4), 2)
+            w = rnd.random()
+            recs.append(("r%d" % (t % 7), t, layer, ids, [w, 1 - w]))
+    fast = [meta()] + [route(*r) for r in recs]
+    slow = [meta()] + [json.dumps({"topk_ids": r[3], "layer": r[2], "type": "route",
+                                   "req_id": r[0], "token_idx": r[1],
+                                   "topk_weights": r[4]}, indent=None) for r in recs]
+    fast_p, slow_p = write(tmp_path, fast, "fast.jsonl"), write(tmp_path, slow, "slow.jsonl")
+    b = plot_hist.load_routes(slow_p, weighted=True)
+
+    def no_slow(*a, **k):
+        raise AssertionError("fast-path lines went through the per-line fallback")
+    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", no_slow)
+    a = plot_hist.load_routes(fast_p, weighted=True)
+    assert a.counts.ravel().tolist() == pytest.approx(b.counts.ravel().tolist())
+    assert (a.records, a.requests, a.tokens) == (b.records, b.requests, b.tokens) == (600, 7, 300)
+    total = sum(1 for _ in recs) * 2
+    assert plot_hist.load_routes(write(tmp_path, fast, "f2.jsonl")).counts.sum() == total
+
+
+def test_chunk_boundaries(tmp_path, monkeypatch):
+    """Tiny chunks: lines split across reads, errors still get the right line number."""
+    monkeypatch.setattr(plot_hist, "CHUNK_BYTES", 37)
+    p = write(tmp_path, GOOD_LINES)
+    c = plot_hist.load_routes(p)
+    assert c.counts.tolist() == [[4, 2, 1, 1], [0, 3, 3, 2]] and c.gap_records == 1
+    bad = write(tmp_path, replace_line(10, route("b", 1, 1, [3, 7], [0.9, 0.1])), "bad.jsonl")
+    with pytest.raises(plot_hist.RouteLogError) as ei:
+        plot_hist.load_routes(bad)
+    assert ei.value.lineno == 10
+
+
+@pytest.mark.parametrize("tok,ok", [
+    (b"0.5", True), (b"-0.25", True), (b"1e-05", True), (b"3.5E+2", True), (b"0", True),
+    (b"1.2.3", False), (b"01", False), (b"-01", False), (b"+1", False), (b".5", False),
+    (b"1.", False), (b"1e", False), (b"1e2.5", False), (b"--1", False), (b"1-2", False),
+])
+def test_number_validator(tok, ok):
+    assert plot_hist._valid_numbers(b"0.5," + tok + b",1") is ok
+    assert plot_hist._valid_numbers(tok) is ok

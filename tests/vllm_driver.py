@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Run the (patched) vLLM engine on a JSON spec and dump what the caller saw, for the tests.
+
+vLLM's V1 engine core is a spawned process, so tests drive it from a separate interpreter. One driver
+process runs several engines one after another (each `run` gets its own environment, which the engine
+core process inherits at spawn), which saves the interpreter start-up per engine.
+
+  python tests/vllm_driver.py --spec spec.json --out result.json
+
+spec = {"model": DIR, "runs": [{"env": {...}, "llm": {...LLM kwargs}, "sampling": {...},
+        "prompts": ["text" | [token ids], ...]  |  "batches": [[prompt, ...], [prompt, ...]]}]}
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def run_one(model: str, run: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    saved = {k: os.environ.get(k) for k in run.get("env", {})}
+    for k, v in run.get("env", {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = str(v)
+    llm = None
+    try:
+        t0 = time.time()
+        kwargs = dict(model=model, dtype="float32", seed=1234, max_model_len=2048)
+        kwargs.update(run.get("llm", {}))
+        llm = LLM(**kwargs)
+        startup = time.time() - t0
+        sp = SamplingParams(**{"temperature": 0.0, "ignore_eos": True, "max_tokens": 16, **run.get("sampling", {})})
+        # "batches": generate() calls made one after another on the same engine (later ones can hit the
+        # prefix cache filled by earlier ones); otherwise one call with all prompts.
+        batches = run.get("batches") or [run["prompts"]]
+        outs = []
+        t0 = time.time()
+        for batch in batches:
+            prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in batch]
+            outs.extend(llm.generate(prompts, sp, use_tqdm=False))
+        gen = time.time() - t0
+        stats = None
+        if os.environ.get("VLLM_LOG_MOE", "").strip() not in ("", "0"):
+            from vllm.model_executor.layers.fused_moe import moe_routes
+
+            stats = moe_routes.flush_engine(llm.llm_engine)
+        return {"ok": True, "startup_s": startup, "generate_s": gen, "writer_stats": stats,
+                "outputs": [{"request_id": o.request_id, "prompt_token_ids": list(o.prompt_token_ids),
+                             "token_ids": list(o.outputs[0].token_ids)} for o in outs]}
+    except Exception as exc:  # the tests assert on the message
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    finally:
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            del llm
+            gc.collect()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    spec = json.load(open(a.spec))
+    results = []
+    for run in spec["runs"]:
+        results.append(run_one(spec["model"], run))
+        with open(a.out, "w") as f:  # partial results survive a crash of a later run
+            json.dump({"runs": results}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
