@@ -244,9 +244,10 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
                          "environment from requirements-sglang-lock.txt and apply patches/sglang-* with "
                          "scripts/moe_patch.py apply --engine sglang --python <venv>/bin/python") from None
     from sglang_routing import decode_expert_routing, to_jsonl_records
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     prompts = build_prompts(questions, tokenizer, not args.no_chat_template)
     sampling = {"temperature": 0.0, "max_new_tokens": args.max_tokens, "ignore_eos": args.ignore_eos}
     engines, startup = {}, {}
@@ -254,7 +255,8 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
         t0 = time.perf_counter()
         engines[mode] = sglang.Engine(model_path=args.model, random_seed=args.seed, dtype=args.dtype,
                                       tp_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
-                                      enable_return_expert_routing=(mode == "log"),
+                                      # the series reuses SGLang's own server flag for the feature
+                                      enable_return_routed_experts=(mode == "log"),
                                       mem_fraction_static=args.gpu_memory_utilization or 0.4)
         startup[mode] = time.perf_counter() - t0
 
@@ -284,8 +286,8 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
         meta = {"type": "meta", "schema_version": 1, "engine": "sglang", "engine_version": sglang.__version__,
                 "sglang_version": sglang.__version__, "torch_version": __import__("torch").__version__,
                 "model_id": args.model, "device": device_info(), "seed": args.seed,
-                "num_experts": int(decoded[0]["num_experts"]), "top_k": int(decoded[0]["topk_ids"].shape[-1]),
-                "num_hidden_layers": int(decoded[0].get("num_hidden_layers", max(decoded[0]["layers"]) + 1)),
+                "num_experts": int(decoded[0]["num_experts"]), "top_k": int(decoded[0]["top_k"]),
+                "num_hidden_layers": int(getattr(hf_config, "num_hidden_layers", max(decoded[0]["layers"]) + 1)),
                 "moe_layers": [int(x) for x in decoded[0]["layers"]],
                 "layers_logged": [int(x) for x in decoded[0]["layers"]], "id_kind": "logical",
                 "routing_source": "kernel", "patch_series": series_info("sglang")["series"],
@@ -293,7 +295,7 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
                 "created_unix": time.time()}
         f.write(json.dumps(meta, separators=(",", ":")) + "\n")
         for i, (o, dec) in enumerate(zip(first, decoded)):
-            for rec in to_jsonl_records(str(i), dec):
+            for rec in to_jsonl_records(str(o["meta_info"].get("id", i)), dec):
                 f.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 n_records += 1
     for e in engines.values():

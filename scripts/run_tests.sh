@@ -6,8 +6,6 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=$(scripts/setup_cpu_env.sh | tail -n 1)
-if [ -x scripts/setup_sglang_test_env.sh ]; then
-  export MOE_ROUTES_SGLANG_PYTHON=$(scripts/setup_sglang_test_env.sh | tail -n 1)
-fi
+scripts/setup_sglang_test_env.sh >&2
 export MOE_ROUTES_TEST_PYTHON="$PY"
 exec "$PY" -m pytest -ra "$@" tests

@@ -171,11 +171,14 @@ def route_rule(cfg, hidden, gate):
     raise NotImplementedError(mt)
 
 
-def compare_with_reference(log: RouteLog, model_dir: Path, outputs: list[dict]) -> dict:
-    """Agreement of logged routing with the HF reference over every (token, layer) of every request."""
+def compare_with_reference(log: RouteLog, model_dir: Path, outputs: list[dict], weight_scale: float = 1.0) -> dict:
+    """Agreement of logged routing with the HF reference over every (token, layer) of every request.
+
+    weight_scale: factor between the HF routing weights and the weights the vLLM kernel applies (vLLM
+    models that scale the MoE output by routed_scaling_factor outside the kernel)."""
     layers = log.meta["layers_logged"]
     seqs = [o["prompt_token_ids"] + o["token_ids"][:-1] for o in outputs]
-    refs = reference_routing(model_dir, seqs, layers)
+    refs = [(i, w * weight_scale) for i, w in reference_routing(model_dir, seqs, layers)]
     total = agree = 0
     max_w = 0.0
     for o, seq, (ref_ids, ref_w) in zip(outputs, seqs, refs):

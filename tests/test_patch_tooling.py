@@ -420,16 +420,25 @@ def test_sglang_layouts(tmp_path, sglang_env, layout):
     assert tree_hash(tmp_path / "tree") == clean
 
 
-def test_verify_real_empty_series():
+def test_verify_real_series():
+    """The shipped series: lint clean, and each applies strictly to every clean pinned artifact, byte-compiles
+    and reverses to a byte-identical tree."""
+    counts = {}
     for name in ("vllm", "sglang"):
         series = mp.series_dir(name) / "series"
-        if [ln for ln in series.read_text().splitlines() if ln.strip() and not ln.startswith("#")]:
-            pytest.fail(f"{series} is no longer empty: update this test to expect 'OK' lines instead")
+        counts[name] = len([ln for ln in series.read_text().splitlines() if ln.strip() and not ln.startswith("#")])
+        assert counts[name] > 0, f"{series} is empty"
     r = run("verify", "--offline")
     assert r.returncode == 0, r.out
-    assert "vllm: no patches" in r.out and "sglang: no patches" in r.out
+    lines = r.out.splitlines()
+    vllm_ok = [ln for ln in lines if ln.startswith("moe_patch: vllm wheel") and f": OK: {counts['vllm']} patches" in ln]
+    sglang_ok = [ln for ln in lines if ln.startswith("moe_patch: sglang ") and f": OK: {counts['sglang']} patches" in ln]
+    assert len(vllm_ok) == 1 and len(sglang_ok) == 3, r.out  # sglang: wheel, sdist, git layout
+    assert all("byte-identical" in ln for ln in vllm_ok + sglang_ok)
     r = run("lint")
-    assert r.returncode == 0 and r.out.count(": OK (0 patches)") == 2, r.out
+    assert r.returncode == 0, r.out
+    assert f"vllm-{VLLM_PIN}: OK ({counts['vllm']} patches)" in r.out
+    assert f"sglang-{SGLANG_PIN}: OK ({counts['sglang']} patches)" in r.out
 
 
 def test_verify_with_series(vllm_env, sglang_env):
@@ -444,9 +453,14 @@ def test_verify_with_series(vllm_env, sglang_env):
 
 
 def test_offline_missing_cache_is_clear(tmp_path, monkeypatch):
-    r = run("verify", "--engine", "sglang", "--patches-dir", REPO / "patches" / f"sglang-{SGLANG_PIN}",
-            "--offline", env={"MOE_ROUTES_CACHE": str(tmp_path)})
-    assert r.returncode == 0 and "no patches" in r.out  # empty series never needs the cache
+    empty = tmp_path / "empty-series"
+    empty.mkdir()
+    (empty / "series").write_text("# nothing yet\n")
+    r = run("verify", "--engine", "sglang", "--patches-dir", empty, "--offline",
+            env={"MOE_ROUTES_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0 and "no patches" in r.out  # an empty series never needs the cache
+    r = run("verify", "--engine", "sglang", "--offline", env={"MOE_ROUTES_CACHE": str(tmp_path / "cache")})
+    assert r.returncode != 0 and "run without --offline to download it" in r.out, r.out
     monkeypatch.setenv("MOE_ROUTES_CACHE", str(tmp_path))
     with pytest.raises(mp.PatchError, match="not in the cache"):
         mp.ensure_artifact("sglang", "sdist", offline=True)

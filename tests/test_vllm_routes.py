@@ -28,8 +28,8 @@ def models(tmp_path_factory):
     return {arch: tinymoe.build(arch, root / arch) for arch in tinymoe.ARCHS}
 
 
-def _check_reference(log, model_dir, outputs):
-    agreement = compare_with_reference(log, model_dir, outputs)
+def _check_reference(log, model_dir, outputs, weight_scale=1.0):
+    agreement = compare_with_reference(log, model_dir, outputs, weight_scale)
     # fp32 on both sides: the expert sets must agree everywhere (the issue's floor is 99.9 %).
     assert agreement["id_agreement"] >= 0.999, agreement
     assert agreement["max_weight_diff"] <= 1e-4, agreement
@@ -97,10 +97,18 @@ def test_disabled_writes_nothing_and_1_means_cwd(qwen2_main):
 
 
 def test_two_identical_runs_give_identical_logs(qwen2_main):
+    """Same records in the same order with the same expert ids. Weights: the CPU GEMMs of two engine
+    instances are not bitwise reproducible here (seen: 3 float32 ulps apart, tokens and ids identical),
+    so they must agree to 1e-6, far below any routing decision; the writer itself is deterministic
+    (tests/test_moe_routes_unit.py)."""
     work, _ = qwen2_main
-    a = [line for line in (work / "a.jsonl").read_text().splitlines()[1:]]
-    b = [line for line in (work / "moe_routes.jsonl").read_text().splitlines()[1:]]
-    assert a == b and len(a) > 1000
+    a = [json.loads(line) for line in (work / "a.jsonl").read_text().splitlines()[1:]]
+    b = [json.loads(line) for line in (work / "moe_routes.jsonl").read_text().splitlines()[1:]]
+    assert len(a) == len(b) > 1000
+    for x, y in zip(a, b):
+        wx, wy = x.pop("topk_weights"), y.pop("topk_weights")
+        assert x == y
+        assert max(abs(p - q) for p, q in zip(wx, wy)) <= 1e-6, (x, wx, wy)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,9 +195,14 @@ def test_other_architectures_match_reference(arch, models, tmp_path):
     log = RouteLog(tmp_path / "r.jsonl")
     log.check_exact_coverage(results[0]["outputs"])
     log.validate_schema()
+    scale = 1.0
     if arch == "glm4_moe":
         assert log.meta["moe_layers"] == [1, 2] and log.meta["scoring_func"] == "sigmoid"
-    _check_reference(log, models[arch], results[0]["outputs"])
+        # vLLM's Glm4Moe hands the kernel routed_scaling_factor=1.0 and scales the MoE output by 2.5
+        # afterwards: the log holds the kernel's weights and says so.
+        assert log.meta["kernel_routed_scaling_factor"] == 1.0 and log.meta["config_routed_scaling_factor"] == 2.5
+        scale = 1 / 2.5
+    _check_reference(log, models[arch], results[0]["outputs"], scale)
 
 
 # ---------------------------------------------------------------------------------------------------
