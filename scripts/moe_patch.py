@@ -723,14 +723,19 @@ def git_apply_staged(patches: list[Patch], current: Files, expected: Files, reve
                              "; ".join(f"{owner.get(p, '?')}: {p}: {e}" for p, e in real.items()))
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_temp_beside(path: Path, data: bytes, mode: int) -> Path:
+    """Write data, fsynced, to a temp file next to path (same filesystem, so os.replace is atomic)."""
     tmp = path.with_name(f".{path.name}.moe-routes-tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    os.replace(write_temp_beside(path, data, mode), path)
 
 
 def commit(root: Path, current: Files, final: Files) -> list[str]:
@@ -754,13 +759,7 @@ def commit(root: Path, current: Files, final: Files) -> list[str]:
                 d.mkdir()
                 created_dirs.append(str(d.relative_to(root)))
             mode = stat.S_IMODE(dest.stat().st_mode) if dest.exists() else 0o644
-            tmp = dest.with_name(f".{dest.name}.moe-routes-tmp-{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            temps.append((tmp, dest))
+            temps.append((write_temp_beside(dest, data, mode), dest))
         for tmp, dest in temps:
             os.replace(tmp, dest)
             done.append(str(dest.relative_to(root)))
