@@ -150,7 +150,7 @@ def start_vllm(args, log_path: str | None):
     return llm, time.perf_counter() - t0
 
 
-def run_vllm(args, prompts_text: list[str] | None, questions: list[str], out_dir: Path) -> dict:
+def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     from tqdm import tqdm
     from vllm import SamplingParams
 
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                 args.gpu_memory_utilization = 0.42
         except ImportError:
             pass
-        result = run_vllm(args, None, questions, out_dir)
+        result = run_vllm(args, questions, out_dir)
     else:
         result = run_sglang(args, questions, out_dir)
     summary = summarize(result)
