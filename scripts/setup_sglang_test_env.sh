@@ -30,19 +30,20 @@ if [[ -f "$MARK" && "$(cat "$MARK")" == "$WANT" ]] && "$VENV/bin/python" -c "imp
   echo "setup_sglang_test_env: reusing $VENV"; exit 0
 fi
 
+quiet_pip() { grep -v "^WARNING: Location 'file:" >&2 || true; }
 CONS="$(mktemp)"; trap 'rm -f "$CONS"' EXIT
 printf 'torch==%s\ntransformers==5.3.0\nopenai==2.6.1\n' "$TORCH_CPU_VERSION" > "$CONS"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONS")
-"${PIP[@]}" "torch==$TORCH_CPU_VERSION" numpy pytest
-"${PIP[@]}" "${LIGHT_DEPS[@]}"
+"${PIP[@]}" "torch==$TORCH_CPU_VERSION" numpy pytest 2>&1 | quiet_pip
+"${PIP[@]}" "${LIGHT_DEPS[@]}" 2>&1 | quiet_pip
 WHL="$DIST/sglang-${SGLANG_VERSION}-py3-none-any.whl"
 SRC="sglang==$SGLANG_VERSION"; [[ -f "$WHL" ]] && SRC="$WHL"
 # fresh, unpatched sglang every time the marker changes (patches are applied below)
 SP="$("$VENV/bin/python" -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')"
 "$VENV/bin/python" -m pip uninstall -q -y sglang >/dev/null 2>&1 || true
 rm -rf "$SP/sglang"                   # also drops files the series added
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$SRC"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$SRC" 2>&1 | quiet_pip
 rm -f "$SP/.moe-routes-sglang.json"   # moe_patch state file of the replaced install
 "$PY" "$ROOT/scripts/moe_patch.py" apply --engine sglang --python "$VENV/bin/python"
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_CPU_VERSION'), torch.__version__"
