@@ -283,6 +283,7 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     n_records = 0
     with open(out_dir / "moe_routes.jsonl", "w") as f:
         decoded = [decode_expert_routing(o["meta_info"]["expert_routing"]) for o in first]
+        series = series_info("sglang")
         meta = {"type": "meta", "schema_version": 1, "engine": "sglang", "engine_version": sglang.__version__,
                 "sglang_version": sglang.__version__, "torch_version": __import__("torch").__version__,
                 "model_id": args.model, "device": device_info(), "seed": args.seed,
@@ -290,8 +291,8 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
                 "num_hidden_layers": int(getattr(hf_config, "num_hidden_layers", max(decoded[0]["layers"]) + 1)),
                 "moe_layers": [int(x) for x in decoded[0]["layers"]],
                 "layers_logged": [int(x) for x in decoded[0]["layers"]], "id_kind": "logical",
-                "routing_source": "kernel", "patch_series": series_info("sglang")["series"],
-                "patches": series_info("sglang")["patches"], "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+                "routing_source": "kernel", "patch_series": series["series"],
+                "patches": series["patches"], "writer": {"pid": os.getpid(), "host": socket.gethostname()},
                 "created_unix": time.time()}
         f.write(json.dumps(meta, separators=(",", ":")) + "\n")
         for i, (o, dec) in enumerate(zip(first, decoded)):

@@ -914,7 +914,7 @@ def cmd_status(t: Target, pdir: Path) -> int:
         print(f"  state file: {'consistent' if not probs else 'INCONSISTENT: ' + '; '.join(probs)}")
         ok = ok and not probs
     elif t.state_file.exists():
-        print(f"  state file: present but series not fully applied (stale)")
+        print("  state file: present but series not fully applied (stale)")
         ok = False
     else:
         print("  state file: absent")

