@@ -76,7 +76,7 @@ class RouteCounts:
     counts: np.ndarray           # (len(layers), num_experts): assignments, or summed weights
     layer_records: np.ndarray    # (len(layers),) route records per layer
     records: int                 # selected route records
-    requests: int                # distinct req_id among selected route records
+    requests: int                # distinct requests ((dp_rank, req_id) under DP) among selected records
     tokens: int                  # distinct (req_id, token_idx) among selected route records
     cached_records: int          # selected route records with "cached": true
     gap_records: int             # gap records of the selected requests
@@ -120,6 +120,25 @@ _ROUTE_KEYS = {"type", "req_id", "token_idx", "layer", "topk_ids", "topk_weights
 _GAP_KEYS = {"type", "req_id", "token_start", "token_end", "reason"}
 
 
+def _request_key(req: bytes, dp_rank: bytes) -> bytes:
+    """Data-parallel logs tag records with dp_rank because every rank's caller numbers its own
+    requests: the request is (dp_rank, req_id). NUL cannot occur in a logged req_id."""
+    return req + b"\x00" + dp_rank if dp_rank else req
+
+
+def _req_id_of(key: bytes) -> bytes:
+    return key.split(b"\x00", 1)[0]
+
+
+def _check_dp_rank(obj: dict) -> bytes:
+    if "dp_rank" not in obj:
+        return b""
+    dp = obj["dp_rank"]
+    if not _is_int(dp) or dp < 0:
+        raise _LineError(f"dp_rank must be an integer >= 0, got {dp!r}")
+    return str(dp).encode()
+
+
 def _check_keys(obj: dict, required: set, optional: set, kind: str):
     missing = required - obj.keys()
     if missing:
@@ -150,7 +169,7 @@ def _check_meta(obj: dict) -> tuple:
 
 
 def _check_route(obj: dict, num_experts: int, top_k: int, max_layers: int) -> tuple:
-    _check_keys(obj, _ROUTE_KEYS, {"cached"}, "route")
+    _check_keys(obj, _ROUTE_KEYS, {"cached", "dp_rank"}, "route")
     req = obj["req_id"]
     if not isinstance(req, str):
         raise _LineError(f"req_id must be a string, got {type(req).__name__}")
@@ -182,11 +201,12 @@ def _check_route(obj: dict, num_experts: int, top_k: int, max_layers: int) -> tu
     cached = obj.get("cached", False)
     if "cached" in obj and cached is not True:
         raise _LineError(f"cached must be true when present, got {cached!r}")
-    return req, tok, layer, ids, ws, cached
+    return _request_key(req.encode("utf-8", "surrogatepass"), _check_dp_rank(obj)), tok, layer, ids, ws, cached
 
 
 def _check_gap(obj: dict) -> tuple:
-    _check_keys(obj, _GAP_KEYS, set(), "gap")
+    _check_keys(obj, _GAP_KEYS, {"dp_rank"}, "gap")
+    _check_dp_rank(obj)
     if not isinstance(obj["req_id"], str):
         raise _LineError("gap req_id must be a string")
     s, e = obj["token_start"], obj["token_end"]
@@ -202,16 +222,16 @@ def _check_gap(obj: dict) -> tuple:
 def _fast_pattern(top_k: int) -> "re.Pattern":
     """One alternation per line.
 
-    Groups: 1 req_id, 2 the integers ``T,"layer":L,"topk_ids":[i1,...,iK``, 3 the
-    weights, 4 ``,"cached":true`` or empty, 5 the text of any other line.
+    Groups: 1 dp_rank or empty, 2 req_id, 3 the integers ``T,"layer":L,"topk_ids":[i1,...,iK``,
+    4 the weights, 5 ``,"cached":true`` or empty, 6 the text of any other line.
     findall() on a buffer of complete lines yields exactly one tuple per line, in
-    order; a line that is not a fast route line has an empty group 2.
+    order; a line that is not a fast route line has an empty group 3.
     Numbers are matched loosely here and validated strictly afterwards.
     """
     ints = rb"[0-9]+(?:,[0-9]+){%d}" % (top_k - 1)
     num = rb"[-+.eE0-9]+"
     nums = num + rb"(?:," + num + rb"){%d}" % (top_k - 1)
-    route = (rb'\{"type":"route","req_id":"([^"\\\x00-\x1f]*)","token_idx":([0-9]+,'
+    route = (rb'\{"type":"route",(?:"dp_rank":([0-9]+),)?"req_id":"([^"\\\x00-\x1f]*)","token_idx":([0-9]+,'
              rb'"layer":[0-9]+,"topk_ids":\[' + ints + rb')\],"topk_weights":\['
              rb'(' + nums + rb')\](,"cached":true)?\}')
     return re.compile(rb"(?:" + route + rb"|([^\n]*))\n")
@@ -326,7 +346,7 @@ class _Loader:
             if self._sel_req_keys is None:
                 add = np.ones(len(new), dtype=bool)
             else:
-                add = np.fromiter((r in self._sel_req_keys for r in new), dtype=bool, count=len(new))
+                add = np.fromiter((_req_id_of(r) in self._sel_req_keys for r in new), dtype=bool, count=len(new))
             self.req_selected = np.concatenate([self.req_selected, add])
             self.req_used = np.concatenate([self.req_used, np.zeros(len(new), dtype=bool)])
         return np.fromiter(map(table.__getitem__, reqs), dtype=np.int64, count=len(reqs))
@@ -408,7 +428,7 @@ class _Loader:
         kind = obj.get("type")
         if kind == "route":
             req, tok, layer, ids, ws, cached = _check_route(obj, self.E, self.K, self.max_layers)
-            slow.append((lineno, req.encode("utf-8", "surrogatepass"), tok, layer, ids, ws, cached))
+            slow.append((lineno, req, tok, layer, ids, ws, cached))
         elif kind == "gap":
             req, npos = _check_gap(obj)
             if self._sel_req_keys is None or req.encode("utf-8", "surrogatepass") in self._sel_req_keys:
@@ -421,7 +441,7 @@ class _Loader:
 
     def _fast_batch(self, cols, first_lineno, keep_idx):
         """Validate and convert fast-path columns. Returns (batch, (lineno, msg) | None)."""
-        reqs, ints, ws, cached = cols[:4]
+        dps, reqs, ints, ws, cached = cols[:5]
         n = len(ints)
         E, K = self.E, self.K
         linenos = (first_lineno + np.asarray(keep_idx, dtype=np.int64)) if keep_idx is not None \
@@ -435,6 +455,10 @@ class _Loader:
         ijoined = b",".join(ints).translate(None, _NUM_KEYS)
         if _leading_zero(ijoined):
             return "slow", None
+        if any(dps):
+            if any(len(d) > 1 and d[:1] == b"0" for d in dps):
+                return "slow", None
+            reqs = list(map(_request_key, reqs, dps))
         rj = b"\n".join(reqs)
         if not rj.isascii():
             try:
@@ -500,7 +524,7 @@ class _Loader:
         """Process a buffer of complete lines (ends with b'\\n')."""
         matches = self.pattern.findall(buf)
         cols = list(zip(*matches))
-        toks = cols[1]
+        toks = cols[2]
         n_other = toks.count(b"")
         if n_other == 0:
             keep_idx = None
@@ -509,9 +533,9 @@ class _Loader:
         else:
             is_fast = [t != b"" for t in toks]
             keep_idx = list(itertools.compress(range(len(toks)), is_fast))
-            fast_cols = [list(itertools.compress(c, is_fast)) for c in cols[:4]]
-            # the raw text of an "other" line is group 5 (the fast groups are empty)
-            other = [(i, cols[4][i]) for i, f in enumerate(is_fast) if not f]
+            fast_cols = [list(itertools.compress(c, is_fast)) for c in cols[:5]]
+            # the raw text of an "other" line is group 6 (the fast groups are empty)
+            other = [(i, cols[5][i]) for i, f in enumerate(is_fast) if not f]
 
         # other lines first (they may be meta records); remember the first error
         snapshot = (len(self.metas), set(self.layers_logged), self.gaps, self.gap_positions,
@@ -613,7 +637,7 @@ class _Loader:
                 self.warnings.append(f"selected layer(s) {missing} have no route records "
                                      f"(logged layers: {seen_layers})")
         if self.sel_requests is not None:
-            present = {k.decode("utf-8", "surrogatepass") for k in self.req_code}
+            present = {_req_id_of(k).decode("utf-8", "surrogatepass") for k in self.req_code}
             missing = [r for r in self.sel_requests if r not in present]
             if missing and len(missing) < len(self.sel_requests):
                 shown = missing[:10] + (["..."] if len(missing) > 10 else [])
@@ -897,7 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_parse_layers,
                    help="comma-separated decoder-layer indices or ranges (default: all logged)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--requests", help="comma-separated req_id values (default: all)")
+    g.add_argument("--requests", help="comma-separated req_id values, matched on every DP rank (default: all)")
     g.add_argument("--requests-file", help="file with one req_id per line")
     p.add_argument("--weighted", action="store_true",
                    help="count each assignment by its topk_weight instead of 1")

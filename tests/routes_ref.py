@@ -52,6 +52,53 @@ def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900
     return results, proc.stdout + proc.stderr
 
 
+def request_key(rec: dict) -> str:
+    """Under data parallelism each rank's caller numbers its own requests: key them by rank."""
+    return rec["req_id"] if "dp_rank" not in rec else f"dp{rec['dp_rank']}/{rec['req_id']}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeout: int = 900) -> list[dict]:
+    """vLLM's offline data-parallel mode: one driver process per DP rank, started together, each with the
+    VLLM_DP_* environment (as vLLM's examples/offline_inference/data_parallel.py does). Returns each rank's
+    run result."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, size = _free_port(), len(runs_per_rank)
+    procs = []
+    for rank, run in enumerate(runs_per_rank):
+        spec, out = workdir / f"spec{rank}.json", workdir / f"result{rank}.json"
+        spec.write_text(json.dumps({"model": str(model), "runs": [run]}))
+        env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOG_MOE", "VLLM_LOG_MOE_LAYERS")}
+        env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_DP_SIZE=str(size), VLLM_DP_RANK=str(rank),
+                   VLLM_DP_RANK_LOCAL=str(rank), VLLM_DP_MASTER_IP="127.0.0.1", VLLM_DP_MASTER_PORT=str(port),
+                   # the CPU worker's automatic core binding wants a NUMA node per rank
+                   VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+        log = open(workdir / f"driver{rank}.log", "w")
+        procs.append((subprocess.Popen([PY, str(DRIVER), "--spec", str(spec), "--out", str(out)], cwd=workdir,
+                                       env=env, stdout=log, stderr=subprocess.STDOUT), out, log))
+    results = []
+    try:
+        for rank, (proc, out, log) in enumerate(procs):
+            rc = proc.wait(timeout=timeout)
+            log.close()
+            if rc != 0 or not out.exists():
+                tail = (workdir / f"driver{rank}.log").read_text()[-4000:]
+                raise AssertionError(f"DP rank {rank} driver failed rc={rc}\n{tail}")
+            results.append(json.loads(out.read_text())["runs"][0])
+    finally:
+        for proc, _, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
 class RouteLog:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -70,7 +117,7 @@ class RouteLog:
             elif rec["type"] == "gap":
                 self.gaps.append(rec)
             else:
-                key = (rec["req_id"], rec["token_idx"], rec["layer"])
+                key = (request_key(rec), rec["token_idx"], rec["layer"])
                 self.counts[key] += 1
                 self.routes[key] = (rec["topk_ids"], rec["topk_weights"], rec.get("cached", False))
 

@@ -123,6 +123,8 @@ def test_record_op_eager_and_compiled(monkeypatch):
     monkeypatch.setattr(mr, "_STATE", state)
 
     class Layer(torch.nn.Module):
+        enable_eplb, dp_size = False, 1
+
         def __init__(self, slot):
             super().__init__()
             self._moe_routes_slot = slot
@@ -147,3 +149,156 @@ def test_record_op_eager_and_compiled(monkeypatch):
     assert (state.ids_buf[0] == -1).all(), "a row of a layer that did not run was written"
     # a layer that is not logged costs nothing and changes nothing
     assert route(Layer(-1), logits).equal(ref_w * 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data parallel: naive dispatch routes every rank's tokens; only this rank's rows are captured
+# ---------------------------------------------------------------------------------------------------
+def _capture_state(monkeypatch, k=2, max_tokens=64):
+    mr._ensure_op()
+    state = mr._State(settings=mr.Settings("/dev/null", None), layers=[0], rows=[0], top_k=k,
+                      num_experts=8, max_tokens=max_tokens,
+                      ids_buf=torch.full((1, max_tokens, k), -1, dtype=torch.int32),
+                      w_buf=torch.zeros((1, max_tokens, k)), device=torch.device("cpu"), writer=False,
+                      block_size=16, num_slots=0, meta={})
+    monkeypatch.setattr(mr, "_STATE", state)
+    return state
+
+
+class _DPLayer(torch.nn.Module):
+    """The attributes FusedMoE.forward_impl decides naive dispatch from (dp_size > 1, no DP chunking,
+    not a modular kernel)."""
+    enable_eplb, dp_size, use_dp_chunking, _moe_routes_slot = False, 2, False, 0
+
+    def __init__(self):
+        super().__init__()
+        self.quant_method = torch.nn.Identity()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_gathered_dp_batch_captures_only_this_ranks_rows(monkeypatch, compiled, rank):
+    import types
+
+    import vllm.distributed
+    import vllm.forward_context
+
+    sizes = [5, 3, 7]  # uneven, as when one rank pads to a CUDA-graph size and another is idle
+    state = _capture_state(monkeypatch)
+    meta = types.SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor(sizes))
+    monkeypatch.setattr(vllm.forward_context, "get_forward_context",
+                        lambda: types.SimpleNamespace(dp_metadata=meta))
+    monkeypatch.setattr(vllm.distributed, "get_dp_group", lambda: types.SimpleNamespace(rank_in_group=rank))
+    ids = torch.arange(sum(sizes) * 2, dtype=torch.int32).reshape(-1, 2)
+    w = torch.rand(sum(sizes), 2)
+
+    def route(layer, ids, w):
+        return mr.record(layer, ids, w) + 0.0
+
+    fn = torch.compile(route, fullgraph=True, backend="inductor") if compiled else route
+    out = fn(_DPLayer(), ids, w)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    assert torch.equal(out, w), "the kernel must still get every rank's weights"
+    assert torch.equal(state.ids_buf[0, :n], ids[start:start + n])
+    assert torch.equal(state.w_buf[0, :n], w[start:start + n])
+    assert (state.ids_buf[0, n:] == -1).all(), "rows of other DP ranks were captured"
+
+    meta.num_tokens_across_dp_cpu = torch.tensor([5, 3])  # a routing result that is not the gathered batch
+    with pytest.raises(RuntimeError, match="DP ranks hold"):
+        mr.record(_DPLayer(), ids, w)
+
+
+def test_dp_chunking_and_modular_kernels_are_not_sliced(monkeypatch):
+    from vllm.model_executor.layers.fused_moe.fused_moe_modular_method import FusedMoEModularMethod
+
+    chunked = _DPLayer()
+    chunked.use_dp_chunking = True
+    modular = _DPLayer()
+    modular.quant_method = FusedMoEModularMethod.__new__(FusedMoEModularMethod)
+    single = _DPLayer()
+    single.dp_size = 1
+    assert mr._gathers_dp_ranks(_DPLayer())
+    assert not any(mr._gathers_dp_ranks(m) for m in (chunked, modular, single))
+
+
+# ---------------------------------------------------------------------------------------------------
+# EPLB: the router hands the kernel physical replica ids; the log must carry logical ids
+# ---------------------------------------------------------------------------------------------------
+def _upstream_eplb_mapping():
+    """vLLM's own logical -> physical mapping (router/base_router.py). It is defined for CUDA-like
+    platforms only, so the module is re-executed with the platform check answering yes."""
+    import importlib.util
+
+    from vllm.platforms import current_platform
+
+    spec = importlib.util.find_spec("vllm.model_executor.layers.fused_moe.router.base_router")
+    module = importlib.util.module_from_spec(spec)
+    orig = current_platform.is_cuda_alike
+    current_platform.is_cuda_alike = lambda: True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        current_platform.is_cuda_alike = orig
+    return module.eplb_map_to_physical_and_record
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_eplb_physical_ids_are_logged_as_logical(monkeypatch, compiled):
+    import types
+
+    from vllm.distributed.eplb.eplb_state import EplbLayerState
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    n_logical, n_redundant, k, n = 16, 8, 4, 48
+    # a skewed load makes the real EPLB policy give hot experts several replicas
+    load = torch.tensor([[1000.0 / (i + 1) for i in range(n_logical)]])
+    _, log2phy, logcnt = DefaultEplbPolicy.rebalance_experts(load, n_logical + n_redundant, 1, 1, 4)
+    assert int(logcnt.max()) > 1
+    l2p = torch.full((n_logical, 1024), -1, dtype=torch.long)  # EplbState's padded layout
+    l2p[:, :log2phy.shape[2]] = log2phy[0]
+    logical = torch.stack([torch.randperm(n_logical)[:k] for _ in range(n)]).to(torch.int32)
+    physical = _upstream_eplb_mapping()(logical, torch.zeros(n_logical + n_redundant, dtype=torch.long),
+                                        l2p, logcnt[0])
+    assert not torch.equal(physical.long(), logical.long()), "the mapping under test is the identity"
+
+    state = _capture_state(monkeypatch, k=k)
+    layer = types.SimpleNamespace(_moe_routes_slot=0, enable_eplb=True, dp_size=1, global_num_experts=n_logical + n_redundant,
+                                  logical_num_experts=n_logical, eplb_state=EplbLayerState(logical_to_physical_map=l2p))
+
+    def route(ids, w):
+        return mr.record(layer, ids, w) + 0.0
+
+    fn = torch.compile(route, fullgraph=True, backend="inductor") if compiled else route
+    w = torch.rand(n, k)
+    assert torch.equal(fn(physical, w), w)
+    assert torch.equal(state.ids_buf[0, :n], logical)
+
+
+# ---------------------------------------------------------------------------------------------------
+# start-up validation of the engine configuration
+# ---------------------------------------------------------------------------------------------------
+def _engine_config(**parallel):
+    import types
+
+    par = dict(pipeline_parallel_size=1, data_parallel_size=1, enable_eplb=False, enable_dbo=False,
+               decode_context_parallel_size=1, prefill_context_parallel_size=1)
+    par.update(parallel)
+    return types.SimpleNamespace(model_config=None, speculative_config=None,
+                                 parallel_config=types.SimpleNamespace(**par))
+
+
+def test_engine_config_refusals_name_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LOG_MOE", str(tmp_path / "r.jsonl"))
+    # supported: data parallel (this rank's slice of the gathered batch) and EPLB (logical ids)
+    mr.validate_engine_config(_engine_config(data_parallel_size=4, enable_eplb=True))
+    for kw, needle in [({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+                       ({"enable_dbo": True}, "dual-batch overlap"),
+                       ({"decode_context_parallel_size": 2}, "context parallelism")]:
+        with pytest.raises(mr.MoeRoutesConfigError, match=f"VLLM_LOG_MOE.*{needle}"):
+            mr.validate_engine_config(_engine_config(**kw))
+    spec = _engine_config()
+    spec.speculative_config = object()
+    with pytest.raises(mr.MoeRoutesConfigError, match="speculative decoding"):
+        mr.validate_engine_config(spec)
+    monkeypatch.setenv("VLLM_LOG_MOE", "0")
+    mr.validate_engine_config(_engine_config(pipeline_parallel_size=2))  # logging off: nothing to refuse

@@ -339,6 +339,37 @@ def test_partial_selection_warns(good, capsys):
     assert "warning" in err and "[2]" in err
 
 
+# --------------------------------------------------------------------------- data parallel
+
+def test_data_parallel_requests_are_told_apart_by_rank(tmp_path, monkeypatch):
+    """Each DP rank's caller numbers requests from "0"; records carry dp_rank. Fast and per-line
+    paths agree, a request is (dp_rank, req_id), --requests matches the id on every rank."""
+    lines = [meta(data_parallel_size=2, data_parallel_rank=0), meta(data_parallel_size=2, data_parallel_rank=1)]
+    for rank in (0, 1):
+        for tok in range(3):
+            for layer in (1, 3):
+                lines.append(route("0", tok, layer, [rank, 2], [0.5, 0.5]).replace(
+                    '"type":"route",', f'"type":"route","dp_rank":{rank},'))
+    lines.append(route("1", 0, 1, [3, 2], [0.5, 0.5]).replace('"type":"route",', '"type":"route","dp_rank":1,'))
+    lines.append('{"type":"gap","dp_rank":1,"req_id":"0","token_start":5,"token_end":7,"reason":"test"}')
+    fast = write(tmp_path, lines, "dp.jsonl")
+    slow = write(tmp_path, [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "")
+                            for ln in lines], "dp_slow.jsonl")
+    b = plot_hist.load_routes(slow)
+    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", lambda *a, **k: pytest.fail("fast lines went slow"))
+    a = plot_hist.load_routes(fast)
+    for c in (a, b):
+        assert (c.records, c.requests, c.tokens) == (13, 3, 7)   # dp0/"0", dp1/"0", dp1/"1"
+        assert c.counts.tolist() == [[3, 3, 7, 1], [3, 3, 6, 0]]
+        assert c.gap_records == 1 and c.gap_positions == 2
+    sel = plot_hist.load_routes(fast, requests=["0"])
+    assert (sel.records, sel.requests, sel.tokens) == (12, 2, 6)
+    bad = write(tmp_path, lines[:2] + [lines[2].replace('"dp_rank":0', '"dp_rank":-1')], "bad.jsonl")
+    monkeypatch.undo()
+    with pytest.raises(plot_hist.RouteLogError, match="dp_rank"):
+        plot_hist.load_routes(bad)
+
+
 # --------------------------------------------------------------------------- fast path
 
 def test_fast_and_json_paths_agree(tmp_path, monkeypatch):
