@@ -355,3 +355,22 @@ def test_data_parallel_logs_every_rank_exactly_once(dp_runs, models):
     # the slice of the gathered batch is this rank's: the routing matches an independent HF recomputation
     _check_reference(log, models["qwen2_moe"], outputs)
     assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in _dp_outputs(plain)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor parallel (2 ranks, multiprocess executor): one copy of the log, flushed through every worker
+# ---------------------------------------------------------------------------------------------------
+def test_tensor_parallel_writes_one_copy(models, tmp_path):
+    path = tmp_path / "tp.jsonl"
+    run = {"env": {"VLLM_LOG_MOE": str(path)}, "llm": {"enforce_eager": True, "tensor_parallel_size": 2},
+           "sampling": {"max_tokens": 12}, "prompts": gsm8k_questions(6)}
+    # the CPU worker's automatic core binding wants a NUMA node per rank
+    (result,), _ = drive(models["qwen2_moe"], [run], tmp_path,
+                         extra_env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"})
+    assert result["ok"], result.get("traceback")
+    # LLM.generate flushed through collective_rpc on both workers: rank 0 wrote, rank 1 has no writer
+    assert result["writer_stats"][0]["route_records"] > 0 and result["writer_stats"][1] == {}
+    log = RouteLog(path)
+    assert len(log.metas) == 1 and log.meta["tensor_parallel_size"] == 2
+    log.check_exact_coverage(result["outputs"])
+    _check_reference(log, models["qwen2_moe"], result["outputs"])
