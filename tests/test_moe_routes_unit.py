@@ -302,3 +302,50 @@ def test_engine_config_refusals_name_the_variable(tmp_path, monkeypatch):
         mr.validate_engine_config(spec)
     monkeypatch.setenv("VLLM_LOG_MOE", "0")
     mr.validate_engine_config(_engine_config(pipeline_parallel_size=2))  # logging off: nothing to refuse
+
+
+def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeypatch):
+    """Monolithic GPU kernels (FlashInfer TRT-LLM for Llama-4, ...) route internally; record_router logs
+    the router's result for the same inputs. Real router class and real Llama-4 routing function; vLLM's
+    CUDA-branch EPLB mapping swapped in so that select_experts maps to replicas and counts expert load."""
+    import types
+
+    from vllm.distributed.eplb.eplb_state import EplbLayerState
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+    from vllm.model_executor.layers.fused_moe.router import base_router
+    from vllm.model_executor.layers.fused_moe.router.custom_routing_router import CustomRoutingRouter
+    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulatorRouter
+    from vllm.model_executor.models.llama4 import Llama4MoE
+
+    monkeypatch.setattr(base_router, "eplb_map_to_physical_and_record", _upstream_eplb_mapping())
+    n_logical, n_redundant, k, n = 16, 8, 2, 40
+    _, log2phy, logcnt = DefaultEplbPolicy.rebalance_experts(
+        torch.tensor([[1000.0 / (i + 1) for i in range(n_logical)]]), n_logical + n_redundant, 1, 1, 4)
+    l2p = torch.full((n_logical, 1024), -1, dtype=torch.long)
+    l2p[:, :log2phy.shape[2]] = log2phy[0]
+    load = torch.zeros(n_logical + n_redundant, dtype=torch.long)
+    eplb = EplbLayerState(expert_load_view=load, logical_to_physical_map=l2p, logical_replica_count=logcnt[0])
+    router = CustomRoutingRouter(top_k=k, global_num_experts=n_logical + n_redundant, eplb_state=eplb,
+                                 custom_routing_function=Llama4MoE.custom_routing_function, enable_eplb=True)
+    layer = types.SimpleNamespace(_moe_routes_slot=0, _moe_routes_kernel_records=False, router=router,
+                                  enable_eplb=True, dp_size=1, eplb_state=eplb,
+                                  global_num_experts=n_logical + n_redundant, logical_num_experts=n_logical,
+                                  quant_method=types.SimpleNamespace(is_monolithic=True))
+    state = _capture_state(monkeypatch, k=k)
+    hidden, logits = torch.randn(n, 32), torch.randn(n, n_logical)
+
+    kernel_w, physical = router.select_experts(hidden, logits)  # what the kernel's own routing does
+    assert int(load.sum()) == n * k
+    mr.record_router(layer, hidden, logits)
+    want_w, want_ids = Llama4MoE.custom_routing_function(hidden, logits, k, False)
+    assert torch.equal(state.ids_buf[0, :n], want_ids) and torch.equal(state.w_buf[0, :n], want_w)
+    assert torch.equal(kernel_w, want_w)
+    assert torch.equal(mr._logical_ids(layer, physical), want_ids)
+    assert int(load.sum()) == n * k, "record_router counted the tokens in EPLB's expert load a second time"
+
+    # the meta record's routing_source: router beside a monolithic kernel, simulated on the modular path
+    assert mr._routing_source([layer]) == "router"
+    sim = types.SimpleNamespace(router=RoutingSimulatorRouter(k, n_logical, EplbLayerState()),
+                                quant_method=types.SimpleNamespace(is_monolithic=False))
+    assert mr._routing_source([sim]) == "simulated"
+    assert mr._routing_source([sim, layer]) == "mixed"
