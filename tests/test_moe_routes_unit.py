@@ -242,23 +242,30 @@ def _upstream_eplb_mapping():
     return module.eplb_map_to_physical_and_record
 
 
+def _eplb_maps(n_logical: int, n_redundant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's logical_to_physical_map (EplbState's -1 padded [logical, 1024] layout) and replica
+    counts from vLLM's own EPLB policy; a skewed load gives hot experts several replicas."""
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    load = torch.tensor([[1000.0 / (i + 1) for i in range(n_logical)]])
+    _, log2phy, logcnt = DefaultEplbPolicy.rebalance_experts(load, n_logical + n_redundant, 1, 1, 4)
+    assert int(logcnt.max()) > 1
+    l2p = torch.full((n_logical, 1024), -1, dtype=torch.long)
+    l2p[:, :log2phy.shape[2]] = log2phy[0]
+    return l2p, logcnt[0]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_eplb_physical_ids_are_logged_as_logical(monkeypatch, compiled):
     import types
 
     from vllm.distributed.eplb.eplb_state import EplbLayerState
-    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
 
     n_logical, n_redundant, k, n = 16, 8, 4, 48
-    # a skewed load makes the real EPLB policy give hot experts several replicas
-    load = torch.tensor([[1000.0 / (i + 1) for i in range(n_logical)]])
-    _, log2phy, logcnt = DefaultEplbPolicy.rebalance_experts(load, n_logical + n_redundant, 1, 1, 4)
-    assert int(logcnt.max()) > 1
-    l2p = torch.full((n_logical, 1024), -1, dtype=torch.long)  # EplbState's padded layout
-    l2p[:, :log2phy.shape[2]] = log2phy[0]
+    l2p, logcnt = _eplb_maps(n_logical, n_redundant)
     logical = torch.stack([torch.randperm(n_logical)[:k] for _ in range(n)]).to(torch.int32)
     physical = _upstream_eplb_mapping()(logical, torch.zeros(n_logical + n_redundant, dtype=torch.long),
-                                        l2p, logcnt[0])
+                                        l2p, logcnt)
     assert not torch.equal(physical.long(), logical.long()), "the mapping under test is the identity"
 
     state = _capture_state(monkeypatch, k=k)
@@ -311,7 +318,6 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
     import types
 
     from vllm.distributed.eplb.eplb_state import EplbLayerState
-    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
     from vllm.model_executor.layers.fused_moe.router import base_router
     from vllm.model_executor.layers.fused_moe.router.custom_routing_router import CustomRoutingRouter
     from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulatorRouter
@@ -319,12 +325,9 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
 
     monkeypatch.setattr(base_router, "eplb_map_to_physical_and_record", _upstream_eplb_mapping())
     n_logical, n_redundant, k, n = 16, 8, 2, 40
-    _, log2phy, logcnt = DefaultEplbPolicy.rebalance_experts(
-        torch.tensor([[1000.0 / (i + 1) for i in range(n_logical)]]), n_logical + n_redundant, 1, 1, 4)
-    l2p = torch.full((n_logical, 1024), -1, dtype=torch.long)
-    l2p[:, :log2phy.shape[2]] = log2phy[0]
+    l2p, logcnt = _eplb_maps(n_logical, n_redundant)
     load = torch.zeros(n_logical + n_redundant, dtype=torch.long)
-    eplb = EplbLayerState(expert_load_view=load, logical_to_physical_map=l2p, logical_replica_count=logcnt[0])
+    eplb = EplbLayerState(expert_load_view=load, logical_to_physical_map=l2p, logical_replica_count=logcnt)
     router = CustomRoutingRouter(top_k=k, global_num_experts=n_logical + n_redundant, eplb_state=eplb,
                                  custom_routing_function=Llama4MoE.custom_routing_function, enable_eplb=True)
     layer = types.SimpleNamespace(_moe_routes_slot=0, _moe_routes_kernel_records=False, router=router,
