@@ -123,6 +123,34 @@ def device_info() -> str:
     return f"cpu: {cpu} ({os.cpu_count()} logical cores)"
 
 
+def run_stats(wall: float, prompt_tokens: int, generated_tokens: int) -> dict:
+    return {"wall_s": wall, "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+            "tokens_per_s": (prompt_tokens + generated_tokens) / wall,
+            "generated_tokens_per_s": generated_tokens / wall}
+
+
+def measure_alternating(one, repeats: int, progress=None) -> tuple[dict, dict, dict]:
+    """A warm-up per mode, then `repeats` measured runs per mode in alternating order (log, no-log,
+    no-log, log, ...), so that drift on the machine hits both modes alike. one(mode) -> (outputs, stats).
+    Returns warm-up stats, measured stats and outputs per mode."""
+    warmup = {mode: one(mode)[1] for mode in ("log", "nolog")}
+    order = []
+    for r in range(repeats):
+        order += ["log", "nolog"] if r % 2 == 0 else ["nolog", "log"]
+    runs, outputs = {"log": [], "nolog": []}, {"log": [], "nolog": []}
+    for mode in (progress(order) if progress else order):
+        outs, stats = one(mode)
+        runs[mode].append(stats)
+        outputs[mode].append(outs)
+    return warmup, runs, outputs
+
+
+def all_identical(token_lists: dict) -> bool:
+    """token_lists[mode][run] = per-request token ids; True when every run of every mode matches."""
+    first = token_lists["log"][0]
+    return all(t == first for runs in token_lists.values() for t in runs)
+
+
 def is_random_weight_model(model: str) -> bool:
     """Models built by scripts/tinymoe.py carry a tinymoe.json marker: their routing means nothing."""
     return (Path(model) / "tinymoe.json").exists()
@@ -172,26 +200,13 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
         t0 = time.perf_counter()
         outs = engines[mode].generate(prompts, sp, use_tqdm=False)
         wall = time.perf_counter() - t0
-        p = sum(len(o.prompt_token_ids) for o in outs)
-        g = sum(len(o.outputs[0].token_ids) for o in outs)
-        return outs, {"wall_s": wall, "prompt_tokens": p, "generated_tokens": g,
-                      "tokens_per_s": (p + g) / wall, "generated_tokens_per_s": g / wall}
+        return outs, run_stats(wall, sum(len(o.prompt_token_ids) for o in outs),
+                               sum(len(o.outputs[0].token_ids) for o in outs))
 
-    order = []
-    for r in range(args.repeats):
-        order += ["log", "nolog"] if r % 2 == 0 else ["nolog", "log"]
-    runs = {"log": [], "nolog": []}
-    outputs = {"log": [], "nolog": []}
-    warmup = {}
-    for mode in ("log", "nolog"):
-        _, warmup[mode] = one(mode)
-    for mode in tqdm(order, desc="measured runs (alternating log / no-log)", unit="run"):
-        outs, stats = one(mode)
-        runs[mode].append(stats)
-        outputs[mode].append(outs)
-
-    token_lists = {m: [[list(o.outputs[0].token_ids) for o in outs] for outs in outputs[m]] for m in outputs}
-    identical = all(t == token_lists["log"][0] for m in token_lists for t in token_lists[m])
+    warmup, runs, outputs = measure_alternating(
+        one, args.repeats, lambda order: tqdm(order, desc="measured runs (alternating log / no-log)", unit="run"))
+    identical = all_identical({m: [[list(o.outputs[0].token_ids) for o in outs] for outs in outputs[m]]
+                               for m in outputs})
 
     # keep the routing of the first measured log run; the scratch file holds warm-up and repeats too
     keep = {o.request_id for o in outputs["log"][0]}
@@ -265,20 +280,11 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
         outs = engines[mode].generate(prompt=prompts, sampling_params=sampling,
                                       return_expert_routing=(mode == "log"))
         wall = time.perf_counter() - t0
-        p = sum(o["meta_info"]["prompt_tokens"] for o in outs)
-        g = sum(o["meta_info"]["completion_tokens"] for o in outs)
-        return outs, {"wall_s": wall, "prompt_tokens": p, "generated_tokens": g,
-                      "tokens_per_s": (p + g) / wall, "generated_tokens_per_s": g / wall}
+        return outs, run_stats(wall, sum(o["meta_info"]["prompt_tokens"] for o in outs),
+                               sum(o["meta_info"]["completion_tokens"] for o in outs))
 
-    warmup = {m: one(m)[1] for m in ("log", "nolog")}
-    runs, outputs = {"log": [], "nolog": []}, {"log": [], "nolog": []}
-    for r in range(args.repeats):
-        for mode in (("log", "nolog") if r % 2 == 0 else ("nolog", "log")):
-            outs, stats = one(mode)
-            runs[mode].append(stats)
-            outputs[mode].append(outs)
-    ids = {m: [[o.get("output_ids") for o in outs] for outs in outputs[m]] for m in outputs}
-    identical = all(x == ids["log"][0] for m in ids for x in ids[m])
+    warmup, runs, outputs = measure_alternating(one, args.repeats)
+    identical = all_identical({m: [[o.get("output_ids") for o in outs] for outs in outputs[m]] for m in outputs})
     first = outputs["log"][0]
     n_records = 0
     with open(out_dir / "moe_routes.jsonl", "w") as f:
