@@ -110,17 +110,23 @@ def test_negative_expert_id_is_refused():
 # ---------------------------------------------------------------------------------------------------
 # the capture op: eager and under torch.compile, fed by vLLM's own CPU routing function
 # ---------------------------------------------------------------------------------------------------
-def test_record_op_eager_and_compiled(monkeypatch):
-    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
-
+def _capture_state(monkeypatch, k=2, n_rows=1, max_tokens=64):
+    """Capture buffers (unwritten rows hold -1) installed as the module state; no writer thread."""
     mr._ensure_op()
-    n_rows, max_tokens, k, experts = 3, 64, 2, 8
-    state = mr._State(settings=mr.Settings("/dev/null", None), layers=[0, 1, 2], rows=[0, 1, 2], top_k=k,
-                      num_experts=experts, max_tokens=max_tokens,
+    state = mr._State(settings=mr.Settings("/dev/null", None), layers=list(range(n_rows)), rows=list(range(n_rows)),
+                      top_k=k, num_experts=8, max_tokens=max_tokens,
                       ids_buf=torch.full((n_rows, max_tokens, k), -1, dtype=torch.int32),
                       w_buf=torch.zeros((n_rows, max_tokens, k)), device=torch.device("cpu"), writer=False,
                       block_size=16, num_slots=0, meta={})
     monkeypatch.setattr(mr, "_STATE", state)
+    return state
+
+
+def test_record_op_eager_and_compiled(monkeypatch):
+    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
+
+    k, experts = 2, 8
+    state = _capture_state(monkeypatch, k=k, n_rows=3)
 
     class Layer(torch.nn.Module):
         enable_eplb, dp_size = False, 1
@@ -154,15 +160,6 @@ def test_record_op_eager_and_compiled(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # data parallel: naive dispatch routes every rank's tokens; only this rank's rows are captured
 # ---------------------------------------------------------------------------------------------------
-def _capture_state(monkeypatch, k=2, max_tokens=64):
-    mr._ensure_op()
-    state = mr._State(settings=mr.Settings("/dev/null", None), layers=[0], rows=[0], top_k=k,
-                      num_experts=8, max_tokens=max_tokens,
-                      ids_buf=torch.full((1, max_tokens, k), -1, dtype=torch.int32),
-                      w_buf=torch.zeros((1, max_tokens, k)), device=torch.device("cpu"), writer=False,
-                      block_size=16, num_slots=0, meta={})
-    monkeypatch.setattr(mr, "_STATE", state)
-    return state
 
 
 class _DPLayer(torch.nn.Module):
