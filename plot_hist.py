@@ -5,7 +5,8 @@ The log format is described by schemas/moe_routes.schema.json: one JSON object
 per line; the first non-empty line is a ``meta`` record, every further writer
 appending to the same file starts with its own ``meta`` record, then ``route``
 records (one per request, token position and logged MoE layer) and ``gap``
-records (positions whose routing could not be captured).
+records (positions whose routing could not be captured); an ``error`` record says the writer stopped
+(the log is incomplete from there on).
 
 Importable core::
 
@@ -76,11 +77,12 @@ class RouteCounts:
     counts: np.ndarray           # (len(layers), num_experts): assignments, or summed weights
     layer_records: np.ndarray    # (len(layers),) route records per layer
     records: int                 # selected route records
-    requests: int                # distinct requests ((dp_rank, req_id) under DP) among selected records
-    tokens: int                  # distinct (req_id, token_idx) among selected route records
+    requests: int                # distinct completions ((dp_rank, req_id, completion_index)) among selected records
+    tokens: int                  # distinct (completion, token_idx) among selected route records
     cached_records: int          # selected route records with "cached": true
     gap_records: int             # gap records of the selected requests
     gap_positions: int           # sum of token_end - token_start over those gap records
+    error_records: list          # "error" records: the writer stopped, the log is incomplete
     meta_records: int
     lines: int                   # lines read (including a dropped truncated last line)
     meta: dict                   # the first meta record
@@ -120,23 +122,27 @@ _ROUTE_KEYS = {"type", "req_id", "token_idx", "layer", "topk_ids", "topk_weights
 _GAP_KEYS = {"type", "req_id", "token_start", "token_end", "reason"}
 
 
-def _request_key(req: bytes, dp_rank: bytes) -> bytes:
-    """Data-parallel logs tag records with dp_rank because every rank's caller numbers its own
-    requests: the request is (dp_rank, req_id). NUL cannot occur in a logged req_id."""
-    return req + b"\x00" + dp_rank if dp_rank else req
+def _request_key(req: bytes, dp_rank: bytes, completion: bytes = b"") -> bytes:
+    """The unit counted per request is a completion: data-parallel logs tag records with dp_rank because
+    every rank's caller numbers its own requests, and a request with n > 1 has one completion_index per
+    completion: (dp_rank, req_id, completion_index). NUL cannot occur in a logged req_id."""
+    if not dp_rank and not completion:
+        return req
+    return req + b"\x00" + dp_rank + b"\x00" + completion
 
 
 def _req_id_of(key: bytes) -> bytes:
     return key.split(b"\x00", 1)[0]
 
 
-def _check_dp_rank(obj: dict) -> bytes:
-    if "dp_rank" not in obj:
+def _optional_index(obj: dict, key: str) -> bytes:
+    """dp_rank / completion_index: absent (b"") or an integer >= 0 (its decimal text)."""
+    if key not in obj:
         return b""
-    dp = obj["dp_rank"]
-    if not _is_int(dp) or dp < 0:
-        raise _LineError(f"dp_rank must be an integer >= 0, got {dp!r}")
-    return str(dp).encode()
+    v = obj[key]
+    if not _is_int(v) or v < 0:
+        raise _LineError(f"{key} must be an integer >= 0, got {v!r}")
+    return str(v).encode()
 
 
 def _check_keys(obj: dict, required: set, optional: set, kind: str):
@@ -169,7 +175,7 @@ def _check_meta(obj: dict) -> tuple:
 
 
 def _check_route(obj: dict, num_experts: int, top_k: int, max_layers: int) -> tuple:
-    _check_keys(obj, _ROUTE_KEYS, {"cached", "dp_rank"}, "route")
+    _check_keys(obj, _ROUTE_KEYS, {"cached", "dp_rank", "completion_index"}, "route")
     req = obj["req_id"]
     if not isinstance(req, str):
         raise _LineError(f"req_id must be a string, got {type(req).__name__}")
@@ -201,12 +207,15 @@ def _check_route(obj: dict, num_experts: int, top_k: int, max_layers: int) -> tu
     cached = obj.get("cached", False)
     if "cached" in obj and cached is not True:
         raise _LineError(f"cached must be true when present, got {cached!r}")
-    return _request_key(req.encode("utf-8", "surrogatepass"), _check_dp_rank(obj)), tok, layer, ids, ws, cached
+    key = _request_key(req.encode("utf-8", "surrogatepass"), _optional_index(obj, "dp_rank"),
+                       _optional_index(obj, "completion_index"))
+    return key, tok, layer, ids, ws, cached
 
 
 def _check_gap(obj: dict) -> tuple:
-    _check_keys(obj, _GAP_KEYS, {"dp_rank"}, "gap")
-    _check_dp_rank(obj)
+    _check_keys(obj, _GAP_KEYS, {"dp_rank", "completion_index"}, "gap")
+    _optional_index(obj, "dp_rank")
+    _optional_index(obj, "completion_index")
     if not isinstance(obj["req_id"], str):
         raise _LineError("gap req_id must be a string")
     s, e = obj["token_start"], obj["token_end"]
@@ -222,8 +231,9 @@ def _check_gap(obj: dict) -> tuple:
 def _fast_pattern(top_k: int) -> "re.Pattern":
     """One alternation per line.
 
-    Groups: 1 dp_rank or empty, 2 req_id, 3 the integers ``T,"layer":L,"topk_ids":[i1,...,iK``,
-    4 the weights, 5 ``,"cached":true`` or empty, 6 the text of any other line.
+    Groups: 1 dp_rank or empty, 2 req_id, 3 completion_index or empty, 4 the integers
+    ``T,"layer":L,"topk_ids":[i1,...,iK``, 5 the weights, 6 ``,"cached":true`` or empty, 7 the text of
+    any other line.
     findall() on a buffer of complete lines yields exactly one tuple per line, in
     order; a line that is not a fast route line has an empty group 3.
     Numbers are matched loosely here and validated strictly afterwards.
@@ -231,7 +241,8 @@ def _fast_pattern(top_k: int) -> "re.Pattern":
     ints = rb"[0-9]+(?:,[0-9]+){%d}" % (top_k - 1)
     num = rb"[-+.eE0-9]+"
     nums = num + rb"(?:," + num + rb"){%d}" % (top_k - 1)
-    route = (rb'\{"type":"route",(?:"dp_rank":([0-9]+),)?"req_id":"([^"\\\x00-\x1f]*)","token_idx":([0-9]+,'
+    route = (rb'\{"type":"route",(?:"dp_rank":([0-9]+),)?"req_id":"([^"\\\x00-\x1f]*)"'
+             rb'(?:,"completion_index":([0-9]+))?,"token_idx":([0-9]+,'
              rb'"layer":[0-9]+,"topk_ids":\[' + ints + rb')\],"topk_weights":\['
              rb'(' + nums + rb')\](,"cached":true)?\}')
     return re.compile(rb"(?:" + route + rb"|([^\n]*))\n")
@@ -320,6 +331,7 @@ class _Loader:
         self.token_keys = []
         self.token_keys_len = 0
         self.records = self.cached = self.gaps = self.gap_positions = 0
+        self.errors = []
         self.lineno = 0
         self.truncated_line = None
         self.warnings = []
@@ -436,12 +448,16 @@ class _Loader:
                 self.gap_positions += npos
         elif kind == "meta":
             self._meta(obj, lineno)
+        elif kind == "error":
+            if not isinstance(obj.get("error"), str):
+                raise _LineError("error record lacks an 'error' string")
+            self.errors.append({"line": lineno, **obj})
         else:
-            raise _LineError(f"unknown record type {kind!r} (expected meta, route or gap)")
+            raise _LineError(f"unknown record type {kind!r} (expected meta, route, gap or error)")
 
     def _fast_batch(self, cols, first_lineno, keep_idx):
         """Validate and convert fast-path columns. Returns (batch, (lineno, msg) | None)."""
-        dps, reqs, ints, ws, cached = cols[:5]
+        dps, reqs, completions, ints, ws, cached = cols[:6]
         n = len(ints)
         E, K = self.E, self.K
         linenos = (first_lineno + np.asarray(keep_idx, dtype=np.int64)) if keep_idx is not None \
@@ -455,10 +471,10 @@ class _Loader:
         ijoined = b",".join(ints).translate(None, _NUM_KEYS)
         if _leading_zero(ijoined):
             return "slow", None
-        if any(dps):
-            if any(len(d) > 1 and d[:1] == b"0" for d in dps):
+        if any(dps) or any(completions):
+            if any(len(d) > 1 and d[:1] == b"0" for d in (*dps, *completions)):
                 return "slow", None
-            reqs = list(map(_request_key, reqs, dps))
+            reqs = list(map(_request_key, reqs, dps, completions))
         rj = b"\n".join(reqs)
         if not rj.isascii():
             try:
@@ -524,7 +540,7 @@ class _Loader:
         """Process a buffer of complete lines (ends with b'\\n')."""
         matches = self.pattern.findall(buf)
         cols = list(zip(*matches))
-        toks = cols[2]
+        toks = cols[3]
         n_other = toks.count(b"")
         if n_other == 0:
             keep_idx = None
@@ -533,13 +549,13 @@ class _Loader:
         else:
             is_fast = [t != b"" for t in toks]
             keep_idx = list(itertools.compress(range(len(toks)), is_fast))
-            fast_cols = [list(itertools.compress(c, is_fast)) for c in cols[:5]]
-            # the raw text of an "other" line is group 6 (the fast groups are empty)
-            other = [(i, cols[5][i]) for i, f in enumerate(is_fast) if not f]
+            fast_cols = [list(itertools.compress(c, is_fast)) for c in cols[:6]]
+            # the raw text of an "other" line is group 7 (the fast groups are empty)
+            other = [(i, cols[6][i]) for i, f in enumerate(is_fast) if not f]
 
         # other lines first (they may be meta records); remember the first error
         snapshot = (len(self.metas), set(self.layers_logged), self.gaps, self.gap_positions,
-                    self.max_layers)
+                    self.max_layers, len(self.errors))
         slow, err = [], None
         for i, raw in other:
             try:
@@ -555,8 +571,9 @@ class _Loader:
             # the fast path could not vouch for this chunk (leading zeros, bad numbers, ...):
             # undo what the other lines counted and redo the chunk line by line, which also
             # finds the first error in line order
-            nmeta, self.layers_logged, self.gaps, self.gap_positions, self.max_layers = snapshot
+            nmeta, self.layers_logged, self.gaps, self.gap_positions, self.max_layers, nerr = snapshot
             del self.metas[nmeta:]
+            del self.errors[nerr:]
             self._slow_chunk(buf.split(b"\n")[:-1], first_lineno)
             return
         errs = [e for e in (err, ferr) if e is not None]
@@ -626,6 +643,9 @@ class _Loader:
 
     def _result(self) -> RouteCounts:
         E = self.E
+        for err in self.errors:
+            self.warnings.append(f"{self.path}:{err['line']}: the routing log writer stopped ({err['error']}): "
+                                 "the log is incomplete from there on")
         seen_layers = [int(v) for v in np.flatnonzero(self.layer_seen)]
         extra = sorted(set(seen_layers) - self.layers_logged) if self.layers_logged else []
         if extra:
@@ -664,7 +684,7 @@ class _Loader:
             layers=layers, counts=mat, layer_records=self.layer_records[layers].copy(),
             records=self.records, requests=int(self.req_used.sum()), tokens=int(tokens),
             cached_records=self.cached, gap_records=self.gaps, gap_positions=self.gap_positions,
-            meta_records=len(self.metas), lines=self.lineno, meta=self.metas[0],
+            error_records=self.errors, meta_records=len(self.metas), lines=self.lineno, meta=self.metas[0],
             model_ids=model_ids,
             random_weights=any(m.get("random_weights") is True for m in self.metas),
             layers_logged=sorted(self.layers_logged), selected_layers=self.sel_layers,
@@ -726,12 +746,15 @@ def summarize(counts: RouteCounts) -> dict:
         "selection": {"layers": counts.selected_layers, "requests": counts.selected_requests},
         "records": counts.records,
         "requests": counts.requests,
+        "count_request_unit": "completion: (dp_rank, req_id, completion_index)",
         "tokens": counts.tokens,
         "layers": counts.layers,
         "layers_logged": counts.layers_logged,
         "cached_records": counts.cached_records,
         "gap_records": counts.gap_records,
         "gap_positions": counts.gap_positions,
+        "error_records": [{k: v for k, v in e.items() if k in ("line", "error", "policy", "time_unix")}
+                          for e in counts.error_records],
         "meta_records": counts.meta_records,
         "lines": counts.lines,
         "truncated_last_line": counts.truncated_line,
@@ -763,6 +786,10 @@ def format_summary(s: dict) -> str:
         bar = "!" * 78
         lines += [bar, "!! NOTE: meta says random_weights=true: this model has RANDOM weights.",
                   "!! Its routing statistics mean nothing about the real model.", bar]
+    for err in s["error_records"]:
+        bar = "!" * 78
+        lines += [bar, f"!! INCOMPLETE LOG: the writer stopped at line {err['line']}: {err['error']}",
+                  "!! Records after it are missing; requests running then may lack positions.", bar]
     unit = "summed topk_weights" if s["weighted"] else "expert assignments"
     lines.append(f"{s['input']}: model {s['model_id']}, {E} experts, top-{s['top_k']}, "
                  f"counting {unit}")

@@ -37,7 +37,7 @@ def _table(values) -> np.ndarray:
 def generate(path: str, n_lines: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     layers = list(range(LAYERS))
-    meta = {"type": "meta", "schema_version": 1, "engine": "vllm", "engine_version": "bench",
+    meta = {"type": "meta", "schema_version": 2, "engine": "vllm", "engine_version": "bench",
             "torch_version": "bench", "model_id": "synthetic/bench-60e-top4", "device": "cpu",
             "seed": seed, "num_experts": E, "top_k": K, "num_hidden_layers": LAYERS,
             "moe_layers": layers, "layers_logged": layers, "id_kind": "logical",

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writer micro-benchmark: route records/s of the patched vLLM routing-log writer on one core.
 
-Drives the real writer (vllm/model_executor/layers/fused_moe/moe_routes.py, from the patched install) with
-synthetic steps: KV-slot store update, record formatting and the append to a file, all in this thread.
+Drives the real writer (vllm/model_executor/layers/moe_routes.py, from the patched install) with synthetic
+steps: capture check, KV-slot store update (fresh blocks invalidated, then the step stored), record formatting
+and the append to a file, all in this thread.
 
 Examples:
   python scripts/bench_writer.py                           # 60 experts, top-4, 24 layers (Qwen1.5-MoE shape)
@@ -35,25 +36,28 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from vllm.model_executor.layers.fused_moe import moe_routes as mr
+    from vllm.model_executor.layers import moe_routes as mr
 
     rng = np.random.default_rng(0)
     n, L, K = a.tokens_per_step, a.layers, a.top_k
     per_req = np.full(a.requests_per_step, n // a.requests_per_step)
     per_req[: n - per_req.sum()] += 1
-    num_slots = 1 << 20
+    block, num_slots = 16, 1 << 20
+    requests = [mr._Request(str(i), None, mr.request_field(str(i), None)) for i in range(a.requests_per_step)]
     jobs = []
     for s in range(a.steps):
         pos = np.concatenate([np.arange(c) + s * c for c in per_req])
-        jobs.append(mr._StepJob(req_ids=[f"{i}-abcdefgh" for i in range(a.requests_per_step)], counts=per_req.copy(),
-                                positions=pos, slots=rng.integers(0, num_slots, n), emit_from=np.zeros(len(per_req), np.int64),
-                                gap_blocks={}, ids=rng.integers(0, a.experts, (L, n, K)).astype(np.int32),
-                                weights=rng.random((L, n, K)).astype(np.float32)))
+        slots = rng.integers(0, num_slots, n)
+        jobs.append(mr._StepJob(requests=requests, counts=per_req.copy(), positions=pos, slots=slots,
+                                emit_from=np.zeros(len(per_req), np.int64), gap_blocks={},
+                                fresh_blocks=np.unique(slots[::block] // block),
+                                ids=rng.integers(0, a.experts, (n, L, K)).astype(np.int32),
+                                weights=rng.random((n, L, K)).astype(np.float32)))
     with tempfile.TemporaryDirectory() as d:
         st = mr._State(settings=mr.Settings(os.path.join(d, "bench.jsonl"), None), layers=list(range(L)),
                        rows=list(range(L)), top_k=K, num_experts=a.experts, max_tokens=n, ids_buf=torch.empty(0),
-                       w_buf=torch.empty(0), device=torch.device("cpu"), writer=True, block_size=16,
-                       num_slots=num_slots, meta={"type": "meta", "bench": True})
+                       w_buf=torch.empty(0), device=torch.device("cpu"), kv_group=0, manager_block_size=block,
+                       kernel_block_size=block, num_slots=num_slots, meta={"type": "meta", "bench": True})
         writer = mr._Writer(st)  # not started: everything runs in this thread
         fmt_rates, full_rates = [], []
         records = a.steps * n * L

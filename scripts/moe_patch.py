@@ -1200,6 +1200,11 @@ def cmd_refresh(args, pdir: Path) -> int:
                 own[args.to].append(f)
     elif args.to:
         raise UsageError("--to only goes with --add-file")
+    for f in args.drop_file or []:
+        f = _relpath_arg(f, t.root, pkg)
+        if f not in owner:
+            raise PatchError(f"--drop-file {f}: no patch of the series owns it")
+        own[owner[f]].remove(f)
     if not own:
         say(f"{args.engine}: no patches in {pdir.name}; use --new to create one")
         return 0
@@ -1276,6 +1281,7 @@ examples:
       --files vllm/model_executor/layers/fused_moe/layer.py --description "Log MoE routing decisions"
   python scripts/moe_patch.py refresh --engine vllm --tree /tmp/vllm-work \\
       --add-file vllm/model_executor/layers/fused_moe/cpu_fused_moe.py --to 0002-route-log.patch
+  python scripts/moe_patch.py refresh --engine vllm --tree /tmp/vllm-work --drop-file vllm/old_name.py
 
 exit codes: 0 ok, 1 failure, 2 usage.  apply is strict (no fuzz/offset/whitespace slack) and atomic.
 """
@@ -1324,6 +1330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", help="with --new: DEP-3 Description (first line = summary)")
     p.add_argument("--add-file", nargs="+", metavar="PATH", help="assign file(s) to an existing patch")
     p.add_argument("--to", metavar="NAME.patch", help="the patch --add-file assigns to")
+    p.add_argument("--drop-file", nargs="+", metavar="PATH",
+                   help="stop patching file(s) (e.g. a new file that moved): their hunks leave the series")
     return ap
 
 

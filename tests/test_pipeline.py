@@ -99,7 +99,7 @@ def test_run_generate_errors_are_clear(tmp_path):
         assert proc.returncode != 0 and needle in (proc.stderr + proc.stdout), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["run_generate.py", "plot_hist.py", "scripts/bench_overhead.py",
+@pytest.mark.parametrize("script", ["run_generate.py", "plot_hist.py", "scripts/bench_overhead.py", "scripts/bench_import.py",
                                     "scripts/bench_writer.py", "scripts/tinymoe.py", "scripts/moe_patch.py"])
 def test_cli_help_has_examples(script):
     proc = subprocess.run([PY, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)

@@ -23,7 +23,7 @@ SCRIPT = os.path.join(ROOT, "plot_hist.py")
 
 
 def meta(**kw):
-    m = {"type": "meta", "schema_version": 1, "engine": "vllm", "engine_version": "0.15.1",
+    m = {"type": "meta", "schema_version": 2, "engine": "vllm", "engine_version": "0.15.1",
          "torch_version": "2.9.1", "model_id": "test/tiny-moe", "device": "cpu", "seed": 0,
          "num_experts": 4, "top_k": 2, "num_hidden_layers": 4, "moe_layers": [1, 3],
          "layers_logged": [1, 3], "id_kind": "logical", "routing_source": "kernel",
@@ -341,6 +341,17 @@ def test_partial_selection_warns(good, capsys):
 
 # --------------------------------------------------------------------------- data parallel
 
+def _load_fast_and_slow(tmp_path, lines, name, monkeypatch):
+    """Load `lines` as written (the fast path must take every route line) and re-encoded with json.dumps
+    (the per-line path). Returns the fast file's path and both counts; the fast-path guard stays on."""
+    fast = write(tmp_path, lines, f"{name}.jsonl")
+    slow = write(tmp_path, [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "")
+                            for ln in lines], f"{name}_slow.jsonl")
+    b = plot_hist.load_routes(slow)
+    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", lambda *a, **k: pytest.fail("fast lines went slow"))
+    return fast, (plot_hist.load_routes(fast), b)
+
+
 def test_data_parallel_requests_are_told_apart_by_rank(tmp_path, monkeypatch):
     """Each DP rank's caller numbers requests from "0"; records carry dp_rank. Fast and per-line
     paths agree, a request is (dp_rank, req_id), --requests matches the id on every rank."""
@@ -352,12 +363,7 @@ def test_data_parallel_requests_are_told_apart_by_rank(tmp_path, monkeypatch):
                     '"type":"route",', f'"type":"route","dp_rank":{rank},'))
     lines.append(route("1", 0, 1, [3, 2], [0.5, 0.5]).replace('"type":"route",', '"type":"route","dp_rank":1,'))
     lines.append('{"type":"gap","dp_rank":1,"req_id":"0","token_start":5,"token_end":7,"reason":"test"}')
-    fast = write(tmp_path, lines, "dp.jsonl")
-    slow = write(tmp_path, [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "")
-                            for ln in lines], "dp_slow.jsonl")
-    b = plot_hist.load_routes(slow)
-    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", lambda *a, **k: pytest.fail("fast lines went slow"))
-    a = plot_hist.load_routes(fast)
+    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "dp", monkeypatch)
     for c in (a, b):
         assert (c.records, c.requests, c.tokens) == (13, 3, 7)   # dp0/"0", dp1/"0", dp1/"1"
         assert c.counts.tolist() == [[3, 3, 7, 1], [3, 3, 6, 0]]
@@ -368,6 +374,44 @@ def test_data_parallel_requests_are_told_apart_by_rank(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(plot_hist.RouteLogError, match="dp_rank"):
         plot_hist.load_routes(bad)
+
+
+def test_completions_of_a_request_are_counted_apart(tmp_path, monkeypatch):
+    """n > 1: records carry completion_index; the unit counted is the completion, on the fast path and
+    the per-line path alike; --requests selects every completion of a request id."""
+    lines = [meta()]
+    for completion in (0, 1, 2):
+        for tok in range(2):
+            for layer in (1, 3):
+                lines.append(route("0", tok, layer, [completion, 3], [0.5, 0.5]).replace(
+                    '"req_id":"0",', f'"req_id":"0","completion_index":{completion},'))
+    lines.append(route("1", 0, 1, [0, 1], [0.5, 0.5]))
+    lines.append('{"type":"gap","req_id":"0","completion_index":2,"token_start":5,"token_end":9,"reason":"t"}')
+    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "n3", monkeypatch)
+    for c in (a, b):
+        assert (c.records, c.requests, c.tokens) == (13, 4, 7)   # "0"#0, "0"#1, "0"#2, "1"
+        assert c.counts.tolist() == [[3, 3, 2, 6], [2, 2, 2, 6]]
+        assert c.gap_records == 1 and c.gap_positions == 4
+    sel = plot_hist.load_routes(fast, requests=["0"])
+    assert (sel.records, sel.requests, sel.tokens) == (12, 3, 6)
+    monkeypatch.undo()
+    bad = write(tmp_path, lines[:2] + [lines[2].replace('"completion_index":0', '"completion_index":"0"')], "bad.jsonl")
+    with pytest.raises(plot_hist.RouteLogError, match="completion_index"):
+        plot_hist.load_routes(bad)
+
+
+def test_error_record_marks_the_log_incomplete(tmp_path, capsys):
+    lines = GOOD_LINES[:5] + ['{"type":"error","error":"OSError: [Errno 28] No space left on device",'
+                              '"policy":"stop","message":"routing log stopped","writer_id":"x","time_unix":1.0,'
+                              '"records_dropped":0}']
+    path = write(tmp_path, lines, "stopped.jsonl")
+    counts = plot_hist.load_routes(path)
+    assert counts.records == 4 and len(counts.error_records) == 1
+    assert any("writer stopped" in w and "No space left" in w for w in counts.warnings)
+    rc, out, err = run_main([path, "--no-plots", "--out-dir", str(tmp_path)], capsys)
+    assert rc == 0 and "INCOMPLETE LOG" in out and "writer stopped" in err
+    stats = json.loads((tmp_path / "expert_stats.json").read_text())
+    assert stats["error_records"][0]["line"] == 6 and "No space left" in stats["error_records"][0]["error"]
 
 
 # --------------------------------------------------------------------------- fast path

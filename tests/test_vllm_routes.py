@@ -14,19 +14,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from routes_ref import (DRIVER, PY, RouteLog, compare_with_reference, drive, drive_dp,  # noqa: E402
-                        gsm8k_questions)
-
-import tinymoe  # noqa: E402
+from routes_ref import DRIVER, PY, RouteLog, compare_with_reference, drive, drive_dp, gsm8k_questions
 
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {arch: tinymoe.build(arch, root / arch) for arch in tinymoe.ARCHS}
 
 
 def _check_reference(log, model_dir, outputs, weight_scale=1.0):

@@ -8,7 +8,14 @@ core process inherits at spawn), which saves the interpreter start-up per engine
   python tests/vllm_driver.py --spec spec.json --out result.json
 
 spec = {"model": DIR, "runs": [{"env": {...}, "llm": {...LLM kwargs}, "sampling": {...},
-        "prompts": ["text" | [token ids], ...]  |  "batches": [[prompt, ...], [prompt, ...]]}]}
+        "prompts": ["text" | [token ids], ...]  |  "batches": [[prompt, ...], [prompt, ...]],
+        "file_size_limit": BYTES}]}
+
+The environment of a run is set after `from vllm import LLM` (as users do). "file_size_limit" lowers
+RLIMIT_FSIZE while the engine starts and runs (its processes inherit it; CPython ignores SIGXFSZ, so a
+write past the limit fails with EFBIG like one on a full disk), and restores it before results are
+written. Every completion of every request is reported ("completion_index" = CompletionOutput.index
+when the request has n > 1).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -31,7 +39,10 @@ def run_one(model: str, run: dict) -> dict:
         else:
             os.environ[k] = str(v)
     llm = None
+    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
+        if run.get("file_size_limit"):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(run["file_size_limit"]), fsize[1]))
         t0 = time.time()
         kwargs = dict(model=model, dtype="float32", seed=1234, max_model_len=2048)
         kwargs.update(run.get("llm", {}))
@@ -49,15 +60,18 @@ def run_one(model: str, run: dict) -> dict:
         gen = time.time() - t0
         stats = None
         if os.environ.get("VLLM_LOG_MOE", "").strip() not in ("", "0"):
-            from vllm.model_executor.layers.fused_moe import moe_routes
+            from vllm.model_executor.layers import moe_routes
 
             stats = moe_routes.flush_engine(llm.llm_engine)
+        multi = sp.n > 1
         return {"ok": True, "startup_s": startup, "generate_s": gen, "writer_stats": stats,
-                "outputs": [{"request_id": o.request_id, "prompt_token_ids": list(o.prompt_token_ids),
-                             "token_ids": list(o.outputs[0].token_ids)} for o in outs]}
+                "outputs": [{"request_id": o.request_id, "completion_index": c.index if multi else None,
+                             "prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(c.token_ids)}
+                            for o in outs for c in o.outputs]}
     except Exception as exc:  # the tests assert on the message
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, fsize)
         if llm is not None:
             try:
                 llm.llm_engine.engine_core.shutdown()
