@@ -94,7 +94,7 @@ def git_info() -> dict:
 
 
 def series_info(engine: str) -> dict:
-    from pins import load
+    from moe_routes.pins import load
 
     pins = load()
     version = pins["VLLM_VERSION"] if engine == "vllm" else pins["SGLANG_VERSION"]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
-import pins as _pins  # noqa: E402
+sys.path.insert(0, str(REPO))
+from moe_routes import pins as _pins  # noqa: E402
 
 PROG = "moe_patch"
 ENGINES = {

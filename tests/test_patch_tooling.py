@@ -105,11 +105,11 @@ def vargs(cmd, tree, pdir, *extra):
 # --------------------------------------------------------------------------- tests
 
 def test_pins_cli():
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "pins.py"), "VLLM_VERSION"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "moe_routes", "pins", "VLLM_VERSION"], capture_output=True, cwd=REPO,
                        text=True)
     assert r.returncode == 0 and r.stdout.strip() == VLLM_PIN
     assert f"VLLM_VERSION={VLLM_PIN}" in (REPO / "PINS").read_text()
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "pins.py"), "NO_SUCH_KEY"], capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "moe_routes", "pins", "NO_SUCH_KEY"], capture_output=True, cwd=REPO)
     assert r.returncode == 1
 
 

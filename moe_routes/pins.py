@@ -1,15 +1,16 @@
-#!/usr/bin/env python3
 """Load the repository's PINS file (KEY=VALUE lines, '#' comments) into a dict.
 
-    python scripts/pins.py VLLM_VERSION     # prints 0.15.1
-    python scripts/pins.py                  # prints every KEY=VALUE
+    moe-routes pins VLLM_VERSION     # prints 0.15.1
+    moe-routes pins                  # prints every KEY=VALUE
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-PINS_PATH = Path(__file__).resolve().parent.parent / "PINS"
+from moe_routes import REPO_ROOT
+
+PINS_PATH = REPO_ROOT / "PINS"
 
 
 def load(path: str | Path | None = None) -> dict[str, str]:
@@ -29,7 +30,8 @@ def load(path: str | Path | None = None) -> dict[str, str]:
     return pins
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         pins = load()
     except (OSError, ValueError) as e:
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> int:
             print(f"{k}={v}")
         return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: pins.py [KEY]", file=sys.stderr)
+        print("usage: moe-routes pins [KEY]", file=sys.stderr)
         return 2
     if argv[0] not in pins:
         print(f"pins: error: no key {argv[0]!r} in {PINS_PATH} (have: {', '.join(pins)})", file=sys.stderr)
@@ -48,6 +50,3 @@ def main(argv: list[str]) -> int:
     print(pins[argv[0]])
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,46 @@
+"""moe-routes: one entry point for the project's tools; each subcommand has its own --help.
+
+Examples:
+  moe-routes patch apply --engine vllm --python .venv/bin/python   # patch an installed engine
+  moe-routes verify                                                  # both series on the clean pinned releases
+  moe-routes generate --num-prompts 25 --out-dir out                 # the GSM8K run (needs a patched engine)
+  moe-routes plot out/moe_routes.jsonl --out out/expert_hist.png     # histogram + statistics
+  moe-routes pins VLLM_VERSION                                       # a pinned version
+Without installing: python -m moe_routes <command> ... from the repository root.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, summary). Modules are imported only when their command runs: the patch tooling must work
+# with nothing but the stdlib, `plot` needs numpy/matplotlib, `generate` an engine.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "patch": ("moe_routes.patching.cli", "apply / check / reverse / status / lint / verify / refresh a series"),
+    "verify": ("moe_routes.patching.cli", "both series apply and reverse byte-identically on the pinned releases"),
+    "generate": ("moe_routes.generate", "GSM8K prompts with and without logging -> moe_routes.jsonl, timing.json"),
+    "plot": ("moe_routes.plot", "expert histogram and statistics from a moe_routes.jsonl"),
+    "pins": ("moe_routes.pins", "print pinned versions from PINS"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items())
+    return f"usage: moe-routes COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n{__doc__.split(chr(10) * 2, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"moe-routes: error: unknown command {name!r} (have: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    if name == "verify":
+        rest = ["verify", *rest]
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
