@@ -152,7 +152,7 @@ def all_identical(token_lists: dict) -> bool:
 
 
 def is_random_weight_model(model: str) -> bool:
-    """Models built by scripts/tinymoe.py carry a tinymoe.json marker: their routing means nothing."""
+    """Models built by `moe-routes tiny-model` carry a tinymoe.json marker: their routing means nothing."""
     return (Path(model) / "tinymoe.json").exists()
 
 

@@ -132,7 +132,7 @@ if [ -z "$MODEL" ]; then
   elif [ $OFFLINE = 1 ]; then
     MODEL="$OUT/tiny-random-moe"
     say "offline CPU run: building a tiny random-weight Qwen2-MoE in $MODEL"
-    "$PY" scripts/tinymoe.py --arch qwen2_moe --out "$MODEL" --prompts-file "$PROMPTS" >/dev/null
+    "$PY" -m moe_routes tiny-model --arch qwen2_moe --out "$MODEL" --prompts-file "$PROMPTS" >/dev/null
     DTYPE=float32
     echo "NOTE: this model has RANDOM weights: its routing statistics mean nothing; the run checks the pipeline."
   else MODEL=$CPU_DEFAULT_MODEL; DTYPE=bfloat16; fi

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routes_ref import GSM8K, PY, ROOT, RouteLog  # noqa: E402
+from routes_ref import GSM8K, PY, ROOT, RouteLog
 
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # discard port: connection refused at once
 
@@ -104,10 +103,12 @@ def test_run_generate_errors_are_clear(tmp_path):
         assert proc.returncode != 0 and needle in (proc.stderr + proc.stdout), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["run_generate.py", "plot_hist.py", "scripts/bench_overhead.py", "scripts/bench_import.py",
-                                    "scripts/bench_writer.py", "scripts/tinymoe.py", "scripts/moe_patch.py"])
-def test_cli_help_has_examples(script):
-    proc = subprocess.run([PY, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command", [["run_generate.py"], ["plot_hist.py"], ["scripts/moe_patch.py"],
+                                     ["-m", "moe_routes"], ["-m", "moe_routes", "bench"],
+                                     ["-m", "moe_routes", "bench", "overhead"], ["-m", "moe_routes", "bench", "imports"],
+                                     ["-m", "moe_routes", "bench", "writer"], ["-m", "moe_routes", "tiny-model"]])
+def test_cli_help_has_examples(command):
+    proc = subprocess.run([PY, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "examples" in proc.stdout.lower(), proc.stderr[-2000:]
 
 
