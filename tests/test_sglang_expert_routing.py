@@ -112,6 +112,9 @@ else:
         assert "_expert_routing.on_forward_end(forward_batch)" in (pkg / "model_executor/model_runner.py").read_text()
         assert "_expert_routing.collect_for_request" in (pkg / "managers/scheduler_output_processor_mixin.py").read_text()
         assert "req.return_expert_routing = recv_req.return_expert_routing" in (pkg / "managers/scheduler.py").read_text()
+        assert "_expert_routing.check_server_args(self)" in (pkg / "server_args.py").read_text()
+        assert "return_expert_routing=request.return_expert_routing" in (
+            pkg / "entrypoints/openai/serving_chat.py").read_text()
 
     # ------------------------------------------------------------------ dtypes/encoding
     @pytest.mark.parametrize("e,dt", [(8, "uint8"), (128, "uint8"), (255, "uint8"), (256, "int16"),
@@ -130,7 +133,9 @@ else:
         json.dumps(p)  # JSON-able
         assert p["ids_dtype"] == er.ids_dtype_for(e).name and p["shape"] == [T, L, K]
         assert len(base64.b64decode(p["ids"])) == T * L * K * er.ids_dtype_for(e).itemsize
-        for d in (er.decode_routing(p), sglang_routing.decode_expert_routing({"meta_info": {"expert_routing": p}})):
+        assert not hasattr(er, "decode_routing")  # one decoder: scripts/sglang_routing.py
+        for d in (sglang_routing.decode_expert_routing(p),
+                  sglang_routing.decode_expert_routing({"meta_info": {"expert_routing": p}})):
             np.testing.assert_array_equal(d["topk_ids"], ids)
             assert d["topk_weights"].dtype == np.float32
             np.testing.assert_array_equal(d["topk_weights"], w)
@@ -191,15 +196,16 @@ else:
 
     def test_validate_request():
         class SA:
-            enable_return_routed_experts = False
+            enable_return_expert_routing = False
+            enable_return_routed_experts = True  # the native flag does not enable ours
 
         class MC:
             hf_text_config = types.SimpleNamespace(num_experts=60, num_experts_per_tok=4)
 
         er.validate_request(GenerateReqInput(text="a"), SA(), MC())  # not asked: fine
-        with pytest.raises(ValueError, match="--enable-return-routed-experts"):
+        with pytest.raises(ValueError, match="--enable-return-expert-routing"):
             er.validate_request(GenerateReqInput(text="a", return_expert_routing=True), SA(), MC())
-        SA.enable_return_routed_experts = True
+        SA.enable_return_expert_routing = True
         er.validate_request(GenerateReqInput(text="a", return_expert_routing=True), SA(), MC())
         er.validate_request(GenerateReqInput(text=["a", "b"], return_expert_routing=[False, True]), SA(), MC())
         MC.hf_text_config = types.SimpleNamespace(hidden_size=8)
@@ -258,7 +264,7 @@ else:
         cap = _cap(m)
         assert cap.layers == [1, 3, 4] and cap.top_k == 2 and cap.num_experts == 8
         assert [m.layers[i].topk.layer_id for i in (1, 3, 4)] == [1, 3, 4]  # mixtral-style: filled from names
-        assert cap.host_ids.dtype == torch.uint8 and cap.host_weights.dtype == torch.float32
+        assert cap.np_ids_dtype == np.uint8 and cap.dev_weights.dtype == torch.float32
 
     def test_capture_matches_router_and_truncates_shared_experts():
         E, k = 8, 2
@@ -318,17 +324,24 @@ else:
         def __init__(self, n, width):
             self.req_to_token = torch.zeros((n, width), dtype=torch.int32)
 
+    def _fb(loc, extend=True, rids=None, seq_lens=None, new=None):
+        """The ForwardBatch fields on_forward_end reads."""
+        return types.SimpleNamespace(
+            out_cache_loc=torch.tensor(loc, dtype=torch.int64),
+            forward_mode=types.SimpleNamespace(is_extend=lambda: extend), rids=rids,
+            seq_lens_cpu=None if seq_lens is None else torch.tensor(seq_lens), extend_seq_lens_cpu=new)
+
     def _run(model, cap, batches):
         """batches: list of (tokens, out_cache_loc, pad_rows) in ForwardBatch order."""
         for tokens, loc, pad in batches:
             t = torch.tensor(list(tokens) + [999] * pad)  # padded CUDA-graph rows at the end
             model(t)
-            er.on_forward_end(types.SimpleNamespace(out_cache_loc=torch.tensor(loc, dtype=torch.int64)))
+            er.on_forward_end(_fb(loc))
 
     def test_chunked_prefill_decode_mixed_padded_and_radix_hit():
         m = Tiny(E=300, k=3)  # >255 experts -> int16 ids
-        cap = _cap(m, E=300, slots=400, rows=16)  # rows < chunk: buffer grows in eager mode
-        assert cap.host_ids.dtype == torch.int16
+        cap = _cap(m, E=300, slots=400, rows=21)  # the largest forward below routes 21 tokens
+        assert cap.np_ids_dtype == np.int16
         pool = Pool(8, 64)
         free = iter(range(1, 400))  # slot 0 is the padding slot in SGLang
         rng = np.random.default_rng(1)
@@ -358,12 +371,13 @@ else:
         for r in (A, B, C):
             er.collect_for_request(r, pool)
             r._finished = True
-        ci = {}
-        er.add_stream_outputs(ci, ["A", "X", "B", "C"], [A, B, C])
-        assert ci[er.META_KEY][1] is None and len(ci[er.META_KEY]) == 4
+        out = types.SimpleNamespace(expert_routing=er.stream_outputs(["A", "X", "B", "C"], [A, B, C]))
+        assert out.expert_routing[1] is None and len(out.expert_routing) == 4
+        metas = []
         for i, r in zip((0, 2, 3), (A, B, C)):
-            meta = {er.META_KEY: ci[er.META_KEY][i]}
-            er.finalize_meta_info(meta)
+            meta = {}
+            er.add_to_meta_info(meta, out, i)
+            metas.append(meta)
             d = sglang_routing.decode_expert_routing(meta)
             n = r.seqlen - 1
             assert d["topk_ids"].shape == (n, 3, 3) and d["missing"] == []
@@ -372,10 +386,11 @@ else:
             np.testing.assert_array_equal(d["topk_ids"], ref_ids)
             np.testing.assert_allclose(d["topk_weights"], ref_w, rtol=1e-6)
             assert (d["topk_ids"] < 300).all() and (d["topk_ids"] >= 0).all()
-        assert sglang_routing.decode_expert_routing({er.META_KEY: ci[er.META_KEY][2]})["num_cached_tokens"] == 20
-        meta = {er.META_KEY: None}
-        er.finalize_meta_info(meta)
+        assert sglang_routing.decode_expert_routing(metas[1])["num_cached_tokens"] == 20
+        meta = {}
+        er.add_to_meta_info(meta, out, 1)
         assert meta == {}
+        assert er.stream_outputs(["A"], [A]) is None  # sent once, then dropped from the Req
 
     def test_not_asking_pays_nothing_and_unavailable_error():
         r = Req("N", [1, 2, 3], 0, gen=1)
@@ -386,17 +401,15 @@ else:
         r.return_expert_routing = True
         er.collect_for_request(r, None)
         r._finished = True
-        ci = {}
-        er.add_stream_outputs(ci, ["N"], [r])
+        meta = {}
+        er.add_to_meta_info(meta, types.SimpleNamespace(expert_routing=er.stream_outputs(["N"], [r])), 0)
         with pytest.raises(ValueError, match="speculative"):
-            sglang_routing.decode_expert_routing(ci[er.META_KEY][0])
+            sglang_routing.decode_expert_routing(meta)
 
     def test_unfinished_requests_do_not_send():
         r = Req("U", [1, 2], 0, gen=1)
         r.expert_routing_payload = {"format": er.FORMAT}
-        ci = {}
-        er.add_stream_outputs(ci, ["U"], [r])  # streaming chunk before finish
-        assert ci == {}
+        assert er.stream_outputs(["U"], [r]) is None  # streaming chunk before finish
 
     # ------------------------------------------------------------------ async staging
     class FakeEvent:
@@ -419,10 +432,12 @@ else:
     def test_async_copy_out_is_lazy_fifo_and_ring_bounded():
         FakeEvent.log = []
         m = Tiny()
-        cap = _cap(m, slots=64, rows=8, ring_size=2, event_factory=FakeEvent)
+        cap = _cap(m, slots=64, rows=8, event_factory=FakeEvent)
+        assert len(cap._free) == er.STAGING_DEPTH == 2
         t1, t2, t3 = torch.tensor([5, 6]), torch.tensor([7, 8]), torch.tensor([9, 10])
         m(t1); cap.on_forward_end(torch.tensor([3, 4]))
-        assert (cap.host_ids[3] == cap.fill).all()  # not scattered before the event completes
+        assert cap._store_ids is None  # host store not even allocated before the first scatter
+        assert (cap.gather([3])[0] == cap.fill).all()  # not scattered before the event completes
         m(t2); cap.on_forward_end(torch.tensor([3, 5]))  # slot 3 overwritten by a later forward
         e1, e2 = FakeEvent.log
         assert not e1.synced
