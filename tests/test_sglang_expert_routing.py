@@ -452,3 +452,390 @@ else:
             for j, s in enumerate(locs):
                 ref[s] = ri[j]
         np.testing.assert_array_equal(ids.astype(np.int64), np.stack([ref[s] for s in (3, 4, 5, 6, 7)]))
+
+    # ================================================================== issue #10, one block per item
+    import argparse
+    import asyncio
+    import dataclasses
+
+    from sglang.srt.server_args import ServerArgs
+
+    def _sa(**kw):
+        return ServerArgs(model_path="dummy", **kw)  # "dummy" skips the model-dependent __post_init__
+
+    # ---- 1. own flag
+    def test_own_server_flag_independent_of_native():
+        p = argparse.ArgumentParser()
+        ServerArgs.add_cli_args(p)
+        a = ServerArgs.from_cli_args(p.parse_args(
+            ["--model-path", "dummy", "--enable-return-expert-routing", "--expert-routing-weights-dtype", "float16"]))
+        assert a.enable_return_expert_routing and not a.enable_return_routed_experts
+        assert a.expert_routing_weights_dtype == "float16"
+        er.check_server_args(a)  # an allowed configuration passes our check
+        b = ServerArgs.from_cli_args(p.parse_args(["--model-path", "dummy", "--enable-return-routed-experts"]))
+        assert b.enable_return_routed_experts and not b.enable_return_expert_routing
+        # native flag only: our capture stays off at model load
+        er.set_capturer(None)
+        er.init_for_model_runner(types.SimpleNamespace(server_args=b))
+        assert er.get_capturer() is None
+
+    # ---- 2. refused modes (start-up, through the real ServerArgs.check_server_args)
+    @pytest.mark.parametrize("kw,names", [
+        (dict(pp_size=2), "--pp-size"),
+        (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm"),
+        (dict(enable_dp_attention=True), "--enable-dp-attention"),
+        (dict(moe_a2a_backend="deepep"), "--moe-a2a-backend none"),
+        (dict(moe_a2a_backend="mooncake"), "--moe-a2a-backend none"),
+        (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
+        (dict(attn_cp_size=2), "--attn-cp-size 1"),
+        (dict(enable_prefill_context_parallel=True), "prefill-context-parallel"),
+        (dict(enable_pdmux=True), "--enable-pdmux"),
+        (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
+        (dict(hicache_storage_backend="file"), "--hicache-storage-backend"),
+        (dict(enable_lmcache=True), "--enable-lmcache"),
+        (dict(disaggregation_mode="prefill"), "--disaggregation-mode null"),
+        (dict(disaggregation_mode="decode"), "--disaggregation-mode null"),
+        (dict(enable_hisparse=True), "--enable-hisparse"),
+        (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm"),
+        (dict(moe_runner_backend="triton_kernel"), "--moe-runner-backend triton_kernel"),
+        (dict(moe_runner_backend="flashinfer_trtllm"), "--moe-runner-backend flashinfer_trtllm"),
+        (dict(moe_runner_backend="flashinfer_mxfp4"), "--moe-runner-backend flashinfer_mxfp4"),
+        (dict(expert_routing_weights_dtype="bfloat16"), "--expert-routing-weights-dtype"),
+    ])
+    def test_refused_modes_at_startup(kw, names):
+        with pytest.raises(ValueError) as e:
+            _sa(enable_return_expert_routing=True, **kw).check_server_args()
+        assert names in str(e.value) and "--enable-return-expert-routing" in str(e.value)
+        er.check_server_args(_sa(**kw))  # flag off: none of our business
+
+    def test_topk_formats_that_bypass_select_experts_refused_at_load():
+        from sglang.srt.layers.moe.topk import TopKOutputFormat
+
+        m = Tiny()
+        m.layers[1].topk.topk_config.output_format = TopKOutputFormat.BYPASSED
+        with pytest.raises(ValueError, match="bypasses select_experts"):
+            _cap(m)
+
+    def test_session_requests_carry_the_flag():
+        from sglang.srt.managers.io_struct import SessionParams, TokenizedGenerateReqInput
+        from sglang.srt.managers.session_controller import Session
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        req_fields = [f.name for f in dataclasses.fields(TokenizedGenerateReqInput)
+                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        kw = dict.fromkeys(req_fields)
+        kw.update(input_text="hi", input_ids=[1, 2, 3], sampling_params=SamplingParams(max_new_tokens=4),
+                  return_logprob=False, logprob_start_len=-1, top_logprobs_num=0, stream=False)
+        for flag in (True, False):
+            t = TokenizedGenerateReqInput(**kw)
+            t.session_params = SessionParams(id="s1")
+            t.return_expert_routing = flag
+            r = Session(capacity_of_str_len=1000, session_id="s1").create_req(t, tokenizer=None, vocab_size=100)
+            assert r.return_expert_routing is flag
+
+    # ---- 3. own output field, split per index by the real multi-tokenizer mixin
+    def _batch_out(cls, n, **extra):
+        req = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        kw = {k: [None] * n for k in req}
+        kw.update(rids=[f"r{i}" for i in range(n)], **extra)
+        return cls(**kw)
+
+    # (the mixin's BatchTokenIDOutput branch misses two required fields upstream and cannot run at all;
+    # the detokenizer hands BatchStrOutput to the tokenizer workers)
+    @pytest.mark.parametrize("cls_name", ["BatchStrOutput"])
+    def test_multi_tokenizer_split_keeps_each_requests_payload(cls_name):
+        from sglang.srt.managers import io_struct
+        from sglang.srt.managers.multi_tokenizer_mixin import _handle_output_by_index
+
+        m = Tiny()
+        cap = _cap(m)
+        m(torch.tensor([1, 2, 3]))
+        er.on_forward_end(_fb([5, 6, 7]))
+        raw = [cap.assemble("a", torch.tensor([5, 6])), None, cap.assemble("c", torch.tensor([7]))]
+        out = _batch_out(getattr(io_struct, cls_name), 3, expert_routing=raw)
+        for i in range(3):
+            part = _handle_output_by_index(out, i)
+            assert part.rids == [f"r{i}"]
+            meta = {}
+            er.add_to_meta_info(meta, part, 0)  # the tokenizer worker sees index 0 of its share
+            if raw[i] is None:
+                assert meta == {}
+            else:
+                d = sglang_routing.decode_expert_routing(meta)
+                assert d["topk_ids"].shape[0] == len(raw[i]["ids"])
+                np.testing.assert_array_equal(d["topk_ids"], raw[i]["ids"])
+
+    # ---- 4. buffers sized once from the scheduler's bound
+    class _Alloc:
+        def __init__(self, n):
+            self.n = n
+
+        def available_size(self):
+            return self.n
+
+    class _NoCache:
+        disable = True  # radix cache off
+
+        def evictable_size(self):
+            return 0
+
+        def supports_mamba(self):
+            return False
+
+    class _Req:
+        def __init__(self, n, max_new=1):
+            self.extend_input_len = n
+            self.origin_input_ids = [0] * n
+            self.fill_ids = [0] * n
+            self.output_ids = []
+            self.host_hit_length = 0
+            self.sampling_params = types.SimpleNamespace(ignore_eos=True, max_new_tokens=max_new)
+
+        def set_extend_input_len(self, n):
+            self.extend_input_len = n
+
+    @pytest.mark.parametrize("seed", range(6))
+    def test_real_prefill_adder_never_exceeds_the_row_bound(seed):
+        """chunked prefill -1, radix cache off, ignore_eos: PrefillAdder.add_one_req_ignore_eos."""
+        from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
+
+        from sglang.srt.server_args import set_global_server_args_for_scheduler
+
+        rng = np.random.default_rng(seed)
+        ctx, max_prefill = 32768, 16384
+        kv = int(rng.choice([20000, 200000]))
+        page = int(rng.choice([1, 16]))
+        sa = _sa(chunked_prefill_size=-1, max_prefill_tokens=max_prefill, cuda_graph_max_bs=256,
+                 disable_radix_cache=True)
+        set_global_server_args_for_scheduler(sa)
+        bound = er.max_tokens_per_forward(sa, max_running_requests=512, context_len=ctx, num_kv_slots=kv,
+                                          page_size=page)
+        worst = 0
+        for _ in range(30):
+            adder = PrefillAdder(page, _NoCache(), _Alloc(kv), None, 0.5, max_prefill, None)
+            while True:
+                lens = [int(rng.integers(max_prefill - 600, max_prefill)), int(rng.integers(ctx // 2, ctx))]
+                if adder.add_one_req(_Req(int(rng.choice(lens))), False, None) != AddReqResult.CONTINUE:
+                    break
+            worst = max(worst, sum(r.extend_input_len for r in adder.can_run_list))
+        assert worst > max_prefill  # the old bound (chunk / max_prefill_tokens) was too small
+        assert worst <= bound
+
+    def test_row_bound_with_chunked_prefill_graphs_and_mixed_chunk():
+        f = er.max_tokens_per_forward
+        assert f(_sa(chunked_prefill_size=8192), 512, 32768, 10**6, 1) == 8192
+        assert f(_sa(chunked_prefill_size=8192, enable_mixed_chunk=True), 512, 32768, 10**6, 1) == 8192 + 512
+        assert f(_sa(chunked_prefill_size=64, cuda_graph_max_bs=512), 48, 4096, 10**6, 1) == 512
+        assert f(_sa(chunked_prefill_size=64, cuda_graph_bs=[1, 8, 700]), 48, 4096, 10**6, 1) == 700
+        assert f(_sa(chunked_prefill_size=-1, max_prefill_tokens=100), 4, 50, 10**6, 16) == 160
+        assert f(_sa(chunked_prefill_size=-1, max_prefill_tokens=100), 4, 50, 120, 16) == 120
+
+    def test_buffers_never_reallocated_clear_error_when_exceeded():
+        m = Tiny()
+        cap = _cap(m, rows=4)
+        ptr = cap.dev_ids.data_ptr()
+        m(torch.arange(4))
+        cap.on_forward_end(torch.arange(4))
+        with pytest.raises(RuntimeError, match="--enable-return-expert-routing"):
+            m(torch.arange(5))
+        assert cap.dev_ids.data_ptr() == ptr and cap.dev_ids.shape[0] == 4
+
+    # ---- 5. host memory, rank 0 only, fp16, E from the model, stale staging reads
+    def test_only_attention_tp_rank0_allocates_and_collects():
+        from sglang.srt.layers.dp_attention import get_attention_tp_rank  # noqa: F401  (exists in this release)
+
+        er.set_capturer(None)
+        mr = types.SimpleNamespace(server_args=_sa(enable_return_expert_routing=True), tp_rank=1)
+        import sglang.srt.layers.dp_attention as dpa
+
+        orig = dpa.get_attention_tp_rank
+        dpa.get_attention_tp_rank = lambda: 1
+        try:
+            er.init_for_model_runner(mr)
+        finally:
+            dpa.get_attention_tp_rank = orig
+        assert er.get_capturer() is None
+        r = Req("R", [1, 2, 3], 0, gen=1)
+        er.collect_for_request(r, None)  # never touches the pool, no error payload either
+        assert getattr(r, "expert_routing_payload", None) is None
+        er.set_capturer(None, sender=True)
+
+    def test_init_for_model_runner_sizes_from_the_bound_and_fp16():
+        class MR:
+            server_args = _sa(enable_return_expert_routing=True, chunked_prefill_size=-1, max_prefill_tokens=300,
+                              cuda_graph_max_bs=8, expert_routing_weights_dtype="float16")
+            tp_rank = 0
+            max_total_num_tokens = 4000
+            page_size = 1
+            max_running_requests = 16
+            model_config = types.SimpleNamespace(context_len=200, hf_text_config=types.SimpleNamespace(num_experts=8))
+            device = "cpu"
+            model = Tiny()
+        er.init_for_model_runner(MR())
+        cap = er.get_capturer()
+        assert cap.max_rows == 500 and cap.num_kv_slots == 4001
+        assert cap.weights_dtype_name == "float16" and cap.dev_weights.dtype == torch.float16
+        MR.model(torch.tensor([3, 4]))
+        er.on_forward_end(_fb([10, 11]))
+        p = er.encode_output(cap.assemble("x", torch.tensor([10, 11])))
+        d = sglang_routing.decode_expert_routing(p)
+        assert p["weights_dtype"] == "float16" and d["topk_weights"].shape == (2, 3, 2)
+        assert cap._store_weights.dtype == np.float16
+
+    def test_footprint_qwen3_235b_at_1m_slots():
+        f = er.footprint(num_layers=94, top_k=8, num_experts=128, rows=8192, num_kv_slots=1_000_000)
+        assert f["host_kv_store"] == 1_000_000 * 94 * 8 * 5          # 3.50 GiB
+        assert f["device"] == 8192 * 94 * 8 * 5                       # 29.4 MiB
+        assert f["pinned_staging"] == 2 * 8192 * (94 * 8 * 5 + 8)     # 58.9 MiB
+        assert er.footprint(94, 8, 128, 8192, 1_000_000, "float16")["host_kv_store"] == 1_000_000 * 94 * 8 * 3
+
+    def test_num_experts_from_model_and_config_variants():
+        class Experts(torch.nn.Module):
+            def __init__(self, n, shared=0):
+                super().__init__()
+                self.num_experts, self.num_fused_shared_experts = n, shared
+
+        m = Tiny(E=8)
+        for i in (1, 3, 4):
+            m.layers[i].experts = Experts(300 + 1, shared=1)  # config says 8: the model knows better
+        cap = _cap(m, E=8)
+        assert cap.num_experts == 300 and cap.np_ids_dtype == np.int16
+        assert er.config_num_experts(types.SimpleNamespace(ffn_config={"moe_num_experts": 16})) == 16  # DBRX
+        assert er.config_num_experts(types.SimpleNamespace(ffn_config=types.SimpleNamespace(moe_num_experts=4))) == 4
+        assert er.config_num_experts(types.SimpleNamespace(num_experts=[64, 256])) == 256  # ERNIE-VL / Hunyuan
+        assert er.config_num_experts(types.SimpleNamespace(hidden_size=8)) is None
+
+    def test_finish_waits_for_the_staged_forward_that_computed_its_positions():
+        FakeEvent.log = []
+        m = Tiny()
+        cap = _cap(m, slots=64, rows=8, event_factory=FakeEvent)
+        # forward 1 computes positions 0..2 of "a" (slots 3, 4, 5); forward 2 (overlap: still in
+        # flight) computes position 3 of "a", the token after its last one, and position 0 of "b"
+        m(torch.tensor([5, 6, 7]))
+        er.on_forward_end(_fb([3, 4, 5], extend=True, rids=["a"], seq_lens=[3], new=[3]))
+        m(torch.tensor([8, 9]))
+        er.on_forward_end(_fb([6, 7], extend=True, rids=["a", "b"], seq_lens=[4, 1], new=[1, 1]))
+        e1, e2 = FakeEvent.log
+        p = cap.assemble("a", torch.tensor([3, 4, 5]))  # a finished with seqlen 4: positions 0..2
+        assert e1.synced and not e2.synced  # waited for forward 1 only
+        assert not (p["ids"] == cap.fill).any()
+        ref, _ = _reference(m, [5, 6, 7])
+        er.set_capturer(cap)
+        np.testing.assert_array_equal(p["ids"].astype(np.int64), ref)
+        cap.assemble("b", torch.tensor([7]))
+        assert e2.synced and cap.drained_fid == 2
+
+    # ---- 6. OpenAI endpoints through the real serving classes
+    class _TM:
+        """Stand-in TokenizerManager: what the OpenAI serving classes read, generate_request yields ret items."""
+
+        def __init__(self, flag):
+            self.server_args = _sa(enable_return_expert_routing=flag)
+            self.request_logger = types.SimpleNamespace(log_requests=False, log_requests_level=0)
+            self.served_model_name = "m"
+            self.model_config = types.SimpleNamespace(
+                is_multimodal=False, get_default_sampling_params=lambda: {},
+                hf_config=types.SimpleNamespace(architectures=["Qwen3MoeForCausalLM"]))
+            self.tokenizer = types.SimpleNamespace(chat_template=None, apply_chat_template=lambda *a, **k: [1, 2, 3])
+            self.seen = []
+
+        async def generate_request(self, obj, raw):
+            self.seen.append(obj)
+            obj.normalize_batch_and_arguments()
+            n = 1 if obj.is_single else len(obj.rid)
+            items = []
+            for i in range(n):
+                meta = {"id": f"r{i}", "finish_reason": {"type": "length"}, "prompt_tokens": 3,
+                        "completion_tokens": 1, "cached_tokens": 0, "weight_version": "default"}
+                if er.request_item(obj.return_expert_routing, i):
+                    meta["expert_routing"] = er.encode_routing(np.full((2, 1, 2), i), np.ones((2, 1, 2)), [0], 8)
+                items.append({"text": f"t{i}", "output_ids": [5], "meta_info": meta})
+            yield items[0] if obj.is_single else items
+
+    def _serving(kind, flag):
+        from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+        from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+
+        tm = _TM(flag)
+        tmpl = types.SimpleNamespace(completion_template_name=None, chat_template_name=None,
+                                     jinja_template_content_format="string", force_reasoning=False)
+        return tm, (OpenAIServingChat if kind == "chat" else OpenAIServingCompletion)(tm, tmpl)
+
+    def _openai_call(kind, flag, **body):
+        """The real openai client builds the body (extra_body merged), the real serving class answers."""
+        import httpx
+        import openai
+        from starlette.requests import Request
+        from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+        tm, srv = _serving(kind, flag)
+        cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+
+        def handler(http_req):
+            req = cls.model_validate(json.loads(http_req.content))
+            raw = Request({"type": "http", "headers": [], "method": "POST", "path": http_req.url.path,
+                           "query_string": b""})
+            r = asyncio.run(srv.handle_request(req, raw))
+            if hasattr(r, "model_dump_json"):
+                return httpx.Response(200, content=r.model_dump_json(), headers={"content-type": "application/json"})
+            return httpx.Response(r.status_code, content=r.body, headers={"content-type": "application/json"})
+
+        client = openai.OpenAI(api_key="x", base_url="http://t/v1", max_retries=0,
+                               http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+        if kind == "chat":
+            return tm, client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], **body)
+        return tm, client.completions.create(model="m", prompt="hi", **body)
+
+    @pytest.mark.parametrize("kind", ["completions", "chat"])
+    def test_openai_endpoints_return_payload_per_choice(kind):
+        tm, resp = _openai_call(kind, True, n=2, extra_body={"return_expert_routing": True})
+        assert tm.seen[0].return_expert_routing == [True, True]
+        assert [c.index for c in resp.choices] == [0, 1]
+        for i, c in enumerate(resp.choices):
+            d = sglang_routing.decode_expert_routing(c.model_extra["sglext"]["expert_routing"])
+            assert (d["topk_ids"] == i).all()  # each choice its own sequence's routing
+        tm, resp = _openai_call(kind, True, n=1)
+        assert "sglext" not in (resp.choices[0].model_extra or {})
+
+    @pytest.mark.parametrize("kind", ["completions", "chat"])
+    @pytest.mark.parametrize("flag,body,match", [
+        (False, {"extra_body": {"return_expert_routing": True}}, "--enable-return-expert-routing"),
+        (True, {"n": 2, "extra_body": {"return_expert_routing": [True, False]}}, "per-sample lists"),
+        (True, {"stream": True, "extra_body": {"return_expert_routing": True}}, "stream"),
+    ])
+    def test_openai_refusals_are_http_400(kind, flag, body, match):
+        import openai
+
+        with pytest.raises(openai.BadRequestError) as e:
+            _openai_call(kind, flag, **body)
+        assert e.value.status_code == 400 and match in str(e.value)
+
+    def test_prefix_warmup_requests_for_n_gt_1_carry_no_flag():
+        src = (Path(sglang.__file__).parent / "srt/managers/tokenizer_manager.py").read_text()
+        warm = src[src.index("# Cache the common prefix for parallel sampling"):]
+        warm = warm[: warm.index("# Expand requests")]
+        assert "tokenized_obj.return_expert_routing = False" in warm
+
+    # ---- 8. routed scaling factor: in the weights exactly when the kernel applies it
+    @pytest.mark.parametrize("on_output", [True, False])
+    def test_scaling_factor_meta_matches_select_experts(on_output):
+        from sglang.srt.layers.moe.topk import TopKConfig, select_experts
+
+        torch.manual_seed(0)
+        E, k, f = 8, 2, 2.5
+        cfg = TopKConfig(top_k=k, use_grouped_topk=True, topk_group=2, num_expert_group=4, renormalize=True,
+                         routed_scaling_factor=f, apply_routed_scaling_factor_on_output=on_output)
+        m = Tiny(E=E, k=k)
+        for i in (1, 3, 4):
+            m.layers[i].topk.topk_config = cfg
+        cap = _cap(m, E=E)
+        assert cap.scaling == {"weights_include_routed_scaling_factor": on_output, "routed_scaling_factor": f}
+        logits = torch.randn(5, E)
+        out = select_experts(torch.zeros(5, 4), logits, cfg, layer_id=1)
+        cap.on_forward_end(torch.arange(5))
+        ids, w = cap.gather(torch.arange(5))
+        np.testing.assert_array_equal(w[:, 0], out.topk_weights.numpy())
+        np.testing.assert_allclose(w[:, 0].sum(1), f if on_output else 1.0, rtol=1e-5)
+        p = er.encode_output(cap.assemble("s", torch.arange(5)))
+        assert p["weights_include_routed_scaling_factor"] is on_output and p["routed_scaling_factor"] == f
