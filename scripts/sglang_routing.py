@@ -13,11 +13,15 @@ a JSON object with
   shape              [T, L, K]
   byte_order         "little"
   ids_dtype          "uint8" if E <= 255, "int16" if E <= 32767, else "int32"
-  weights_dtype      "float32" (or "float16" if the server sets SGLANG_EXPERT_ROUTING_WEIGHTS_DTYPE)
+  weights_dtype      "float32" (or "float16" with the server flag --expert-routing-weights-dtype float16)
   ids, weights       standard base64 of the C-order [T, L, K] arrays
   num_cached_tokens  positions [0, n) were served from the prefix (radix) cache
   missing            list of [start, end) position ranges without captured routing
                      (their ids are the dtype's max value, weights NaN)
+  weights_include_routed_scaling_factor, routed_scaling_factor
+                     true when the top-k kernel multiplied the weights by routed_scaling_factor
+                     (TopK apply_routed_scaling_factor_on_output); when false and the factor is not
+                     null, the model multiplies the MoE output by it after the experts
 or {"format": ..., "error": "..."} when the server could not capture routing.
 """
 
@@ -53,7 +57,8 @@ def _payload(entry: Any) -> Dict[str, Any]:
 def decode_expert_routing(meta_info_entry: Any) -> Dict[str, Any]:
     """-> {"topk_ids": int32 [T,L,K], "topk_weights": float32 [T,L,K], "layers": int64 [L],
     "num_experts": int, "top_k": int, "num_tokens": int, "num_cached_tokens": int,
-    "missing": [(start, end), ...]}"""
+    "missing": [(start, end), ...], "weights_include_routed_scaling_factor": bool | None,
+    "routed_scaling_factor": float | None}"""
     p = _payload(meta_info_entry)
     if p.get("format") != FORMAT:
         raise ValueError(f"unknown expert routing format {p.get('format')!r}")
@@ -80,6 +85,8 @@ def decode_expert_routing(meta_info_entry: Any) -> Dict[str, Any]:
         "num_tokens": shape[0],
         "num_cached_tokens": int(p.get("num_cached_tokens", 0)),
         "missing": [(int(a), int(b)) for a, b in p.get("missing", [])],
+        "weights_include_routed_scaling_factor": p.get("weights_include_routed_scaling_factor"),
+        "routed_scaling_factor": p.get("routed_scaling_factor"),
     }
 
 

@@ -839,3 +839,53 @@ else:
         np.testing.assert_allclose(w[:, 0].sum(1), f if on_output else 1.0, rtol=1e-5)
         p = er.encode_output(cap.assemble("s", torch.arange(5)))
         assert p["weights_include_routed_scaling_factor"] is on_output and p["routed_scaling_factor"] == f
+
+    # ---- 7. run_generate.py --engine sglang: one engine at a time
+    def test_run_generate_sglang_runs_engines_one_after_the_other(monkeypatch, tmp_path):
+        import transformers
+
+        sys.path.insert(0, str(ROOT))
+        import run_generate
+
+        alive, events = [], []
+
+        class FakeEngine:
+            def __init__(self, **kw):
+                assert not alive, "a second SGLang engine started while another one holds the GPU"
+                assert "mem_fraction_static" not in kw  # SGLang sizes the one engine itself
+                self.log = kw["enable_return_expert_routing"]
+                assert "enable_return_routed_experts" not in kw
+                alive.append(self)
+                events.append(("start", self.log))
+
+            def generate(self, prompt, sampling_params, return_expert_routing):
+                assert return_expert_routing == self.log
+                events.append(("gen", self.log))
+                outs = []
+                for i, _ in enumerate(prompt):
+                    meta = {"id": str(i), "prompt_tokens": 3, "completion_tokens": 2}
+                    if self.log:
+                        meta["expert_routing"] = er.encode_routing(
+                            np.zeros((4, 2, 2)), np.ones((4, 2, 2)), [1, 3], 8,
+                            scaling={"weights_include_routed_scaling_factor": False, "routed_scaling_factor": 2.5})
+                    outs.append({"output_ids": [7, 8], "meta_info": meta})
+                return outs
+
+            def shutdown(self):
+                alive.remove(self)
+                events.append(("stop", self.log))
+
+        tok = types.SimpleNamespace(apply_chat_template=lambda m, **k: "p")
+        monkeypatch.setattr(sglang, "Engine", FakeEngine)
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+        monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                            lambda *a, **k: types.SimpleNamespace(num_hidden_layers=4))
+        args = run_generate.parse_args(["--engine", "sglang", "--model", str(tmp_path), "--repeats", "3",
+                                        "--num-prompts", "2", "--out-dir", str(tmp_path)])
+        res = run_generate.run_sglang(args, ["q1", "q2"], tmp_path)
+        assert [e for e in events if e[0] != "gen"] == [("start", False), ("stop", False),
+                                                        ("start", True), ("stop", True)]
+        assert len(res["runs"]["log"]) == len(res["runs"]["nolog"]) == 3 and res["tokens_identical"]
+        lines = [json.loads(x) for x in (tmp_path / "moe_routes.jsonl").read_text().splitlines()]
+        assert lines[0]["kernel_routed_scaling_factor"] == 1.0 and lines[0]["config_routed_scaling_factor"] == 2.5
+        assert res["route_records"] == 2 * 4 * 2
