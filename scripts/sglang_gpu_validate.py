@@ -2,7 +2,8 @@
 """GPU validation of the SGLang return_expert_routing patch series (needs a CUDA box).
 
 Runs a real MoE model through the patched sglang==0.5.10.post1 Engine with
---enable-return-routed-experts and checks, for N concurrent requests (default 64):
+--enable-return-expert-routing (and SGLang's own --enable-return-routed-experts, only as the
+reference for check 2) and checks, for N concurrent requests (default 64):
   1. every request gets meta_info["expert_routing"]; shape [P+G-1, L_moe, top_k];
      ids in [0, num_experts); weights finite; no "missing" ranges
   2. ids identical to SGLang's own return_routed_experts (same requests) on the MoE layers
@@ -13,6 +14,12 @@ Runs a real MoE model through the patched sglang==0.5.10.post1 Engine with
      the generated sequences with output_router_logits, top-k recomputed from the gate
      (softmax, renormalised iff config.norm_topk_prob) and compared (ids agreement >= 0.95,
      weights close where ids agree)
+  6. OpenAI endpoints of a real HTTP server (launched with --enable-return-expert-routing and
+     --tokenizer-worker-num 2, i.e. multi-tokenizer mode): /v1/completions and
+     /v1/chat/completions with n=2 and return_expert_routing in the body (what the openai
+     client's extra_body sends) return choices[i].sglext.expert_routing, decodable, ids in
+     range, no missing positions, completions payload equal to the Engine's for the same
+     greedy prompt; stream=true and a per-sample list answer HTTP 400
 Exit code 0 = all checks passed. Only stdlib is imported until after argument parsing,
 so --help works without sglang/torch installed.
 """
@@ -40,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--router-check-samples", type=int, default=4,
                     help="sequences recomputed with the HF model (0 = skip)")
     ap.add_argument("--weights-atol", type=float, default=2e-2, help="bf16 kernels vs HF eager")
+    ap.add_argument("--port", type=int, default=30917, help="HTTP server port for the OpenAI checks")
+    ap.add_argument("--skip-openai", action="store_true", help="skip check 6 (HTTP server)")
     ap.add_argument("--report", default=None, help="write a JSON report here")
     return ap.parse_args(argv)
 
@@ -72,7 +81,8 @@ def main(argv=None):
             fails.append(name)
 
     engine = sgl.Engine(
-        model_path=args.model, tp_size=args.tp_size, enable_return_routed_experts=True,
+        model_path=args.model, tp_size=args.tp_size, enable_return_expert_routing=True,
+        enable_return_routed_experts=True,
         mem_fraction_static=args.mem_fraction_static, disable_cuda_graph=args.disable_cuda_graph,
         disable_overlap_schedule=args.disable_overlap_schedule,
         chunked_prefill_size=args.chunked_prefill_size, random_seed=0)
@@ -161,12 +171,88 @@ def main(argv=None):
         check("weights_consistent_with_router", rate >= 0.95 and wdiff <= args.weights_atol,
               f"id agreement {rate:.4f} over {total} token-layers, max |dw| {wdiff:.4g}")
 
+    if not args.skip_openai:
+        openai_checks(args, ps[0], dec1[0], check)
+
     report["ok"] = not fails
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
     print("ALL CHECKS PASSED" if not fails else f"FAILED: {fails}")
     return 0 if not fails else 1
+
+
+def openai_checks(args, prompt, engine_decoded, check):
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+
+    from sglang_routing import decode_expert_routing
+
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--port", str(args.port),
+           "--tp-size", str(args.tp_size), "--mem-fraction-static", str(args.mem_fraction_static),
+           "--chunked-prefill-size", str(args.chunked_prefill_size), "--random-seed", "0",
+           "--enable-return-expert-routing", "--tokenizer-worker-num", "2"]
+    srv = subprocess.Popen(cmd)
+    base = f"http://127.0.0.1:{args.port}"
+
+    def post(path, body):
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5)
+                break
+            except Exception:  # noqa: BLE001
+                if srv.poll() is not None:
+                    check("openai_server_started", False, f"server exited with {srv.returncode}")
+                    return
+                time.sleep(2)
+        common = {"model": args.model, "temperature": 0.0, "max_tokens": args.max_new_tokens, "n": 2,
+                  "return_expert_routing": True}
+        for path, body in (("/v1/completions", dict(common, prompt=prompt)),
+                           ("/v1/chat/completions", dict(common, messages=[{"role": "user", "content": prompt}]))):
+            code, resp = post(path, body)
+            problems = [] if code == 200 else [f"HTTP {code}: {resp}"]
+            decs = []
+            for c in resp.get("choices", []):
+                try:
+                    d = decode_expert_routing(c["sglext"]["expert_routing"])
+                except Exception as e:  # noqa: BLE001
+                    problems.append(f"choice {c.get('index')}: {e}")
+                    continue
+                decs.append(d)
+                if d["missing"] or d["topk_ids"].min() < 0 or d["topk_ids"].max() >= d["num_experts"]:
+                    problems.append(f"choice {c['index']}: missing {d['missing']} / ids out of range")
+            if len(decs) != 2:
+                problems.append(f"{len(decs)} choices with a payload, expected 2")
+            elif not np.array_equal(decs[0]["topk_ids"], decs[1]["topk_ids"]):
+                problems.append("greedy choices differ in routing")
+            if path == "/v1/completions" and decs and engine_decoded is not None:
+                if not np.array_equal(decs[0]["topk_ids"], engine_decoded["topk_ids"]):
+                    problems.append("payload differs from the Engine's for the same greedy prompt")
+            check(f"openai{path.replace('/', '_')}_per_choice", not problems, "; ".join(problems[:5]))
+            for bad, what in ((dict(body, stream=True), "stream"),
+                              (dict(body, return_expert_routing=[True, False]), "per-sample list")):
+                code, resp = post(path, bad)
+                check(f"openai{path.replace('/', '_')}_400_{what.replace(' ', '_')}", code == 400,
+                      f"HTTP {code}: {str(resp)[:200]}")
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            srv.kill()
 
 
 if __name__ == "__main__":
