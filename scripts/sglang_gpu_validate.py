@@ -19,7 +19,8 @@ reference for check 2) and checks, for N concurrent requests (default 64):
      /v1/chat/completions with n=2 and return_expert_routing in the body (what the openai
      client's extra_body sends) return choices[i].sglext.expert_routing, decodable, ids in
      range, no missing positions, completions payload equal to the Engine's for the same
-     greedy prompt; stream=true and a per-sample list answer HTTP 400
+     greedy prompt; stream=true puts the same payload on each choice's finishing chunk; a
+     per-sample list answers HTTP 400
 Exit code 0 = all checks passed. Only stdlib is imported until after argument parsing,
 so --help works without sglang/torch installed.
 """
@@ -208,6 +209,20 @@ def openai_checks(args, prompt, engine_decoded, check):
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
+    def stream_payloads(url, body):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        got = {}
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                line = line.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for c in json.loads(line[6:]).get("choices", []):
+                    if "expert_routing" in (c.get("sglext") or {}):
+                        got[c["index"]] = c["sglext"]["expert_routing"]
+        return got
+
     try:
         for _ in range(600):
             try:
@@ -242,11 +257,14 @@ def openai_checks(args, prompt, engine_decoded, check):
                 if not np.array_equal(decs[0]["topk_ids"], engine_decoded["topk_ids"]):
                     problems.append("payload differs from the Engine's for the same greedy prompt")
             check(f"openai{path.replace('/', '_')}_per_choice", not problems, "; ".join(problems[:5]))
-            for bad, what in ((dict(body, stream=True), "stream"),
-                              (dict(body, return_expert_routing=[True, False]), "per-sample list")):
-                code, resp = post(path, bad)
-                check(f"openai{path.replace('/', '_')}_400_{what.replace(' ', '_')}", code == 400,
-                      f"HTTP {code}: {str(resp)[:200]}")
+            code, resp = post(path, dict(body, return_expert_routing=[True, False]))
+            check(f"openai{path.replace('/', '_')}_400_per_sample_list", code == 400,
+                  f"HTTP {code}: {str(resp)[:200]}")
+            streamed = stream_payloads(base + path, dict(body, stream=True))
+            ok = sorted(streamed) == [0, 1] and all(
+                np.array_equal(decode_expert_routing(streamed[i])["topk_ids"], decs[i]["topk_ids"])
+                for i in (0, 1) if i < len(decs))
+            check(f"openai{path.replace('/', '_')}_stream_final_chunk", ok, f"payloads for choices {sorted(streamed)}")
     finally:
         srv.terminate()
         try:

@@ -487,6 +487,7 @@ else:
         (dict(moe_a2a_backend="deepep"), "--moe-a2a-backend none"),
         (dict(moe_a2a_backend="mooncake"), "--moe-a2a-backend none"),
         (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
+        (dict(enable_single_batch_overlap=True), "--enable-single-batch-overlap"),
         (dict(attn_cp_size=2), "--attn-cp-size 1"),
         (dict(enable_prefill_context_parallel=True), "prefill-context-parallel"),
         (dict(enable_pdmux=True), "--enable-pdmux"),
@@ -740,7 +741,12 @@ else:
             self.tokenizer = types.SimpleNamespace(chat_template=None, apply_chat_template=lambda *a, **k: [1, 2, 3])
             self.seen = []
 
+        def create_abort_task(self, obj):
+            return None  # StreamingResponse background task: nothing to abort here
+
         async def generate_request(self, obj, raw):
+            """Like TokenizerManager: streaming yields chunks tagged "index", only the final one of a
+            request carries meta_info["expert_routing"]; otherwise one ret item per choice."""
             self.seen.append(obj)
             obj.normalize_batch_and_arguments()
             n = 1 if obj.is_single else len(obj.rid)
@@ -750,7 +756,15 @@ else:
                         "completion_tokens": 1, "cached_tokens": 0, "weight_version": "default"}
                 if er.request_item(obj.return_expert_routing, i):
                     meta["expert_routing"] = er.encode_routing(np.full((2, 1, 2), i), np.ones((2, 1, 2)), [0], 8)
-                items.append({"text": f"t{i}", "output_ids": [5], "meta_info": meta})
+                items.append({"text": f"t{i}", "output_ids": [5], "meta_info": meta, "index": i})
+            if obj.stream:
+                for it in items:
+                    first = dict(it, text="t", meta_info={k: v for k, v in it["meta_info"].items()
+                                                          if k not in ("expert_routing", "finish_reason")})
+                    yield first
+                for it in items:
+                    yield it
+                return
             yield items[0] if obj.is_single else items
 
     def _serving(kind, flag):
@@ -776,7 +790,15 @@ else:
             req = cls.model_validate(json.loads(http_req.content))
             raw = Request({"type": "http", "headers": [], "method": "POST", "path": http_req.url.path,
                            "query_string": b""})
-            r = asyncio.run(srv.handle_request(req, raw))
+            async def serve():  # one event loop for the handler and the streamed body
+                r = await srv.handle_request(req, raw)
+                if hasattr(r, "body_iterator"):  # StreamingResponse: server-sent events
+                    return r, [c if isinstance(c, bytes) else c.encode() async for c in r.body_iterator]
+                return r, None
+
+            r, events = asyncio.run(serve())
+            if events is not None:
+                return httpx.Response(200, content=b"".join(events), headers={"content-type": "text/event-stream"})
             if hasattr(r, "model_dump_json"):
                 return httpx.Response(200, content=r.model_dump_json(), headers={"content-type": "application/json"})
             return httpx.Response(r.status_code, content=r.body, headers={"content-type": "application/json"})
@@ -799,10 +821,23 @@ else:
         assert "sglext" not in (resp.choices[0].model_extra or {})
 
     @pytest.mark.parametrize("kind", ["completions", "chat"])
+    def test_openai_streaming_puts_the_payload_on_each_choices_finishing_chunk(kind):
+        tm, stream = _openai_call(kind, True, n=2, stream=True, extra_body={"return_expert_routing": True})
+        got = {}
+        for chunk in stream:
+            for c in chunk.choices:
+                ext = (c.model_extra or {}).get("sglext")
+                if ext and "expert_routing" in ext:
+                    assert c.finish_reason == "length" and c.index not in got
+                    got[c.index] = sglang_routing.decode_expert_routing(ext["expert_routing"])
+        assert sorted(got) == [0, 1]
+        for i, d in got.items():
+            assert (d["topk_ids"] == i).all()
+
+    @pytest.mark.parametrize("kind", ["completions", "chat"])
     @pytest.mark.parametrize("flag,body,match", [
         (False, {"extra_body": {"return_expert_routing": True}}, "--enable-return-expert-routing"),
         (True, {"n": 2, "extra_body": {"return_expert_routing": [True, False]}}, "per-sample lists"),
-        (True, {"stream": True, "extra_body": {"return_expert_routing": True}}, "stream"),
     ])
     def test_openai_refusals_are_http_400(kind, flag, body, match):
         import openai
