@@ -498,6 +498,7 @@ else:
         (dict(disaggregation_mode="decode"), "--disaggregation-mode null"),
         (dict(enable_hisparse=True), "--enable-hisparse"),
         (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm"),
+        (dict(enable_attn_tp_input_scattered=True, tp_size=2), "--enable-attn-tp-input-scattered"),
         (dict(moe_runner_backend="triton_kernel"), "--moe-runner-backend triton_kernel"),
         (dict(moe_runner_backend="flashinfer_trtllm"), "--moe-runner-backend flashinfer_trtllm"),
         (dict(moe_runner_backend="flashinfer_mxfp4"), "--moe-runner-backend flashinfer_mxfp4"),
@@ -631,6 +632,18 @@ else:
         assert f(_sa(chunked_prefill_size=64, cuda_graph_bs=[1, 8, 700]), 48, 4096, 10**6, 1) == 700
         assert f(_sa(chunked_prefill_size=-1, max_prefill_tokens=100), 4, 50, 10**6, 16) == 160
         assert f(_sa(chunked_prefill_size=-1, max_prefill_tokens=100), 4, 50, 120, 16) == 120
+
+    def test_a_layer_that_did_not_capture_is_missing_not_stale():
+        m = Tiny()
+        cap = _cap(m)
+        m(torch.tensor([1, 2]))
+        er.on_forward_end(_fb([5, 6]))
+        er.capture(3, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))  # only layer 3 routes the next one
+        er.on_forward_end(_fb([7]))
+        p = er.encode_output(cap.assemble("x", torch.tensor([5, 6, 7])))
+        assert p["missing"] == [[2, 3]]
+        d = sglang_routing.to_jsonl_records("x", sglang_routing.decode_expert_routing(p))
+        assert {r["token_idx"] for r in d if r["type"] == "route"} == {0, 1}
 
     def test_buffers_never_reallocated_clear_error_when_exceeded():
         m = Tiny()
