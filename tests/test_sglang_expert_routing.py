@@ -657,8 +657,6 @@ else:
 
     # ---- 5. host memory, rank 0 only, fp16, E from the model, stale staging reads
     def test_only_attention_tp_rank0_allocates_and_collects():
-        from sglang.srt.layers.dp_attention import get_attention_tp_rank  # noqa: F401  (exists in this release)
-
         er.set_capturer(None)
         mr = types.SimpleNamespace(server_args=_sa(enable_return_expert_routing=True), tp_rank=1)
         import sglang.srt.layers.dp_attention as dpa
@@ -860,10 +858,44 @@ else:
         assert e.value.status_code == 400 and match in str(e.value)
 
     def test_prefix_warmup_requests_for_n_gt_1_carry_no_flag():
-        src = (Path(sglang.__file__).parent / "srt/managers/tokenizer_manager.py").read_text()
-        warm = src[src.index("# Cache the common prefix for parallel sampling"):]
-        warm = warm[: warm.index("# Expand requests")]
-        assert "tokenized_obj.return_expert_routing = False" in warm
+        """The real TokenizerManager._handle_batch_request (n > 1 path) with its I/O stubbed."""
+        import collections
+
+        from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+        from sglang.srt.managers.tokenizer_manager import TokenizerManager
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        req_fields = [f.name for f in dataclasses.fields(TokenizedGenerateReqInput)
+                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        tm = object.__new__(TokenizerManager)
+        sent = []
+
+        async def tokenize(o):
+            kw = dict.fromkeys(req_fields)
+            kw.update(input_text=o.text, input_ids=[1, 2, 3], sampling_params=SamplingParams(max_new_tokens=4),
+                      return_logprob=False, logprob_start_len=-1, top_logprobs_num=0, stream=False,
+                      return_expert_routing=o.return_expert_routing)
+            return TokenizedGenerateReqInput(**kw)
+
+        async def wait(o, state, request):
+            yield {"meta_info": {"id": o.rid}}
+
+        tm._tokenize_one_request = tokenize
+        tm._send_one_request = lambda t: sent.append((t.input_text, t.sampling_params.max_new_tokens,
+                                                      t.return_expert_routing))
+        tm._wait_one_response = wait
+        tm._req_stats_init = lambda o: None
+        tm.rid_to_state = collections.defaultdict(
+            lambda: types.SimpleNamespace(obj=None, time_stats=types.SimpleNamespace(set_finished_time=lambda: None)))
+        obj = GenerateReqInput(text=["a", "b"], sampling_params={"n": 2}, return_expert_routing=[True, False])
+        obj.normalize_batch_and_arguments()
+
+        async def run():
+            return [x async for x in tm._handle_batch_request(obj)]
+
+        asyncio.run(run())
+        assert sent[:2] == [("a", 0, False), ("b", 0, False)]  # prefix warm-ups: max_new_tokens 0, no flag
+        assert sent[2:] == [("a", 4, True), ("a", 4, True), ("b", 4, False), ("b", 4, False)]
 
     # ---- 8. routed scaling factor: in the weights exactly when the kernel applies it
     @pytest.mark.parametrize("on_output", [True, False])
