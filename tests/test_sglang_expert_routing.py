@@ -554,15 +554,27 @@ else:
         cap = _cap(m)
         m(torch.tensor([1, 2, 3]))
         er.on_forward_end(_fb([5, 6, 7]))
+        from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
         raw = [cap.assemble("a", torch.tensor([5, 6])), None, cap.assemble("c", torch.tensor([7]))]
-        out = _batch_out(getattr(io_struct, cls_name), 3, expert_routing=raw)
+        out = _batch_out(getattr(io_struct, cls_name), 3, expert_routing=raw, output_strs=["x"] * 3,
+                         output_ids=[[1]] * 3, retraction_counts=[0] * 3)
         for i in range(3):
-            part = _handle_output_by_index(out, i)
+            part = _handle_output_by_index(out, i)  # what the detokenizer sends to tokenizer worker i
             assert part.rids == [f"r{i}"]
-            meta = {}
-            er.add_to_meta_info(meta, part, 0)  # the tokenizer worker sees index 0 of its share
+            # the worker's real TokenizerManager._handle_batch_output builds meta_info from index 0
+            tm = object.__new__(TokenizerManager)
+            tm.server_args = _sa()
+            tm.enable_metrics = False
+            tm.dump_requests_folder = tm.crash_dump_folder = None
+            state = types.SimpleNamespace(obj=types.SimpleNamespace(stream=False), text="", output_ids=[],
+                                          finished=False, time_stats=types.SimpleNamespace(first_token_time=1.0),
+                                          out_list=[], event=types.SimpleNamespace(set=lambda: None))
+            tm.rid_to_state = {f"r{i}": state}
+            tm._handle_batch_output(part)
+            meta = state.out_list[0]["meta_info"]
             if raw[i] is None:
-                assert meta == {}
+                assert "expert_routing" not in meta
             else:
                 d = sglang_routing.decode_expert_routing(meta)
                 assert d["topk_ids"].shape[0] == len(raw[i]["ids"])
