@@ -609,9 +609,11 @@ else:
         def set_extend_input_len(self, n):
             self.extend_input_len = n
 
+    @pytest.mark.parametrize("chunk", [-1, 4096])
     @pytest.mark.parametrize("seed", range(6))
-    def test_real_prefill_adder_never_exceeds_the_row_bound(seed):
-        """chunked prefill -1, radix cache off, ignore_eos: PrefillAdder.add_one_req_ignore_eos."""
+    def test_real_prefill_adder_never_exceeds_the_row_bound(seed, chunk):
+        """radix cache off, ignore_eos: PrefillAdder.add_one_req_ignore_eos; chunked prefill -1 is the
+        case the old bound missed."""
         from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
 
         from sglang.srt.server_args import set_global_server_args_for_scheduler
@@ -620,20 +622,23 @@ else:
         ctx, max_prefill = 32768, 16384
         kv = int(rng.choice([20000, 200000]))
         page = int(rng.choice([1, 16]))
-        sa = _sa(chunked_prefill_size=-1, max_prefill_tokens=max_prefill, cuda_graph_max_bs=256,
+        sa = _sa(chunked_prefill_size=chunk, max_prefill_tokens=max_prefill, cuda_graph_max_bs=256,
                  disable_radix_cache=True)
         set_global_server_args_for_scheduler(sa)
         bound = er.max_tokens_per_forward(sa, max_running_requests=512, context_len=ctx, num_kv_slots=kv,
                                           page_size=page)
         worst = 0
         for _ in range(30):
-            adder = PrefillAdder(page, _NoCache(), _Alloc(kv), None, 0.5, max_prefill, None)
+            adder = PrefillAdder(page, _NoCache(), _Alloc(kv), None, 0.5, max_prefill, chunk if chunk > 0 else None)
             while True:
                 lens = [int(rng.integers(max_prefill - 600, max_prefill)), int(rng.integers(ctx // 2, ctx))]
                 if adder.add_one_req(_Req(int(rng.choice(lens))), False, None) != AddReqResult.CONTINUE:
                     break
             worst = max(worst, sum(r.extend_input_len for r in adder.can_run_list))
-        assert worst > max_prefill  # the old bound (chunk / max_prefill_tokens) was too small
+        if chunk < 0:
+            assert worst > max_prefill  # the old bound (chunk / max_prefill_tokens) was too small
+        else:
+            assert worst == chunk == bound  # chunks fill the budget exactly
         assert worst <= bound
 
     def test_row_bound_with_chunked_prefill_graphs_and_mixed_chunk():
