@@ -21,6 +21,9 @@ reference for check 2) and checks, for N concurrent requests (default 64):
      range, no missing positions, completions payload equal to the Engine's for the same
      greedy prompt; stream=true puts the same payload on each choice's finishing chunk; a
      per-sample list answers HTTP 400
+  7. the row bound: an engine with chunked prefill off (-1), the radix cache off and a small
+     --max-prefill-tokens, prompts longer than it with ignore_eos (PrefillAdder's
+     add_one_req_ignore_eos admits past max_prefill_tokens): every request complete, no error
 Exit code 0 = all checks passed. Only stdlib is imported until after argument parsing,
 so --help works without sglang/torch installed.
 """
@@ -50,6 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--weights-atol", type=float, default=2e-2, help="bf16 kernels vs HF eager")
     ap.add_argument("--port", type=int, default=30917, help="HTTP server port for the OpenAI checks")
     ap.add_argument("--skip-openai", action="store_true", help="skip check 6 (HTTP server)")
+    ap.add_argument("--skip-bound", action="store_true", help="skip check 7 (chunked prefill off)")
     ap.add_argument("--report", default=None, help="write a JSON report here")
     return ap.parse_args(argv)
 
@@ -174,6 +178,8 @@ def main(argv=None):
 
     if not args.skip_openai:
         openai_checks(args, ps[0], dec1[0], check)
+    if not args.skip_bound:
+        bound_check(args, check)
 
     report["ok"] = not fails
     if args.report:
@@ -181,6 +187,31 @@ def main(argv=None):
             json.dump(report, f, indent=2)
     print("ALL CHECKS PASSED" if not fails else f"FAILED: {fails}")
     return 0 if not fails else 1
+
+
+def bound_check(args, check):
+    import sglang as sgl
+
+    from sglang_routing import decode_expert_routing
+
+    engine = sgl.Engine(model_path=args.model, tp_size=args.tp_size, enable_return_expert_routing=True,
+                        mem_fraction_static=args.mem_fraction_static, chunked_prefill_size=-1,
+                        disable_radix_cache=True, max_prefill_tokens=256, random_seed=0)
+    ps = [f"Request {i}. " + "Tell me everything about graph theory. " * 60 for i in range(16)]
+    problems = []
+    try:
+        outs = engine.generate(prompt=ps, sampling_params={"temperature": 0.0, "max_new_tokens": 8,
+                                                           "ignore_eos": True}, return_expert_routing=True)
+        for i, o in enumerate(outs):
+            d = decode_expert_routing(o["meta_info"])
+            T = o["meta_info"]["prompt_tokens"] + o["meta_info"]["completion_tokens"] - 1
+            if d["topk_ids"].shape[0] != T or d["missing"]:
+                problems.append(f"req {i}: {d['topk_ids'].shape[0]} of {T} positions, missing {d['missing']}")
+    except Exception as e:  # noqa: BLE001
+        problems.append(repr(e)[:300])
+    finally:
+        engine.shutdown()
+    check("bound_chunked_prefill_off_ignore_eos", not problems, "; ".join(problems[:5]))
 
 
 def openai_checks(args, prompt, engine_decoded, check):
