@@ -175,6 +175,8 @@ def main(argv=None):
         rate = agree / max(total, 1)
         check("weights_consistent_with_router", rate >= 0.95 and wdiff <= args.weights_atol,
               f"id agreement {rate:.4f} over {total} token-layers, max |dw| {wdiff:.4g}")
+        del model, r  # the HTTP server and the bound engine below size their KV cache from free memory
+        torch.cuda.empty_cache()
 
     if not args.skip_openai:
         openai_checks(args, ps[0], dec1[0], check)
