@@ -6,7 +6,9 @@ Two modes in one file:
   fails if the inner run fails or that venv is missing.
 * inner (MOE_ROUTES_SGLANG_INNER=1, inside the venv): imports the patched, installed sglang
   (sgl_kernel, CUDA-only, is stubbed in-process) and drives the real TopK/select_experts,
-  GenerateReqInput and the expert_routing module with CPU tensors.
+  GenerateReqInput, ServerArgs, Session, PrefillAdder, the multi-tokenizer split, TokenizerManager
+  methods, the OpenAI serving classes and the expert_routing module with CPU tensors; the stand-ins
+  replace only what needs a GPU, ZMQ or a model (events, the tokenizer manager's I/O, Engine).
 """
 
 import base64
