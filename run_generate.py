@@ -251,6 +251,14 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 # SGLang
 # ------------------------------------------------------------------------------------------------
+def _sglang_run(engine, prompts, sampling, log: bool):
+    t0 = time.perf_counter()
+    outs = engine.generate(prompt=prompts, sampling_params=sampling, return_expert_routing=log)
+    wall = time.perf_counter() - t0
+    return outs, run_stats(wall, sum(o["meta_info"]["prompt_tokens"] for o in outs),
+                           sum(o["meta_info"]["completion_tokens"] for o in outs))
+
+
 def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     try:
         import sglang
@@ -277,21 +285,13 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
                                tp_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
                                enable_return_expert_routing=(mode == "log"), **kw)
         startup[mode] = time.perf_counter() - t0
-
-        def one():
-            t0 = time.perf_counter()
-            outs = engine.generate(prompt=prompts, sampling_params=sampling, return_expert_routing=(mode == "log"))
-            wall = time.perf_counter() - t0
-            return outs, run_stats(wall, sum(o["meta_info"]["prompt_tokens"] for o in outs),
-                                   sum(o["meta_info"]["completion_tokens"] for o in outs))
-
-        warmup[mode] = one()[1]
+        warmup[mode] = _sglang_run(engine, prompts, sampling, mode == "log")[1]
         for _ in range(args.repeats):
-            outs, stats = one()
+            outs, stats = _sglang_run(engine, prompts, sampling, mode == "log")
             runs[mode].append(stats)
             outputs[mode].append(outs)
         engine.shutdown()
-        del engine
+        del engine  # its GPU memory must be free before the next engine sizes its KV cache
     identical = all_identical({m: [[o.get("output_ids") for o in outs] for outs in outputs[m]] for m in outputs})
     first = outputs["log"][0]
     n_records = 0
@@ -313,7 +313,7 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
                 "patches": series["patches"], "writer": {"pid": os.getpid(), "host": socket.gethostname()},
                 "created_unix": time.time()}
         f.write(json.dumps(meta, separators=(",", ":")) + "\n")
-        for i, (o, dec) in enumerate(zip(first, decoded)):
+        for i, (o, dec) in enumerate(zip(first, decoded, strict=True)):
             for rec in to_jsonl_records(str(o["meta_info"].get("id", i)), dec):
                 f.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 n_records += 1

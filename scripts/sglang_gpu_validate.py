@@ -127,7 +127,7 @@ def main(argv=None):
 
     out2 = run()
     nondet, cached = 0, 0
-    for o, d1 in zip(out2, dec1):
+    for o, d1 in zip(out2, dec1, strict=True):
         d2 = decode_expert_routing(o["meta_info"])
         cached += d2["num_cached_tokens"] > 0
         if d1 is None or not (np.array_equal(d1["topk_ids"], d2["topk_ids"])
@@ -152,7 +152,7 @@ def main(argv=None):
         model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.bfloat16, device_map="cuda")
         renorm = bool(getattr(cfg, "norm_topk_prob", False))
         agree, total, wdiff = 0, 0, 0.0
-        for (p, o), d in zip(samples, [x for x in dec1 if x is not None]):
+        for (p, o), d in zip(samples, [x for x in dec1 if x is not None], strict=False):
             ids_in = tok(p)["input_ids"] + o["output_ids"]
             T = d["topk_ids"].shape[0]
             with torch.no_grad():
@@ -193,7 +193,6 @@ def main(argv=None):
 
 def bound_check(args, check):
     import sglang as sgl
-
     from sglang_routing import decode_expert_routing
 
     engine = sgl.Engine(model_path=args.model, tp_size=args.tp_size, enable_return_expert_routing=True,
@@ -223,7 +222,6 @@ def openai_checks(args, prompt, engine_decoded, check):
     import urllib.request
 
     import numpy as np
-
     from sglang_routing import decode_expert_routing
 
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--port", str(args.port),

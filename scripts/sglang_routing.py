@@ -30,7 +30,8 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from typing import Any, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ _ID_DTYPES = {"uint8", "int16", "int32"}
 _W_DTYPES = {"float32", "float16"}
 
 
-def _payload(entry: Any) -> Dict[str, Any]:
+def _payload(entry: Any) -> dict[str, Any]:
     """Accept the payload itself, a meta_info dict, or a whole generate() output dict."""
     if isinstance(entry, (str, bytes)):
         entry = json.loads(entry)
@@ -54,7 +55,7 @@ def _payload(entry: Any) -> Dict[str, Any]:
     return entry
 
 
-def decode_expert_routing(meta_info_entry: Any) -> Dict[str, Any]:
+def decode_expert_routing(meta_info_entry: Any) -> dict[str, Any]:
     """-> {"topk_ids": int32 [T,L,K], "topk_weights": float32 [T,L,K], "layers": int64 [L],
     "num_experts": int, "top_k": int, "num_tokens": int, "num_cached_tokens": int,
     "missing": [(start, end), ...], "weights_include_routed_scaling_factor": bool | None,
@@ -90,7 +91,7 @@ def decode_expert_routing(meta_info_entry: Any) -> Dict[str, Any]:
     }
 
 
-def iter_jsonl_records(req_id: str, decoded: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+def iter_jsonl_records(req_id: str, decoded: dict[str, Any]) -> Iterator[dict[str, Any]]:
     ids, w, layers = decoded["topk_ids"], decoded["topk_weights"], decoded["layers"]
     missing = sorted(decoded.get("missing", []))
     bad = np.zeros(ids.shape[0], dtype=bool)
@@ -113,7 +114,7 @@ def iter_jsonl_records(req_id: str, decoded: Dict[str, Any]) -> Iterator[Dict[st
             yield rec
 
 
-def to_jsonl_records(req_id: str, decoded: Dict[str, Any]) -> List[Dict[str, Any]]:
+def to_jsonl_records(req_id: str, decoded: dict[str, Any]) -> list[dict[str, Any]]:
     """Route records (schema moe_routes v1), token-major then layer; gap records for missing ranges."""
     return list(iter_jsonl_records(str(req_id), decoded))
 

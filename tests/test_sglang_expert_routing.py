@@ -94,9 +94,8 @@ else:
     sys.meta_path.insert(0, _StubFinder())
 
     import numpy as np
-    import torch
-
     import sglang
+    import torch
     from sglang.srt.layers.moe import expert_routing as er
     from sglang.srt.layers.moe.topk import TopK
     from sglang.srt.managers.io_struct import GenerateReqInput
@@ -112,8 +111,10 @@ else:
         pkg = Path(sglang.__file__).parent / "srt"
         assert "_expert_routing.capture(layer_id, topk_ids, topk_weights)" in (pkg / "layers/moe/topk.py").read_text()
         assert "_expert_routing.on_forward_end(forward_batch)" in (pkg / "model_executor/model_runner.py").read_text()
-        assert "_expert_routing.collect_for_request" in (pkg / "managers/scheduler_output_processor_mixin.py").read_text()
-        assert "req.return_expert_routing = recv_req.return_expert_routing" in (pkg / "managers/scheduler.py").read_text()
+        mixin = (pkg / "managers/scheduler_output_processor_mixin.py").read_text()
+        assert "_expert_routing.collect_for_request" in mixin
+        assert "req.return_expert_routing = recv_req.return_expert_routing" in (
+            pkg / "managers/scheduler.py").read_text()
         assert "_expert_routing.check_server_args(self)" in (pkg / "server_args.py").read_text()
         assert "return_expert_routing=request.return_expert_routing" in (
             pkg / "entrypoints/openai/serving_chat.py").read_text()
@@ -376,7 +377,7 @@ else:
         out = types.SimpleNamespace(expert_routing=er.stream_outputs(["A", "X", "B", "C"], [A, B, C]))
         assert out.expert_routing[1] is None and len(out.expert_routing) == 4
         metas = []
-        for i, r in zip((0, 2, 3), (A, B, C)):
+        for i, r in zip((0, 2, 3), (A, B, C), strict=True):
             meta = {}
             er.add_to_meta_info(meta, out, i)
             metas.append(meta)
@@ -437,13 +438,16 @@ else:
         cap = _cap(m, slots=64, rows=8, event_factory=FakeEvent)
         assert len(cap._free) == er.STAGING_DEPTH == 2
         t1, t2, t3 = torch.tensor([5, 6]), torch.tensor([7, 8]), torch.tensor([9, 10])
-        m(t1); cap.on_forward_end(torch.tensor([3, 4]))
+        m(t1)
+        cap.on_forward_end(torch.tensor([3, 4]))
         assert cap._store_ids is None  # host store not even allocated before the first scatter
         assert (cap.gather([3])[0] == cap.fill).all()  # not scattered before the event completes
-        m(t2); cap.on_forward_end(torch.tensor([3, 5]))  # slot 3 overwritten by a later forward
+        m(t2)
+        cap.on_forward_end(torch.tensor([3, 5]))  # slot 3 overwritten by a later forward
         e1, e2 = FakeEvent.log
         assert not e1.synced
-        m(t3); cap.on_forward_end(torch.tensor([6, 7]))  # ring of 2 exhausted -> oldest synchronized
+        m(t3)
+        cap.on_forward_end(torch.tensor([6, 7]))  # ring of 2 exhausted -> oldest synchronized
         assert e1.synced and not e2.synced
         e2.done = True
         FakeEvent.log[2].done = True
@@ -617,7 +621,6 @@ else:
         """radix cache off, ignore_eos: PrefillAdder.add_one_req_ignore_eos; chunked prefill -1 is the
         case the old bound missed."""
         from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
-
         from sglang.srt.server_args import set_global_server_args_for_scheduler
 
         rng = np.random.default_rng(seed)
@@ -810,8 +813,8 @@ else:
         """The real openai client builds the body (extra_body merged), the real serving class answers."""
         import httpx
         import openai
-        from starlette.requests import Request
         from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+        from starlette.requests import Request
 
         tm, srv = _serving(kind, flag)
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
