@@ -1,4 +1,4 @@
-"""Tests for plot_hist.py on a small hand-computed log.
+"""Tests for plot_hist.py (moe_routes.plot) on a small hand-computed log.
 
 The log (4 experts, top-2, layers 1 and 3, requests "a" and "b", tokens 0 and 1):
 
@@ -15,10 +15,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import plot_hist  # noqa: E402
+import moe_routes.plot as plot_hist
 
+pytestmark = pytest.mark.fast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "plot_hist.py")
 
 
