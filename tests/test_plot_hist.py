@@ -59,6 +59,21 @@ GOOD_LINES = [
 ]
 
 
+@pytest.fixture(autouse=True, params=["arrow", "regex"])
+def reader(request):
+    """Every test runs with each reader: pyarrow.json (the default when installed) and, as if pyarrow were
+    missing, the pure-Python reader. Set by hand, not with monkeypatch: some tests call monkeypatch.undo()."""
+    saved = plot_hist._import_pyarrow
+    if request.param == "regex":
+        plot_hist._import_pyarrow = lambda: None
+    else:
+        assert saved() is not None, "pyarrow is pinned in the lock files: install it"
+    try:
+        yield request.param
+    finally:
+        plot_hist._import_pyarrow = saved
+
+
 def write(tmp_path, lines, name="moe_routes.jsonl", trailing_newline=True):
     p = tmp_path / name
     text = "\n".join(lines) + ("\n" if trailing_newline else "")
@@ -342,18 +357,19 @@ def test_partial_selection_warns(good, capsys):
 
 # --------------------------------------------------------------------------- data parallel
 
-def _load_fast_and_slow(tmp_path, lines, name, monkeypatch):
+def _load_fast_and_slow(tmp_path, lines, name):
     """Load `lines` as written (the fast path must take every route line) and re-encoded with json.dumps
     (the per-line path). Returns the fast file's path and both counts; the fast-path guard stays on."""
     fast = write(tmp_path, lines, f"{name}.jsonl")
     slow = write(tmp_path, [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "")
                             for ln in lines], f"{name}_slow.jsonl")
     b = plot_hist.load_routes(slow)
-    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", lambda *a, **k: pytest.fail("fast lines went slow"))
-    return fast, (plot_hist.load_routes(fast), b)
+    a = plot_hist.load_routes(fast)
+    assert a.chunks["per_line"] == 0, "fast lines went slow"
+    return fast, (a, b)
 
 
-def test_data_parallel_requests_are_told_apart_by_rank(tmp_path, monkeypatch):
+def test_data_parallel_requests_are_told_apart_by_rank(tmp_path):
     """Each DP rank's caller numbers requests from "0"; records carry dp_rank. Fast and per-line
     paths agree, a request is (dp_rank, req_id), --requests matches the id on every rank."""
     lines = [meta(data_parallel_size=2, data_parallel_rank=0), meta(data_parallel_size=2, data_parallel_rank=1)]
@@ -364,20 +380,20 @@ def test_data_parallel_requests_are_told_apart_by_rank(tmp_path, monkeypatch):
                     '"type":"route",', f'"type":"route","dp_rank":{rank},'))
     lines.append(route("1", 0, 1, [3, 2], [0.5, 0.5]).replace('"type":"route",', '"type":"route","dp_rank":1,'))
     lines.append('{"type":"gap","dp_rank":1,"req_id":"0","token_start":5,"token_end":7,"reason":"test"}')
-    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "dp", monkeypatch)
+    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "dp")
     for c in (a, b):
         assert (c.records, c.requests, c.tokens) == (13, 3, 7)   # dp0/"0", dp1/"0", dp1/"1"
         assert c.counts.tolist() == [[3, 3, 7, 1], [3, 3, 6, 0]]
         assert c.gap_records == 1 and c.gap_positions == 2
     sel = plot_hist.load_routes(fast, requests=["0"])
+    assert sel.chunks["per_line"] == 0, "fast lines went slow"
     assert (sel.records, sel.requests, sel.tokens) == (12, 2, 6)
     bad = write(tmp_path, lines[:2] + [lines[2].replace('"dp_rank":0', '"dp_rank":-1')], "bad.jsonl")
-    monkeypatch.undo()
     with pytest.raises(plot_hist.RouteLogError, match="dp_rank"):
         plot_hist.load_routes(bad)
 
 
-def test_completions_of_a_request_are_counted_apart(tmp_path, monkeypatch):
+def test_completions_of_a_request_are_counted_apart(tmp_path):
     """n > 1: records carry completion_index; the unit counted is the completion, on the fast path and
     the per-line path alike; --requests selects every completion of a request id."""
     lines = [meta()]
@@ -388,14 +404,14 @@ def test_completions_of_a_request_are_counted_apart(tmp_path, monkeypatch):
                     '"req_id":"0",', f'"req_id":"0","completion_index":{completion},'))
     lines.append(route("1", 0, 1, [0, 1], [0.5, 0.5]))
     lines.append('{"type":"gap","req_id":"0","completion_index":2,"token_start":5,"token_end":9,"reason":"t"}')
-    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "n3", monkeypatch)
+    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "n3")
     for c in (a, b):
         assert (c.records, c.requests, c.tokens) == (13, 4, 7)   # "0"#0, "0"#1, "0"#2, "1"
         assert c.counts.tolist() == [[3, 3, 2, 6], [2, 2, 2, 6]]
         assert c.gap_records == 1 and c.gap_positions == 4
     sel = plot_hist.load_routes(fast, requests=["0"])
+    assert sel.chunks["per_line"] == 0, "fast lines went slow"
     assert (sel.records, sel.requests, sel.tokens) == (12, 3, 6)
-    monkeypatch.undo()
     bad = write(tmp_path, lines[:2] + [lines[2].replace('"completion_index":0', '"completion_index":"0"')], "bad.jsonl")
     with pytest.raises(plot_hist.RouteLogError, match="completion_index"):
         plot_hist.load_routes(bad)
@@ -417,7 +433,7 @@ def test_error_record_marks_the_log_incomplete(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- fast path
 
-def test_fast_and_json_paths_agree(tmp_path, monkeypatch):
+def test_fast_and_json_paths_agree(tmp_path):
     """Many lines so the chunked fast path is used; same data re-encoded with json.dumps."""
     import random
     rnd = random.Random(1)
@@ -433,11 +449,8 @@ def test_fast_and_json_paths_agree(tmp_path, monkeypatch):
                                    "topk_weights": r[4]}, indent=None) for r in recs]
     fast_p, slow_p = write(tmp_path, fast, "fast.jsonl"), write(tmp_path, slow, "slow.jsonl")
     b = plot_hist.load_routes(slow_p, weighted=True)
-
-    def no_slow(*a, **k):
-        raise AssertionError("fast-path lines went through the per-line fallback")
-    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", no_slow)
     a = plot_hist.load_routes(fast_p, weighted=True)
+    assert a.chunks["per_line"] == 0, "fast-path lines went through the per-line fallback"
     assert a.counts.ravel().tolist() == pytest.approx(b.counts.ravel().tolist())
     assert (a.records, a.requests, a.tokens) == (b.records, b.requests, b.tokens) == (600, 7, 300)
     total = sum(1 for _ in recs) * 2
@@ -464,3 +477,134 @@ def test_chunk_boundaries(tmp_path, monkeypatch):
 def test_number_validator(tok, ok):
     assert plot_hist._valid_numbers(b"0.5," + tok + b",1") is ok
     assert plot_hist._valid_numbers(tok) is ok
+
+
+# --------------------------------------------------------------------------- readers
+
+def _outcome(path, reader, **kw):
+    """What load_routes gives: the counts' public fields, or the error text."""
+    try:
+        c = plot_hist.load_routes(path, reader=reader, **kw)
+    except (plot_hist.RouteLogError, plot_hist.SelectionError) as exc:
+        return type(exc).__name__, str(exc)
+    return (c.counts.tolist(), c.layers, c.layer_records.tolist(), c.records, c.requests, c.tokens,
+            c.cached_records, c.gap_records, c.gap_positions, c.meta_records, c.lines, c.truncated_line,
+            [w for w in c.warnings if "pyarrow" not in w])
+
+
+ROUTE_BLOCK = [route("r%d" % (t % 5), t, layer, [t % 4, (t + 1) % 4], [0.75, 0.25], cached=t % 9 == 0)
+               for t in range(40) for layer in (1, 3)]
+# route-only text where a line in the middle is altered: the arrow path is tried on the chunk, and each of
+# these is a case pyarrow.json alone would accept, coerce or mis-number (or one it rejects): the result
+# must be the pure-Python reader's, error message and line number included
+SCREEN_CASES = {
+    "good": None,
+    "cached_false": ROUTE_BLOCK[10][:-1] + ',"cached":false}',
+    "cached_null": ROUTE_BLOCK[10][:-1] + ',"cached":null}',
+    "layer_null": ROUTE_BLOCK[10].replace('"layer":1', '"layer":null'),
+    "dp_rank_null": ROUTE_BLOCK[10].replace('"type":"route",', '"type":"route","dp_rank":null,'),
+    "weight_null": ROUTE_BLOCK[10].replace("[0.75,", "[null,"),
+    "weight_nan": ROUTE_BLOCK[10].replace("[0.75,", "[NaN,"),
+    "weight_inf": ROUTE_BLOCK[10].replace("[0.75,", "[-Infinity,"),
+    "weight_int": ROUTE_BLOCK[10].replace("[0.75,0.25]", "[1,0]"),
+    "weight_huge": ROUTE_BLOCK[10].replace("[0.75,", "[1e400,"),
+    "req_id_number": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":7'),
+    "req_id_escape": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":"r\\u0030"'),
+    "req_id_unicode": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":"r\u00e9\U0001f600"'),
+    "req_id_lone_surrogate": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":"\\ud800"'),
+    "id_float": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[1.0,').replace(",1],", "],", 1),
+    "id_bool": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[true,').replace(",1],", "],", 1),
+    "id_negative": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[-1,').replace(",1],", "],", 1),
+    "id_too_big": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[99999999999999999999,').replace(
+        ",1],", "],", 1),
+    "ids_three": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[3,'),
+    "token_too_big": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":4294967296'),
+    "token_negative": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":-5'),
+    "layer_too_big": ROUTE_BLOCK[10].replace('"layer":1', '"layer":4'),
+    "layer_string": ROUTE_BLOCK[10].replace('"layer":1', '"layer":"1"'),
+    "leading_zero": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":05'),
+    "duplicate_key": ROUTE_BLOCK[10][:-1] + ',"layer":3}',
+    "extra_key": ROUTE_BLOCK[10][:-1] + ',"x":1}',
+    "missing_key": ROUTE_BLOCK[10].replace('"layer":1,', ""),
+    "type_gap": ROUTE_BLOCK[10].replace('"type":"route"', '"type":"gap"'),
+    "key_order_spaces": json.dumps(json.loads(ROUTE_BLOCK[10]), indent=1).replace("\n", ""),
+    "leading_space": "  " + ROUTE_BLOCK[10],
+    "blank_line": "",
+    "whitespace_line": "   ",
+    "two_objects_one_line": ROUTE_BLOCK[10] + " " + ROUTE_BLOCK[11],
+    "two_objects_and_blank": ROUTE_BLOCK[10] + " " + ROUTE_BLOCK[11] + "\n",
+    "gap_record": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}',
+    "meta_record": meta(writer={"pid": 9}),
+    "error_record": '{"type":"error","error":"stopped","policy":"stop"}',
+    "dp_and_completion": ROUTE_BLOCK[10].replace('"type":"route",', '"type":"route","dp_rank":1,').replace(
+        '"token_idx"', '"completion_index":2,"token_idx"'),
+    "completion_negative": ROUTE_BLOCK[10].replace('"token_idx"', '"completion_index":-2,"token_idx"'),
+    "truncated_tail": "TAIL",
+}
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+@pytest.mark.parametrize("weighted", [False, True], ids=["counts", "weighted"])
+@pytest.mark.parametrize("case", list(SCREEN_CASES))
+def test_arrow_and_regex_readers_agree(tmp_path, case, weighted, reader):
+    lines = list(ROUTE_BLOCK)
+    alt = SCREEN_CASES[case]
+    trailing = True
+    if alt == "TAIL":
+        lines.append(ROUTE_BLOCK[10][:50])
+        trailing = False
+    elif alt is not None:
+        lines[10] = alt
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(("\n".join([meta()] + lines) + ("\n" if trailing else "")).encode("utf-8", "surrogatepass"))
+    a, b = _outcome(str(p), "arrow", weighted=weighted), _outcome(str(p), "regex", weighted=weighted)
+    assert a == b
+    if case == "good":
+        assert plot_hist.load_routes(str(p), reader="arrow").chunks == {"arrow": 1, "regex": 0, "per_line": 0}
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+def test_arrow_and_regex_readers_agree_on_invalid_utf8(tmp_path, reader):
+    lines = [meta()] + ROUTE_BLOCK
+    raw = ("\n".join(lines) + "\n").encode().replace(b'"req_id":"r3"', b'"req_id":"r\xff"', 1)
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(raw)
+    a, b = _outcome(str(p), "arrow"), _outcome(str(p), "regex")
+    assert a == b and a[0] == "RouteLogError" and "not valid JSON" in a[1]
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+def test_arrow_reader_takes_route_chunks_and_names_lines(tmp_path, reader, monkeypatch):
+    """Small chunks: route-only chunks go through pyarrow, the chunk holding the gap and meta records through
+    the regex path; a bad value in a pyarrow chunk is reported with the regex path's message and line."""
+    monkeypatch.setattr(plot_hist, "CHUNK_BYTES", 2048)
+    lines = [meta()] + ROUTE_BLOCK[:30] + ['{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}',
+                                           meta(writer={"pid": 2})] + ROUTE_BLOCK[30:]
+    p = write(tmp_path, lines)
+    c = plot_hist.load_routes(p, reader="arrow")
+    assert c.reader == "arrow" and c.chunks["arrow"] >= 2 and c.chunks["regex"] >= 1
+    assert c.chunks["per_line"] == 0
+    assert _outcome(p, "arrow") == _outcome(p, "regex")
+    lines[70] = lines[70].replace('"layer":3', '"layer":9')
+    assert '"layer":9' in lines[70]
+    bad = write(tmp_path, lines, "bad.jsonl")
+    with pytest.raises(plot_hist.RouteLogError) as ei:
+        plot_hist.load_routes(bad, reader="arrow")
+    assert str(ei.value) == f"{bad}:71: layer 9 >= number of decoder layers 4"
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+def test_missing_pyarrow(good, capsys, reader):
+    """reader="arrow" without pyarrow: a clear error naming the pin; "auto" falls back with a warning."""
+    saved = plot_hist._import_pyarrow
+    plot_hist._import_pyarrow = lambda: None
+    try:
+        with pytest.raises(ImportError, match="pip install pyarrow"):
+            plot_hist.load_routes(good, reader="arrow")
+        c = plot_hist.load_routes(good)
+        assert c.reader == "regex" and any("pyarrow is not installed" in w for w in c.warnings)
+        rc, _, err = run_main([good, "--no-plots", "--reader", "arrow"], capsys)
+        assert rc == 2 and "requirements-lock.txt" in err
+    finally:
+        plot_hist._import_pyarrow = saved
+    assert plot_hist.load_routes(good, reader="regex").reader == "regex"
