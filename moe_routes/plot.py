@@ -358,8 +358,11 @@ class _ArrowRoutes:
         self.read_options = pj.ReadOptions(use_threads=True, block_size=1 << 20)
 
     def columns(self, buf: bytes, nlines: int, K: int, E: int, max_layers: int, weighted: bool):
-        # text screens: every line starts with '{' (no blank or indented line), no null, UTF-8
-        if buf[:1] != b"{" or buf.count(b"\n{") != nlines - 1 or b"null" in buf:
+        # text screens: every line starts with '{' (no blank or indented line, so rows == lines means one
+        # object per line), no null, UTF-8
+        a = np.frombuffer(buf, dtype=np.uint8)
+        starts = np.flatnonzero(a == 10)[:-1] + 1
+        if a[0] != 123 or len(starts) != nlines - 1 or not (a[starts] == 123).all() or b"null" in buf:
             return None
         if not buf.isascii():
             try:

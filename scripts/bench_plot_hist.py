@@ -1,27 +1,44 @@
 #!/usr/bin/env python3
-"""Benchmark plot_hist.load_routes on a synthetic moe_routes.jsonl log.
+"""Benchmark the moe_routes.jsonl readers of plot_hist.py (moe_routes.plot) on a synthetic log.
 
-Generates N route lines (default 10,000,000) for a 60-expert, top-4, 24-layer
-model in the fast writer's compact format into a temporary file (vectorised:
-numbers come from pre-formatted string tables, lines are assembled with list
-slicing and one bytes.join per block), then times load_routes on it.
+Generates N route lines (default 10,000,000, 1.4 GB) for a 60-expert, top-4, 24-layer model in the fast
+writer's compact format (vectorised: numbers come from pre-formatted string tables, lines are assembled
+with list slicing and one bytes.join per block), then times each reader on that same file, repeats in
+rotating order, and prints the median wall and CPU seconds (CPU = all threads of the process).
 
-    python scripts/bench_plot_hist.py                 # 10M lines
-    python scripts/bench_plot_hist.py --lines 1000000 --weighted --keep /tmp/big.jsonl
+Readers (--readers, comma-separated):
+  arrow    load_routes(reader="arrow"): pyarrow.json + numpy checks, full validation (plot_hist's default)
+  regex    load_routes(reader="regex"): the pure-Python reader (regex fast path + json.loads per line)
+  orjson   orjson.loads per line + numpy counting: a lower bound, no validation beyond the record type
+  polars   polars.scan_ndjson with the route schema + numpy counting: a lower bound (polars coerces numbers
+           to strings and ignores unknown and repeated keys, so it could not validate by itself)
+  duckdb   duckdb read_json with the route columns, counted in SQL: a lower bound (duckdb casts strings,
+           floats and bools to integers and ignores unknown keys)
+The lower-bound readers need their package (pip install orjson polars duckdb); a missing one is skipped.
+
+Run from the repository root (the package is imported from there):
+  PYTHONPATH=. python scripts/bench_plot_hist.py                  # 10M lines, arrow and regex, once each
+  PYTHONPATH=. python scripts/bench_plot_hist.py --keep /tmp/routes10m.jsonl --readers none   # only write
+  PYTHONPATH=. python scripts/bench_plot_hist.py --log /tmp/routes10m.jsonl \
+      --readers regex,arrow,orjson,polars,duckdb --repeats 3      # the APPENDIX section 8 comparison
+  PYTHONPATH=. taskset -c 1 python scripts/bench_plot_hist.py --log /tmp/routes10m.jsonl --readers arrow,regex
+  PYTHONPATH=. python scripts/bench_plot_hist.py --lines 1000000 --weighted
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import plot_hist  # noqa: E402
+from moe_routes import plot as plot_hist
 
 E, K, LAYERS = 60, 4, 24
 TOKENS_PER_REQUEST = 512
@@ -91,35 +108,149 @@ def generate(path: str, n_lines: int, seed: int = 0) -> None:
             f.write(b"".join(full))
 
 
+ROUTE_SCHEMA = {"type": "string", "req_id": "string", "token_idx": "int64", "layer": "int64",
+                "topk_ids": "list<int64>", "topk_weights": "list<float64>", "cached": "bool",
+                "dp_rank": "int64", "completion_index": "int64"}
+
+
+def _counts(layer, ids, reqs_tok) -> tuple:
+    """(records, assignments per (layer, expert), tokens) from numpy columns."""
+    flat = np.bincount((layer[:, None] * E + ids).ravel(), minlength=LAYERS * E)
+    return len(layer), flat.reshape(LAYERS, E), len(np.unique(reqs_tok))
+
+
+def read_orjson(path: str, weighted: bool) -> tuple:
+    import orjson
+
+    layer, ids, keys = [], [], []
+    codes: dict = {}
+    with open(path, "rb") as f:
+        f.readline()  # meta
+        for raw in f:
+            o = orjson.loads(raw)
+            if o["type"] != "route":
+                continue
+            layer.append(o["layer"])
+            ids.append(o["topk_ids"])
+            keys.append((codes.setdefault(o["req_id"], len(codes)) << 32) | o["token_idx"])
+    return _counts(np.array(layer, dtype=np.int64), np.array(ids, dtype=np.int64), np.array(keys, dtype=np.int64))
+
+
+def read_polars(path: str, weighted: bool) -> tuple:
+    import polars as pl
+
+    schema = {"type": pl.String, "req_id": pl.String, "token_idx": pl.Int64, "layer": pl.Int64,
+              "topk_ids": pl.List(pl.Int64), "topk_weights": pl.List(pl.Float64), "cached": pl.Boolean}
+    df = (pl.scan_ndjson(path, schema=schema).filter(pl.col("type") == "route")
+          .select(pl.col("req_id").cast(pl.Categorical).to_physical().cast(pl.Int64), "token_idx", "layer",
+                  "topk_ids", "topk_weights").collect())
+    ids = df["topk_ids"].list.to_array(K).to_numpy()
+    keys = (df["req_id"].to_numpy() << 32) | df["token_idx"].to_numpy()
+    return _counts(df["layer"].to_numpy(), ids, keys)
+
+
+def read_duckdb(path: str, weighted: bool) -> tuple:
+    import duckdb
+
+    cols = ("{'type': 'VARCHAR', 'req_id': 'VARCHAR', 'token_idx': 'BIGINT', 'layer': 'BIGINT', "
+            "'topk_ids': 'BIGINT[]', 'topk_weights': 'DOUBLE[]', 'cached': 'BOOLEAN'}")
+    con = duckdb.connect()
+    con.execute(f"CREATE TEMP VIEW r AS SELECT * FROM read_json('{path}', format='newline_delimited', "
+                f"columns={cols}) WHERE type = 'route'")
+    records, tokens = con.execute("SELECT count(*), count(DISTINCT (req_id, token_idx)) FROM r").fetchone()
+    rows = con.execute("SELECT layer, e, count(*) FROM (SELECT layer, unnest(topk_ids) AS e FROM r) "
+                       "GROUP BY ALL").fetchall()
+    mat = np.zeros((LAYERS, E), dtype=np.int64)
+    for layer, e, c in rows:
+        mat[layer, e] = c
+    return records, mat, tokens
+
+
+def read_moe_routes(reader: str):
+    def read(path: str, weighted: bool) -> tuple:
+        c = plot_hist.load_routes(path, weighted=weighted, reader=reader)
+        assert c.chunks["per_line"] == 0, c.chunks
+        full = np.zeros((LAYERS, E))
+        full[c.layers] = c.counts
+        return c.records, full, c.tokens
+
+    return read
+
+
+READERS = {"arrow": read_moe_routes("arrow"), "regex": read_moe_routes("regex"), "orjson": read_orjson,
+           "polars": read_polars, "duckdb": read_duckdb}
+
+
+def _machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        model = "?"
+    return f"{model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min)"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lines", type=int, default=10_000_000, help="route lines (default 10M)")
-    ap.add_argument("--weighted", action="store_true", help="also time --weighted counting")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lines", type=int, default=10_000_000, help="route lines to generate (default 10M)")
+    ap.add_argument("--weighted", action="store_true", help="count by topk_weight (arrow / regex readers)")
     ap.add_argument("--keep", metavar="PATH", help="write the log here and keep it")
+    ap.add_argument("--log", metavar="PATH", help="time this existing log (written by --keep) instead of generating")
+    ap.add_argument("--readers", default="arrow,regex",
+                    help=f"comma-separated, from {', '.join(READERS)}; 'none' only generates (default arrow,regex)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per reader, in rotating order (default 1)")
     args = ap.parse_args(argv)
+    names = [] if args.readers == "none" else [r for r in args.readers.split(",") if r]
+    unknown = [r for r in names if r not in READERS]
+    if unknown:
+        ap.error(f"unknown reader(s) {unknown}; have {list(READERS)}")
     tmpdir = None
-    if args.keep:
+    if args.log:
+        path = args.log
+    elif args.keep:
         path = args.keep
     else:
         tmpdir = tempfile.TemporaryDirectory(prefix="bench_plot_hist_")
         path = os.path.join(tmpdir.name, "moe_routes.jsonl")
     try:
-        t0 = time.perf_counter()
-        generate(path, args.lines)
-        t_gen = time.perf_counter() - t0
+        if not args.log:
+            t0 = time.perf_counter()
+            generate(path, args.lines)
+            print(f"generated {args.lines:,} route lines in {time.perf_counter() - t0:.1f} s: {path}")
         size = os.path.getsize(path)
-        print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min)")
-        print(f"generated {args.lines:,} route lines ({size / 1e6:.0f} MB) in {t_gen:.1f} s: {path}")
-        modes = [False, True] if args.weighted else [False]
-        for weighted in modes:
-            t0, c0 = time.perf_counter(), time.process_time()
-            counts = plot_hist.load_routes(path, weighted=weighted)
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            print(f"load_routes(weighted={weighted}): {dt:.2f} s wall, {args.lines / dt:,.0f} lines/s, "
-                  f"{size / dt / 1e6:.0f} MB/s; {cpu:.2f} s CPU ({args.lines / cpu:,.0f} lines/CPU-s); "
-                  f"records={counts.records:,} tokens={counts.tokens:,} "
-                  f"requests={counts.requests:,} cached={counts.cached_records:,}")
-            assert counts.records == args.lines
+        print(f"{_machine()}; log {size / 1e6:.0f} MB: {path}")
+        times: dict = {r: [] for r in names}
+        ref = None
+        for rep in range(args.repeats):
+            order = names[rep % len(names):] + names[: rep % len(names)] if names else []
+            for name in order:
+                try:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    records, mat, tokens = READERS[name](path, args.weighted)
+                    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                except ImportError as exc:
+                    print(f"{name}: skipped ({exc})")
+                    names.remove(name)
+                    del times[name]
+                    continue
+                if not args.weighted or name in ("arrow", "regex"):
+                    if ref is None:
+                        ref = (records, np.asarray(mat, dtype=np.float64), tokens)
+                    assert records == ref[0] and tokens == ref[2], (name, records, tokens, ref)
+                    assert np.allclose(np.asarray(mat, dtype=np.float64), ref[1]), name
+                times[name].append((dt, cpu))
+                print(f"  run {rep + 1} {name:7s} {dt:7.2f} s wall {cpu:7.2f} s CPU  {records / dt:>12,.0f} lines/s"
+                      f"  records={records:,} tokens={tokens:,}", flush=True)
+        if names:
+            print(f"\nmedians over {args.repeats} run(s), {_machine()}:")
+            print(f"{'reader':8s} {'wall s':>8s} {'CPU s':>8s}  runs (wall s)")
+            for name in sorted(names, key=lambda r: statistics.median(t[0] for t in times[r])):
+                walls = [t[0] for t in times[name]]
+                cpus = [t[1] for t in times[name]]
+                print(f"{name:8s} {statistics.median(walls):8.2f} {statistics.median(cpus):8.2f}  "
+                      + " ".join(f"{w:.2f}" for w in walls))
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
