@@ -29,6 +29,7 @@ can vouch for it (``reader="auto"``):
 All paths apply the same rules; an error is always ``path:lineno: message``. Without pyarrow
 (``reader="regex"``) paths 2 and 3 alone give identical results, about 2-3x slower (APPENDIX section 8).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,29 +39,40 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["READERS", "RouteCounts", "RouteLogError", "SelectionError", "load_routes", "summarize",
-           "format_summary", "plot", "main"]
+__all__ = [
+    "READERS",
+    "RouteCounts",
+    "RouteLogError",
+    "SelectionError",
+    "load_routes",
+    "summarize",
+    "format_summary",
+    "plot",
+    "main",
+]
 
-CHUNK_BYTES = 8 << 20          # bytes read per chunk (whole lines are processed)
+CHUNK_BYTES = 8 << 20  # bytes read per chunk (whole lines are processed)
 MAX_TOKEN_IDX = (1 << 32) - 1  # token positions beyond this are rejected
-DEFAULT_MAX_LAYERS = 1 << 16   # layer cap when no meta record gives num_hidden_layers
+DEFAULT_MAX_LAYERS = 1 << 16  # layer cap when no meta record gives num_hidden_layers
 STATS_NAME = "expert_stats.json"
 HIST_NAME = "expert_hist.png"
 HEATMAP_NAME = "expert_heatmap.png"
-READERS = ("auto", "arrow", "regex")   # load_routes(reader=...): auto = arrow when pyarrow imports
-PYARROW_HINT = ("pyarrow is not installed: pip install pyarrow (pinned in requirements-lock.txt / "
-                "requirements-cpu-lock.txt), or use reader 'regex' (same results, slower)")
+READERS = ("auto", "arrow", "regex")  # load_routes(reader=...): auto = arrow when pyarrow imports
+PYARROW_HINT = (
+    "pyarrow is not installed: pip install pyarrow (pinned in requirements-lock.txt / "
+    "requirements-cpu-lock.txt), or use reader 'regex' (same results, slower)"
+)
 
 
 class RouteLogError(Exception):
     """Invalid log content; ``str()`` is ``path:lineno: message``."""
 
-    def __init__(self, path: str, lineno: Optional[int], message: str):
+    def __init__(self, path: str, lineno: int | None, message: str):
         self.path, self.lineno, self.message = path, lineno, message
         super().__init__(str(self))
 
@@ -86,28 +98,28 @@ class RouteCounts:
     num_experts: int
     top_k: int
     weighted: bool
-    layers: list                 # logged layers that have selected records, ascending
-    counts: np.ndarray           # (len(layers), num_experts): assignments, or summed weights
-    layer_records: np.ndarray    # (len(layers),) route records per layer
-    records: int                 # selected route records
-    requests: int                # distinct completions ((dp_rank, req_id, completion_index)) among selected records
-    tokens: int                  # distinct (completion, token_idx) among selected route records
-    cached_records: int          # selected route records with "cached": true
-    gap_records: int             # gap records of the selected requests
-    gap_positions: int           # sum of token_end - token_start over those gap records
-    error_records: list          # "error" records: the writer stopped, the log is incomplete
+    layers: list  # logged layers that have selected records, ascending
+    counts: np.ndarray  # (len(layers), num_experts): assignments, or summed weights
+    layer_records: np.ndarray  # (len(layers),) route records per layer
+    records: int  # selected route records
+    requests: int  # distinct completions ((dp_rank, req_id, completion_index)) among selected records
+    tokens: int  # distinct (completion, token_idx) among selected route records
+    cached_records: int  # selected route records with "cached": true
+    gap_records: int  # gap records of the selected requests
+    gap_positions: int  # sum of token_end - token_start over those gap records
+    error_records: list  # "error" records: the writer stopped, the log is incomplete
     meta_records: int
-    lines: int                   # lines read (including a dropped truncated last line)
-    meta: dict                   # the first meta record
+    lines: int  # lines read (including a dropped truncated last line)
+    meta: dict  # the first meta record
     model_ids: list
     random_weights: bool
-    layers_logged: list          # union of meta "layers_logged"
-    selected_layers: Optional[list] = None
-    selected_requests: Optional[list] = None
-    truncated_line: Optional[int] = None
+    layers_logged: list  # union of meta "layers_logged"
+    selected_layers: list | None = None
+    selected_requests: list | None = None
+    truncated_line: int | None = None
     warnings: list = field(default_factory=list)
-    reader: str = "regex"        # the reader that ran: "arrow" or "regex"
-    chunks: dict = field(default_factory=dict)   # chunks counted per path: {"arrow", "regex", "per_line"}
+    reader: str = "regex"  # the reader that ran: "arrow" or "regex"
+    chunks: dict = field(default_factory=dict)  # chunks counted per path: {"arrow", "regex", "per_line"}
 
     @property
     def model_id(self) -> str:
@@ -115,6 +127,7 @@ class RouteCounts:
 
 
 # --------------------------------------------------------------------------- parsing
+
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
@@ -129,8 +142,7 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v))
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 _ROUTE_KEYS = {"type", "req_id", "token_idx", "layer", "topk_ids", "topk_weights"}
@@ -178,11 +190,9 @@ def _check_meta(obj: dict) -> tuple:
     if obj["top_k"] > obj["num_experts"]:
         raise _LineError(f"meta top_k={obj['top_k']} exceeds num_experts={obj['num_experts']}")
     for key in ("layers_logged", "moe_layers"):
-        if key in obj and not (isinstance(obj[key], list)
-                               and all(_is_int(v) and v >= 0 for v in obj[key])):
+        if key in obj and not (isinstance(obj[key], list) and all(_is_int(v) and v >= 0 for v in obj[key])):
             raise _LineError(f"meta {key} must be a list of integers >= 0")
-    if "num_hidden_layers" in obj and not (_is_int(obj["num_hidden_layers"])
-                                           and obj["num_hidden_layers"] >= 1):
+    if "num_hidden_layers" in obj and not (_is_int(obj["num_hidden_layers"]) and obj["num_hidden_layers"] >= 1):
         raise _LineError("meta num_hidden_layers must be an integer >= 1")
     if "model_id" in obj and not isinstance(obj["model_id"], str):
         raise _LineError("meta model_id must be a string")
@@ -222,8 +232,9 @@ def _check_route(obj: dict, num_experts: int, top_k: int, max_layers: int) -> tu
     cached = obj.get("cached", False)
     if "cached" in obj and cached is not True:
         raise _LineError(f"cached must be true when present, got {cached!r}")
-    key = _request_key(req.encode("utf-8", "surrogatepass"), _optional_index(obj, "dp_rank"),
-                       _optional_index(obj, "completion_index"))
+    key = _request_key(
+        req.encode("utf-8", "surrogatepass"), _optional_index(obj, "dp_rank"), _optional_index(obj, "completion_index")
+    )
     return key, tok, layer, ids, ws, cached
 
 
@@ -243,7 +254,7 @@ def _check_gap(obj: dict) -> tuple:
     return obj["req_id"], e - s
 
 
-def _fast_pattern(top_k: int) -> "re.Pattern":
+def _fast_pattern(top_k: int) -> re.Pattern:
     """One alternation per line.
 
     Groups: 1 dp_rank or empty, 2 req_id, 3 completion_index or empty, 4 the integers
@@ -256,14 +267,16 @@ def _fast_pattern(top_k: int) -> "re.Pattern":
     ints = rb"[0-9]+(?:,[0-9]+){%d}" % (top_k - 1)
     num = rb"[-+.eE0-9]+"
     nums = num + rb"(?:," + num + rb"){%d}" % (top_k - 1)
-    route = (rb'\{"type":"route",(?:"dp_rank":([0-9]+),)?"req_id":"([^"\\\x00-\x1f]*)"'
-             rb'(?:,"completion_index":([0-9]+))?,"token_idx":([0-9]+,'
-             rb'"layer":[0-9]+,"topk_ids":\[' + ints + rb')\],"topk_weights":\['
-             rb'(' + nums + rb')\](,"cached":true)?\}')
+    route = (
+        rb'\{"type":"route",(?:"dp_rank":([0-9]+),)?"req_id":"([^"\\\x00-\x1f]*)"'
+        rb'(?:,"completion_index":([0-9]+))?,"token_idx":([0-9]+,'
+        rb'"layer":[0-9]+,"topk_ids":\[' + ints + rb')\],"topk_weights":\['
+        rb"(" + nums + rb')\](,"cached":true)?\}'
+    )
     return re.compile(rb"(?:" + route + rb"|([^\n]*))\n")
 
 
-_NUM_KEYS = b'"layertopk_ids:['   # bytes deleted from group 2 to leave "T,L,i1,...,iK"
+_NUM_KEYS = b'"layertopk_ids:['  # bytes deleted from group 2 to leave "T,L,i1,...,iK"
 
 
 def _leading_zero(joined: bytes) -> bool:
@@ -302,9 +315,18 @@ def _pair_ok(x: int, y: int) -> bool:
 
 
 _PAIR_OK = bytes(1 if i < 64 and _pair_ok(i // 8, i % 8) else 0 for i in range(256))
-_SKELETON_BAD = tuple(bytes(t) for t in ((_DOT, _DOT), (_EXP, _DOT), (_EXP, _EXP),
-                                         (_EXP, _PLUS, _DOT), (_EXP, _MINUS, _DOT),
-                                         (_EXP, _PLUS, _EXP), (_EXP, _MINUS, _EXP)))
+_SKELETON_BAD = tuple(
+    bytes(t)
+    for t in (
+        (_DOT, _DOT),
+        (_EXP, _DOT),
+        (_EXP, _EXP),
+        (_EXP, _PLUS, _DOT),
+        (_EXP, _MINUS, _DOT),
+        (_EXP, _PLUS, _EXP),
+        (_EXP, _MINUS, _EXP),
+    )
+)
 
 
 def _valid_numbers(joined: bytes) -> bool:
@@ -316,11 +338,11 @@ def _valid_numbers(joined: bytes) -> bool:
     if 0 in pair.tobytes().translate(_PAIR_OK):
         return False
     digit_after = (a[2:] == _D) | (a[2:] == _Z)
-    if ((pair[:-1] == _SEP * 8 + _Z) & digit_after).any():          # ",0" then digit
+    if ((pair[:-1] == _SEP * 8 + _Z) & digit_after).any():  # ",0" then digit
         return False
     if ((pair[:-2] == _SEP * 8 + _MINUS) & (a[2:-1] == _Z) & digit_after[1:]).any():  # ",-0" digit
         return False
-    skeleton = c.translate(None, bytes((_D, _Z)))   # per number at most one '.', then one 'e'
+    skeleton = c.translate(None, bytes((_D, _Z)))  # per number at most one '.', then one 'e'
     return not any(b in skeleton for b in _SKELETON_BAD)
 
 
@@ -350,10 +372,19 @@ class _ArrowRoutes:
 
     def __init__(self, pa, pc, pj):
         self.pa, self.pc, self.pj = pa, pc, pj
-        self.schema = pa.schema([("type", pa.string()), ("req_id", pa.string()), ("token_idx", pa.int64()),
-                                 ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
-                                 ("topk_weights", pa.list_(pa.float64())), ("cached", pa.bool_()),
-                                 ("dp_rank", pa.int64()), ("completion_index", pa.int64())])
+        self.schema = pa.schema(
+            [
+                ("type", pa.string()),
+                ("req_id", pa.string()),
+                ("token_idx", pa.int64()),
+                ("layer", pa.int64()),
+                ("topk_ids", pa.list_(pa.int64())),
+                ("topk_weights", pa.list_(pa.float64())),
+                ("cached", pa.bool_()),
+                ("dp_rank", pa.int64()),
+                ("completion_index", pa.int64()),
+            ]
+        )
         self.parse_options = pj.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="error")
         self.read_options = pj.ReadOptions(use_threads=True, block_size=1 << 20)
 
@@ -371,8 +402,9 @@ class _ArrowRoutes:
                 return None
         pa, pc = self.pa, self.pc
         try:
-            t = self.pj.read_json(pa.BufferReader(buf), read_options=self.read_options,
-                                  parse_options=self.parse_options)
+            t = self.pj.read_json(
+                pa.BufferReader(buf), read_options=self.read_options, parse_options=self.parse_options
+            )
         except (pa.ArrowException, ValueError, UnicodeError):
             return None
         n = t.num_rows
@@ -428,8 +460,10 @@ class _ArrowRoutes:
         else:
             dp, comp = (np.full(n, -1, np.int64) if v is None else v for v in extra)
             uniq, inverse = np.unique(np.stack([idx, dp, comp], axis=1), axis=0, return_inverse=True)
-            keys = [_request_key(names[i], b"" if d < 0 else b"%d" % d, b"" if c < 0 else b"%d" % c)
-                    for i, d, c in uniq.tolist()]
+            keys = [
+                _request_key(names[i], b"" if d < 0 else b"%d" % d, b"" if c < 0 else b"%d" % c)
+                for i, d, c in uniq.tolist()
+            ]
             inverse = inverse.reshape(-1)
         return keys, inverse, tok, layer, ids, (ws if weighted else None), cached_arr
 
@@ -450,19 +484,20 @@ class _Loader:
         self.weighted = weighted
         self.sel_layers = None if layers is None else sorted({int(v) for v in layers})
         self.sel_requests = None if requests is None else list(dict.fromkeys(str(r) for r in requests))
-        self._sel_req_keys = (None if self.sel_requests is None else
-                              {r.encode("utf-8", "surrogatepass") for r in self.sel_requests})
+        self._sel_req_keys = (
+            None if self.sel_requests is None else {r.encode("utf-8", "surrogatepass") for r in self.sel_requests}
+        )
         self.E = self.K = None
         self.pattern = None
         self.max_layers = DEFAULT_MAX_LAYERS
         self.metas = []
         self.layers_logged = set()
-        self.flat = np.zeros(0, dtype=np.float64)          # layer * E + expert
-        self.layer_records = np.zeros(0, dtype=np.int64)   # selected records per layer
-        self.layer_seen = np.zeros(0, dtype=np.int64)      # all records per layer
-        self.req_code = {}                                 # req_id bytes -> code
-        self.req_selected = np.zeros(0, dtype=bool)        # code -> passes --requests
-        self.req_used = np.zeros(0, dtype=bool)            # code -> has selected records
+        self.flat = np.zeros(0, dtype=np.float64)  # layer * E + expert
+        self.layer_records = np.zeros(0, dtype=np.int64)  # selected records per layer
+        self.layer_seen = np.zeros(0, dtype=np.int64)  # all records per layer
+        self.req_code = {}  # req_id bytes -> code
+        self.req_selected = np.zeros(0, dtype=bool)  # code -> passes --requests
+        self.req_used = np.zeros(0, dtype=bool)  # code -> has selected records
         self.token_keys = []
         self.token_keys_len = 0
         self.records = self.cached = self.gaps = self.gap_positions = 0
@@ -554,8 +589,11 @@ class _Loader:
             self.E, self.K = E, K
             self.pattern = _fast_pattern(K)
         elif (E, K) != (self.E, self.K):
-            raise self.error(lineno, f"meta record disagrees with the first one: num_experts={E}, "
-                                     f"top_k={K} (first meta: num_experts={self.E}, top_k={self.K})")
+            raise self.error(
+                lineno,
+                f"meta record disagrees with the first one: num_experts={E}, "
+                f"top_k={K} (first meta: num_experts={self.E}, top_k={self.K})",
+            )
         if "num_hidden_layers" in obj:
             nh = obj["num_hidden_layers"]
             self.max_layers = nh if not self.metas else max(self.max_layers, nh)
@@ -595,8 +633,11 @@ class _Loader:
         dps, reqs, completions, ints, ws, cached = cols[:6]
         n = len(ints)
         E, K = self.E, self.K
-        linenos = (first_lineno + np.asarray(keep_idx, dtype=np.int64)) if keep_idx is not None \
+        linenos = (
+            (first_lineno + np.asarray(keep_idx, dtype=np.int64))
+            if keep_idx is not None
             else first_lineno + np.arange(n, dtype=np.int64)
+        )
         if n == 0:
             return None, None
         errors = []
@@ -616,7 +657,7 @@ class _Loader:
                 rj.decode("utf-8")
             except UnicodeDecodeError:
                 return "slow", None
-        allints = np.fromstring(ijoined, dtype=np.int64, sep=",")   # saturates on overflow
+        allints = np.fromstring(ijoined, dtype=np.int64, sep=",")  # saturates on overflow
         if len(allints) != n * (K + 2):
             return "slow", None
         allints = allints.reshape(n, K + 2)
@@ -633,13 +674,11 @@ class _Loader:
         bad = tok > MAX_TOKEN_IDX
         if bad.any():
             i = int(np.argmax(bad))
-            errors.append((int(linenos[i]), f"token_idx must be an integer in [0, {MAX_TOKEN_IDX}], "
-                                            f"got {int(tok[i])}"))
+            errors.append((int(linenos[i]), f"token_idx must be an integer in [0, {MAX_TOKEN_IDX}], got {int(tok[i])}"))
         bad = layer >= self.max_layers
         if bad.any():
             i = int(np.argmax(bad))
-            errors.append((int(linenos[i]), f"layer {int(layer[i])} >= number of decoder layers "
-                                            f"{self.max_layers}"))
+            errors.append((int(linenos[i]), f"layer {int(layer[i])} >= number of decoder layers {self.max_layers}"))
         bad = (idarr >= E) | (idarr < 0)
         if bad.any():
             row = bad.any(axis=1)
@@ -649,7 +688,7 @@ class _Loader:
         if errors:
             return None, min(errors)
         n_cached = len(cached) - cached.count(b"")
-        cached_arr = (np.fromiter(map(bool, cached), dtype=bool, count=n) if n_cached else None)
+        cached_arr = np.fromiter(map(bool, cached), dtype=bool, count=n) if n_cached else None
         return (list(reqs), tok, layer, idarr, w, cached_arr), None
 
     def _slow_chunk(self, lines: Sequence[bytes], first_lineno: int):
@@ -666,11 +705,15 @@ class _Loader:
     def _add_slow(self, slow):
         if not slow:
             return
-        _, reqs, tok, layer, ids, ws, cached = zip(*slow)
-        self._add(list(reqs), np.array(tok, dtype=np.int64), np.array(layer, dtype=np.int64),
-                  np.array(ids, dtype=np.int64).reshape(len(tok), self.K),
-                  np.array(ws, dtype=np.float64).reshape(len(tok), self.K),
-                  np.array(cached, dtype=bool))
+        _, reqs, tok, layer, ids, ws, cached = zip(*slow, strict=False)
+        self._add(
+            list(reqs),
+            np.array(tok, dtype=np.int64),
+            np.array(layer, dtype=np.int64),
+            np.array(ids, dtype=np.int64).reshape(len(tok), self.K),
+            np.array(ws, dtype=np.float64).reshape(len(tok), self.K),
+            np.array(cached, dtype=bool),
+        )
 
     def _chunk(self, buf: bytes, first_lineno: int, nlines: int):
         """Process a buffer of complete lines (ends with b'\\n')."""
@@ -686,7 +729,7 @@ class _Loader:
     def _regex_chunk(self, buf: bytes, first_lineno: int):
         """Path 2 for a buffer of complete lines; falls back to the per-line path when it cannot vouch."""
         matches = self.pattern.findall(buf)
-        cols = list(zip(*matches))
+        cols = list(zip(*matches, strict=False))
         toks = cols[3]
         n_other = toks.count(b"")
         if n_other == 0:
@@ -701,8 +744,14 @@ class _Loader:
             other = [(i, cols[6][i]) for i, f in enumerate(is_fast) if not f]
 
         # other lines first (they may be meta records); remember the first error
-        snapshot = (len(self.metas), set(self.layers_logged), self.gaps, self.gap_positions,
-                    self.max_layers, len(self.errors))
+        snapshot = (
+            len(self.metas),
+            set(self.layers_logged),
+            self.gaps,
+            self.gap_positions,
+            self.max_layers,
+            len(self.errors),
+        )
         slow, err = [], None
         for i, raw in other:
             try:
@@ -755,8 +804,7 @@ class _Loader:
                     raise self.error(self.lineno, "truncated first line: no meta record") from None
                 raise self.error(self.lineno, f"not valid JSON ({exc})") from None
             if not isinstance(obj, dict) or obj.get("type") != "meta":
-                raise self.error(self.lineno, "first record is not a meta record "
-                                              "(missing {\"type\":\"meta\", ...} line)")
+                raise self.error(self.lineno, 'first record is not a meta record (missing {"type":"meta", ...} line)')
             self._meta(obj, self.lineno)
 
             rest = b""
@@ -769,7 +817,7 @@ class _Loader:
                 if cut < 0:
                     rest = data
                     continue
-                buf, rest = data[: cut + 1], data[cut + 1:]
+                buf, rest = data[: cut + 1], data[cut + 1 :]
                 nlines = buf.count(b"\n")
                 self._chunk(buf, self.lineno + 1, nlines)
                 self.lineno += nlines
@@ -783,7 +831,8 @@ class _Loader:
                         self.truncated_line = self.lineno
                         self.warnings.append(
                             f"{self.path}:{self.lineno}: truncated last line (no newline, not "
-                            f"parseable; writer killed?) - ignored, the other lines are used")
+                            f"parseable; writer killed?) - ignored, the other lines are used"
+                        )
                     else:
                         raise self.error(self.lineno, str(exc)) from None
                 self._add_slow(slow)
@@ -792,18 +841,20 @@ class _Loader:
     def _result(self) -> RouteCounts:
         E = self.E
         for err in self.errors:
-            self.warnings.append(f"{self.path}:{err['line']}: the routing log writer stopped ({err['error']}): "
-                                 "the log is incomplete from there on")
+            self.warnings.append(
+                f"{self.path}:{err['line']}: the routing log writer stopped ({err['error']}): "
+                "the log is incomplete from there on"
+            )
         seen_layers = [int(v) for v in np.flatnonzero(self.layer_seen)]
         extra = sorted(set(seen_layers) - self.layers_logged) if self.layers_logged else []
         if extra:
-            self.warnings.append(f"{self.path}: route records for layer(s) {extra} not in any meta "
-                                 f"layers_logged")
+            self.warnings.append(f"{self.path}: route records for layer(s) {extra} not in any meta layers_logged")
         if self.sel_layers is not None:
             missing = [v for v in self.sel_layers if v not in set(seen_layers)]
             if missing and len(missing) < len(self.sel_layers):
-                self.warnings.append(f"selected layer(s) {missing} have no route records "
-                                     f"(logged layers: {seen_layers})")
+                self.warnings.append(
+                    f"selected layer(s) {missing} have no route records (logged layers: {seen_layers})"
+                )
         if self.sel_requests is not None:
             present = {_req_id_of(k).decode("utf-8", "surrogatepass") for k in self.req_code}
             missing = [r for r in self.sel_requests if r not in present]
@@ -818,8 +869,7 @@ class _Loader:
                 shown = self.sel_requests[:10] + (["..."] if len(self.sel_requests) > 10 else [])
                 what.append(f"requests {shown} ({len(self.req_code)} requests in the log)")
             if what:
-                raise SelectionError(f"{self.path}: the selection matches no route record: "
-                                     + " and ".join(what))
+                raise SelectionError(f"{self.path}: the selection matches no route record: " + " and ".join(what))
             raise SelectionError(f"{self.path}: the log has no route records")
         layers = [int(v) for v in np.flatnonzero(self.layer_records)]
         mat = self.flat.reshape(-1, E)[layers]
@@ -828,22 +878,42 @@ class _Loader:
         if len(model_ids) > 1:
             self.warnings.append(f"{self.path}: meta records name different models: {model_ids}")
         return RouteCounts(
-            path=self.path, num_experts=E, top_k=self.K, weighted=self.weighted,
-            layers=layers, counts=mat, layer_records=self.layer_records[layers].copy(),
-            records=self.records, requests=int(self.req_used.sum()), tokens=int(tokens),
-            cached_records=self.cached, gap_records=self.gaps, gap_positions=self.gap_positions,
-            error_records=self.errors, meta_records=len(self.metas), lines=self.lineno, meta=self.metas[0],
+            path=self.path,
+            num_experts=E,
+            top_k=self.K,
+            weighted=self.weighted,
+            layers=layers,
+            counts=mat,
+            layer_records=self.layer_records[layers].copy(),
+            records=self.records,
+            requests=int(self.req_used.sum()),
+            tokens=int(tokens),
+            cached_records=self.cached,
+            gap_records=self.gaps,
+            gap_positions=self.gap_positions,
+            error_records=self.errors,
+            meta_records=len(self.metas),
+            lines=self.lineno,
+            meta=self.metas[0],
             model_ids=model_ids,
             random_weights=any(m.get("random_weights") is True for m in self.metas),
-            layers_logged=sorted(self.layers_logged), selected_layers=self.sel_layers,
-            selected_requests=self.sel_requests, truncated_line=self.truncated_line,
-            warnings=self.warnings, reader="arrow" if self.arrow is not None else "regex",
-            chunks=dict(self.chunk_paths))
+            layers_logged=sorted(self.layers_logged),
+            selected_layers=self.sel_layers,
+            selected_requests=self.sel_requests,
+            truncated_line=self.truncated_line,
+            warnings=self.warnings,
+            reader="arrow" if self.arrow is not None else "regex",
+            chunks=dict(self.chunk_paths),
+        )
 
 
-def load_routes(path, layers: Optional[Iterable[int]] = None,
-                requests: Optional[Iterable[str]] = None, weighted: bool = False,
-                reader: str = "auto") -> RouteCounts:
+def load_routes(
+    path,
+    layers: Iterable[int] | None = None,
+    requests: Iterable[str] | None = None,
+    weighted: bool = False,
+    reader: str = "auto",
+) -> RouteCounts:
     """Read a moe_routes.jsonl log and count expert usage per (layer, expert).
 
     layers / requests restrict the route records counted (None = all).  With
@@ -857,6 +927,7 @@ def load_routes(path, layers: Optional[Iterable[int]] = None,
 
 
 # --------------------------------------------------------------------------- statistics
+
 
 def _dist(counts: np.ndarray) -> dict:
     counts = np.asarray(counts, dtype=np.float64)
@@ -905,8 +976,9 @@ def summarize(counts: RouteCounts) -> dict:
         "cached_records": counts.cached_records,
         "gap_records": counts.gap_records,
         "gap_positions": counts.gap_positions,
-        "error_records": [{k: v for k, v in e.items() if k in ("line", "error", "policy", "time_unix")}
-                          for e in counts.error_records],
+        "error_records": [
+            {k: v for k, v in e.items() if k in ("line", "error", "policy", "time_unix")} for e in counts.error_records
+        ],
         "meta_records": counts.meta_records,
         "lines": counts.lines,
         "truncated_last_line": counts.truncated_line,
@@ -936,33 +1008,43 @@ def format_summary(s: dict) -> str:
     lines = []
     if s["random_weights"]:
         bar = "!" * 78
-        lines += [bar, "!! NOTE: meta says random_weights=true: this model has RANDOM weights.",
-                  "!! Its routing statistics mean nothing about the real model.", bar]
+        lines += [
+            bar,
+            "!! NOTE: meta says random_weights=true: this model has RANDOM weights.",
+            "!! Its routing statistics mean nothing about the real model.",
+            bar,
+        ]
     for err in s["error_records"]:
         bar = "!" * 78
-        lines += [bar, f"!! INCOMPLETE LOG: the writer stopped at line {err['line']}: {err['error']}",
-                  "!! Records after it are missing; requests running then may lack positions.", bar]
+        lines += [
+            bar,
+            f"!! INCOMPLETE LOG: the writer stopped at line {err['line']}: {err['error']}",
+            "!! Records after it are missing; requests running then may lack positions.",
+            bar,
+        ]
     unit = "summed topk_weights" if s["weighted"] else "expert assignments"
-    lines.append(f"{s['input']}: model {s['model_id']}, {E} experts, top-{s['top_k']}, "
-                 f"counting {unit}")
+    lines.append(f"{s['input']}: model {s['model_id']}, {E} experts, top-{s['top_k']}, counting {unit}")
     sel = []
     if s["selection"]["layers"] is not None:
         sel.append(f"layers {s['selection']['layers']}")
     if s["selection"]["requests"] is not None:
         sel.append(f"{len(s['selection']['requests'])} selected request id(s)")
-    lines.append(f"records {s['records']}  requests {s['requests']}  tokens {s['tokens']}  "
-                 f"layers {len(s['layers'])} {_compact_layers(s['layers'])}"
-                 + (f"  [selection: {'; '.join(sel)}]" if sel else ""))
-    lines.append(f"cached-position records {s['cached_records']}  gap records {s['gap_records']} "
-                 f"({s['gap_positions']} positions)  meta records {s['meta_records']}")
+    lines.append(
+        f"records {s['records']}  requests {s['requests']}  tokens {s['tokens']}  "
+        f"layers {len(s['layers'])} {_compact_layers(s['layers'])}"
+        + (f"  [selection: {'; '.join(sel)}]" if sel else "")
+    )
+    lines.append(
+        f"cached-position records {s['cached_records']}  gap records {s['gap_records']} "
+        f"({s['gap_positions']} positions)  meta records {s['meta_records']}"
+    )
     o = s["overall"]
     imb = "n/a" if o["imbalance"] is None else f"{o['imbalance']:.3f}"
     lines.append(f"overall: top-3 {_top3(o)}; {_ent(o)}; imbalance max/mean {imb}")
     lines.append(f"normalised distribution (share per expert, uniform = {_pct(1 / E)}):")
     per_row = 10
     for start in range(0, E, per_row):
-        cells = "".join(f"{f'e{e}':>5}{_pct(o['shares'][e]):>6}"
-                        for e in range(start, min(E, start + per_row)))
+        cells = "".join(f"{f'e{e}':>5}{_pct(o['shares'][e]):>6}" for e in range(start, min(E, start + per_row)))
         lines.append("  " + cells)
     lines.append("per layer:")
     for d in s["per_layer"]:
@@ -987,9 +1069,11 @@ def _compact_layers(layers) -> str:
 
 # --------------------------------------------------------------------------- plots
 
-def plot(counts: RouteCounts, summary: Optional[dict], out_dir) -> list:
+
+def plot(counts: RouteCounts, summary: dict | None, out_dir) -> list:
     """Write expert_hist.png and expert_heatmap.png into out_dir; returns the paths."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
@@ -1006,8 +1090,7 @@ def plot(counts: RouteCounts, summary: Optional[dict], out_dir) -> list:
     width = min(24.0, max(6.0, 0.18 * E + 2))
     fig, ax = plt.subplots(figsize=(width, 4.5))
     ax.bar(np.arange(E), shares, width=0.85, color="tab:blue")
-    ax.axhline(1.0 / E, color="tab:red", linestyle="--", linewidth=1.2,
-               label=f"uniform 1/{E} = {100 / E:.2f}%")
+    ax.axhline(1.0 / E, color="tab:red", linestyle="--", linewidth=1.2, label=f"uniform 1/{E} = {100 / E:.2f}%")
     ax.set_xlim(-0.7, E - 0.3)
     ax.set_xlabel("expert id")
     ax.set_ylabel(f"share of {unit}")
@@ -1016,9 +1099,12 @@ def plot(counts: RouteCounts, summary: Optional[dict], out_dir) -> list:
         ax.set_xticks(np.arange(E))
         ax.tick_params(axis="x", labelsize=7 if E > 32 else 9)
     o = summary["overall"]
-    ax.set_title(f"{counts.model_id}{rw}\nexpert usage, layers {_compact_layers(counts.layers)}: "
-                 f"{counts.tokens} tokens, {counts.records} route records, top-{counts.top_k}; "
-                 f"H={o['entropy_bits']:.2f} bits, max/mean={o['imbalance']:.2f}", fontsize=9)
+    ax.set_title(
+        f"{counts.model_id}{rw}\nexpert usage, layers {_compact_layers(counts.layers)}: "
+        f"{counts.tokens} tokens, {counts.records} route records, top-{counts.top_k}; "
+        f"H={o['entropy_bits']:.2f} bits, max/mean={o['imbalance']:.2f}",
+        fontsize=9,
+    )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     p = os.path.join(out_dir, HIST_NAME)
@@ -1038,8 +1124,10 @@ def plot(counts: RouteCounts, summary: Optional[dict], out_dir) -> list:
     ax.set_xlabel("expert id")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label(f"share within layer (uniform {100 / E:.2f}%)", fontsize=8)
-    ax.set_title(f"{counts.model_id}{rw}\nper-layer expert share: {counts.tokens} tokens, "
-                 f"{counts.records} route records", fontsize=9)
+    ax.set_title(
+        f"{counts.model_id}{rw}\nper-layer expert share: {counts.tokens} tokens, {counts.records} route records",
+        fontsize=9,
+    )
     fig.tight_layout()
     p = os.path.join(out_dir, HEATMAP_NAME)
     fig.savefig(p, dpi=110)
@@ -1092,26 +1180,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="plot_hist.py",  # also `moe-routes plot`
         description="Expert-usage histogram, layer x expert heatmap and routing statistics "
-                    "(shares, entropy, load imbalance) from a moe_routes.jsonl log.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(shares, entropy, load imbalance) from a moe_routes.jsonl log.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("log", help="moe_routes.jsonl file")
-    p.add_argument("--out-dir", help="where to write the PNGs and expert_stats.json "
-                                     "(default: the log's directory)")
-    p.add_argument("--layers", type=_parse_layers,
-                   help="comma-separated decoder-layer indices or ranges (default: all logged)")
+    p.add_argument("--out-dir", help="where to write the PNGs and expert_stats.json (default: the log's directory)")
+    p.add_argument(
+        "--layers", type=_parse_layers, help="comma-separated decoder-layer indices or ranges (default: all logged)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--requests", help="comma-separated req_id values, matched on every DP rank (default: all)")
     g.add_argument("--requests-file", help="file with one req_id per line")
-    p.add_argument("--weighted", action="store_true",
-                   help="count each assignment by its topk_weight instead of 1")
-    p.add_argument("--no-plots", action="store_true",
-                   help="skip the PNGs (expert_stats.json is still written)")
-    p.add_argument("--summary-json", metavar="PATH",
-                   help="also write the statistics JSON to PATH ('-' = stdout)")
-    p.add_argument("--reader", choices=READERS, default="auto",
-                   help="log reader: pyarrow.json with the pure-Python paths as fallback (arrow), the "
-                        "pure-Python reader alone (regex), or arrow when pyarrow is installed (auto, the "
-                        "default); all give the same results")
+    p.add_argument("--weighted", action="store_true", help="count each assignment by its topk_weight instead of 1")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs (expert_stats.json is still written)")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the statistics JSON to PATH ('-' = stdout)")
+    p.add_argument(
+        "--reader",
+        choices=READERS,
+        default="auto",
+        help="log reader: pyarrow.json with the pure-Python paths as fallback (arrow), the "
+        "pure-Python reader alone (regex), or arrow when pyarrow is installed (auto, the "
+        "default); all give the same results",
+    )
     return p
 
 
@@ -1131,8 +1222,9 @@ def main(argv=None) -> int:
         print("error: empty request selection", file=sys.stderr)
         return 1
     try:
-        counts = load_routes(args.log, layers=args.layers, requests=requests,
-                             weighted=args.weighted, reader=args.reader)
+        counts = load_routes(
+            args.log, layers=args.layers, requests=requests, weighted=args.weighted, reader=args.reader
+        )
     except (RouteLogError, SelectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

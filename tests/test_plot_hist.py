@@ -8,6 +8,7 @@ The log (4 experts, top-2, layers 1 and 3, requests "a" and "b", tokens 0 and 1)
 plus a gap record for request "a" (positions 5..7 -> 2 positions) and a second
 writer's meta record.  All expected numbers below are worked out by hand.
 """
+
 import json
 import os
 import subprocess
@@ -24,11 +25,27 @@ SCRIPT = os.path.join(ROOT, "plot_hist.py")
 
 
 def meta(**kw):
-    m = {"type": "meta", "schema_version": 2, "engine": "vllm", "engine_version": "0.15.1",
-         "torch_version": "2.9.1", "model_id": "test/tiny-moe", "device": "cpu", "seed": 0,
-         "num_experts": 4, "top_k": 2, "num_hidden_layers": 4, "moe_layers": [1, 3],
-         "layers_logged": [1, 3], "id_kind": "logical", "routing_source": "kernel",
-         "patch_series": "test", "patches": [], "writer": {"pid": 1}, "created_unix": 0.0}
+    m = {
+        "type": "meta",
+        "schema_version": 2,
+        "engine": "vllm",
+        "engine_version": "0.15.1",
+        "torch_version": "2.9.1",
+        "model_id": "test/tiny-moe",
+        "device": "cpu",
+        "seed": 0,
+        "num_experts": 4,
+        "top_k": 2,
+        "num_hidden_layers": 4,
+        "moe_layers": [1, 3],
+        "layers_logged": [1, 3],
+        "id_kind": "logical",
+        "routing_source": "kernel",
+        "patch_series": "test",
+        "patches": [],
+        "writer": {"pid": 1},
+        "created_unix": 0.0,
+    }
     m.update(kw)
     return json.dumps(m)
 
@@ -37,8 +54,10 @@ def route(req, tok, layer, ids, ws, cached=False):
     # exactly the fast writer's compact form and key order
     ids_s = ",".join(str(i) for i in ids)
     ws_s = ",".join(repr(w) for w in ws)
-    line = (f'{{"type":"route","req_id":"{req}","token_idx":{tok},"layer":{layer},'
-            f'"topk_ids":[{ids_s}],"topk_weights":[{ws_s}]')
+    line = (
+        f'{{"type":"route","req_id":"{req}","token_idx":{tok},"layer":{layer},'
+        f'"topk_ids":[{ids_s}],"topk_weights":[{ws_s}]'
+    )
     return line + (',"cached":true}' if cached else "}")
 
 
@@ -54,8 +73,7 @@ GOOD_LINES = [
     route("b", 0, 3, [2, 3], [0.5, 0.5]),
     route("b", 1, 1, [3, 0], [0.9, 0.1], cached=True),
     # same kind of record in another key order and with spaces (json.loads path)
-    '{"layer": 3, "topk_weights": [0.5, 0.5], "topk_ids": [1, 3], "token_idx": 1, '
-    '"req_id": "b", "type": "route"}',
+    '{"layer": 3, "topk_weights": [0.5, 0.5], "topk_ids": [1, 3], "token_idx": 1, "req_id": "b", "type": "route"}',
 ]
 
 
@@ -98,6 +116,7 @@ def shares_of(d):
 
 # --------------------------------------------------------------------------- core numbers
 
+
 def test_counts_and_stats_hand_computed(good):
     c = plot_hist.load_routes(good)
     assert c.num_experts == 4 and c.top_k == 2
@@ -107,8 +126,8 @@ def test_counts_and_stats_hand_computed(good):
     assert c.counts.tolist() == [[4, 2, 1, 1], [0, 3, 3, 2]]
     assert c.layer_records.tolist() == [4, 4]
     assert c.records == 8
-    assert c.requests == 2            # "a", "b"
-    assert c.tokens == 4              # a/0 a/1 b/0 b/1
+    assert c.requests == 2  # "a", "b"
+    assert c.tokens == 4  # a/0 a/1 b/0 b/1
     assert c.cached_records == 1
     assert c.gap_records == 1 and c.gap_positions == 2
     assert c.meta_records == 2
@@ -121,8 +140,8 @@ def test_counts_and_stats_hand_computed(good):
     # H = 2*(.25*2) + .3125*log2(3.2) + .1875*log2(5.3333)
     #   = 1.0 + .3125*1.678072 + .1875*2.415037 = 1.0 + 0.524398 + 0.452820 = 1.977217
     assert o["entropy_bits"] == pytest.approx(1.977217, abs=1e-6)
-    assert o["entropy_frac"] == pytest.approx(1.977217 / 2, abs=1e-6)   # log2(4) = 2
-    assert o["imbalance"] == pytest.approx(1.25)                        # 5 / (16/4)
+    assert o["entropy_frac"] == pytest.approx(1.977217 / 2, abs=1e-6)  # log2(4) = 2
+    assert o["imbalance"] == pytest.approx(1.25)  # 5 / (16/4)
     assert [(t["expert"], t["share"]) for t in o["top3"]] == [(1, 0.3125), (0, 0.25), (2, 0.25)]
 
     l1, l3 = s["per_layer"]
@@ -132,13 +151,13 @@ def test_counts_and_stats_hand_computed(good):
     assert shares_of(l1) == [0.5, 0.25, 0.125, 0.125]
     assert l1["entropy_bits"] == pytest.approx(1.75)
     assert l1["entropy_frac"] == pytest.approx(0.875)
-    assert l1["imbalance"] == pytest.approx(2.0)                        # 4 / (8/4)
+    assert l1["imbalance"] == pytest.approx(2.0)  # 4 / (8/4)
     assert [(t["expert"], t["share"]) for t in l1["top3"]] == [(0, 0.5), (1, 0.25), (2, 0.125)]
     # layer 3: shares 0 .375 .375 .25 -> H = 2*.375*1.415037 + .25*2 = 1.561278
     assert shares_of(l3) == [0.0, 0.375, 0.375, 0.25]
     assert l3["entropy_bits"] == pytest.approx(1.561278, abs=1e-6)
     assert l3["entropy_frac"] == pytest.approx(0.780639, abs=1e-6)
-    assert l3["imbalance"] == pytest.approx(1.5)                        # 3 / 2
+    assert l3["imbalance"] == pytest.approx(1.5)  # 3 / 2
     assert [(t["expert"], t["share"]) for t in l3["top3"]] == [(1, 0.375), (2, 0.375), (3, 0.25)]
 
 
@@ -147,7 +166,7 @@ def test_layer_selection(good):
     assert c.layers == [3]
     assert c.counts.tolist() == [[0, 3, 3, 2]]
     assert c.records == 4 and c.tokens == 4 and c.requests == 2
-    assert c.cached_records == 0        # the cached record is in layer 1
+    assert c.cached_records == 0  # the cached record is in layer 1
 
 
 def test_request_selection(good):
@@ -155,7 +174,7 @@ def test_request_selection(good):
     # b: layer 1 [0,1] [3,0] -> e0 2, e1 1, e3 1; layer 3 [2,3] [1,3] -> e1 1, e2 1, e3 2
     assert c.counts.tolist() == [[2, 1, 0, 1], [0, 1, 1, 2]]
     assert c.records == 4 and c.requests == 1 and c.tokens == 2
-    assert c.gap_records == 0           # the gap belongs to request "a"
+    assert c.gap_records == 0  # the gap belongs to request "a"
     o = plot_hist.summarize(c)["overall"]
     assert shares_of(o) == [0.25, 0.25, 0.125, 0.375]
     assert [t["expert"] for t in o["top3"]] == [3, 0, 1]
@@ -185,28 +204,56 @@ def test_cli_weighted_flag(good, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- CLI / outputs
 
-SUMMARY_KEYS = {"input", "model_id", "model_ids", "random_weights", "num_experts", "top_k",
-                "weighted", "count_unit", "selection", "records", "requests", "tokens", "layers",
-                "layers_logged", "cached_records", "gap_records", "gap_positions", "meta_records",
-                "lines", "truncated_last_line", "warnings", "uniform_share", "entropy_max_bits",
-                "overall", "per_layer"}
+SUMMARY_KEYS = {
+    "input",
+    "model_id",
+    "model_ids",
+    "random_weights",
+    "num_experts",
+    "top_k",
+    "weighted",
+    "count_unit",
+    "selection",
+    "records",
+    "requests",
+    "tokens",
+    "layers",
+    "layers_logged",
+    "cached_records",
+    "gap_records",
+    "gap_positions",
+    "meta_records",
+    "lines",
+    "truncated_last_line",
+    "warnings",
+    "uniform_share",
+    "entropy_max_bits",
+    "overall",
+    "per_layer",
+}
 DIST_KEYS = {"total", "counts", "shares", "entropy_bits", "entropy_frac", "imbalance", "top3"}
 
 
 def test_cli_subprocess_outputs(good, tmp_path):
     out_dir = tmp_path / "out"
     js = tmp_path / "summary.json"
-    r = subprocess.run([sys.executable, SCRIPT, good, "--out-dir", str(out_dir),
-                        "--summary-json", str(js)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, SCRIPT, good, "--out-dir", str(out_dir), "--summary-json", str(js)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "records 8" in r.stdout and "requests 2" in r.stdout and "tokens 4" in r.stdout
-    assert "e1 31.2%" in r.stdout                      # top overall expert
+    assert "e1 31.2%" in r.stdout  # top overall expert
     assert "H=1.977 bits" in r.stdout and "imbalance max/mean 1.250" in r.stdout
     assert "gap records 1" in r.stdout and "cached-position records 1" in r.stdout
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.image as mpimg
+
     for name in ("expert_hist.png", "expert_heatmap.png"):
         p = out_dir / name
         assert p.stat().st_size > 0
@@ -232,8 +279,9 @@ def test_no_plots_and_requests_file(good, tmp_path, capsys):
     rf = tmp_path / "reqs.txt"
     rf.write_text("b\n\n")
     out = tmp_path / "o"
-    rc, stdout, _ = run_main([good, "--requests-file", str(rf), "--layers", "1", "--no-plots",
-                              "--out-dir", str(out)], capsys)
+    rc, stdout, _ = run_main(
+        [good, "--requests-file", str(rf), "--layers", "1", "--no-plots", "--out-dir", str(out)], capsys
+    )
     assert rc == 0
     assert not (out / "expert_hist.png").exists()
     s = json.loads((out / "expert_stats.json").read_text())
@@ -242,8 +290,7 @@ def test_no_plots_and_requests_file(good, tmp_path, capsys):
 
 
 def test_help():
-    r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert "--weighted" in r.stdout and "examples:" in r.stdout
     assert "python plot_hist.py moe_routes.jsonl" in r.stdout
@@ -258,6 +305,7 @@ def test_random_weights_note(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- bad input
 
+
 def replace_line(lineno, text):
     lines = list(GOOD_LINES)
     lines[lineno - 1] = text
@@ -266,29 +314,47 @@ def replace_line(lineno, text):
 
 BAD_CASES = [
     ("not_json", replace_line(3, '{"type":"route","req_id":"a",'), 3, "not valid JSON"),
-    ("layer_str", replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace(
-        '"layer":1', '"layer":"1"')), 4, "layer"),
+    (
+        "layer_str",
+        replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace('"layer":1', '"layer":"1"')),
+        4,
+        "layer",
+    ),
     ("id_range", replace_line(2, route("a", 0, 1, [0, 4], [0.75, 0.25])), 2, "outside [0, 4)"),
     ("id_negative", replace_line(8, route("b", 0, 1, [-1, 1], [0.6, 0.4])), 8, "outside [0, 4)"),
     ("ids_len", replace_line(5, route("a", 1, 3, [1, 2, 3], [0.5, 0.5])), 5, "top_k is 2"),
     ("weights_len", replace_line(9, route("b", 0, 3, [2, 3], [1.0])), 9, "top_k is 2"),
-    ("weight_str", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace(
-        "0.25]", '"0.25"]')), 2, "topk_weights[1]"),
-    ("weight_bad_number", replace_line(3, route("a", 0, 3, [1, 2], [0.5, 0.5]).replace(
-        "0.5,", "0.5.5,")), 3, "not valid JSON"),
-    ("leading_zero", replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace(
-        '"token_idx":1', '"token_idx":01')), 4, "not valid JSON"),
-    ("bool_id", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace(
-        "[0,1]", "[true,1]")), 2, "topk_ids[0]"),
+    (
+        "weight_str",
+        replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace("0.25]", '"0.25"]')),
+        2,
+        "topk_weights[1]",
+    ),
+    (
+        "weight_bad_number",
+        replace_line(3, route("a", 0, 3, [1, 2], [0.5, 0.5]).replace("0.5,", "0.5.5,")),
+        3,
+        "not valid JSON",
+    ),
+    (
+        "leading_zero",
+        replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace('"token_idx":1', '"token_idx":01')),
+        4,
+        "not valid JSON",
+    ),
+    ("bool_id", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace("[0,1]", "[true,1]")), 2, "topk_ids[0]"),
     ("missing_meta", GOOD_LINES[1:], 1, "not a meta record"),
     ("meta_disagrees", replace_line(7, meta(num_experts=8)), 7, "disagrees"),
     ("unknown_type", replace_line(6, '{"type":"routes"}'), 6, "unknown record type"),
     ("array_record", replace_line(6, "[1,2]"), 6, "not an object"),
-    ("extra_key", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25])[:-1] + ',"x":1}'),
-     2, "unexpected key"),
+    ("extra_key", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25])[:-1] + ',"x":1}'), 2, "unexpected key"),
     # the first error in file order wins even when a later line is invalid too
-    ("first_error_wins", replace_line(5, '{oops')[:2] + [route("a", 0, 3, [1, 9], [0.5, 0.5])]
-     + replace_line(5, '{oops')[3:], 3, "outside [0, 4)"),
+    (
+        "first_error_wins",
+        replace_line(5, "{oops")[:2] + [route("a", 0, 3, [1, 9], [0.5, 0.5])] + replace_line(5, "{oops")[3:],
+        3,
+        "outside [0, 4)",
+    ),
 ]
 
 
@@ -303,8 +369,7 @@ def test_bad_input_exit_1_with_line_number(tmp_path, capsys, name, lines, lineno
 
 def test_bad_input_subprocess(tmp_path):
     p = write(tmp_path, replace_line(4, "not json at all"))
-    r = subprocess.run([sys.executable, SCRIPT, p, "--no-plots"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([sys.executable, SCRIPT, p, "--no-plots"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "moe_routes.jsonl:4:" in r.stderr
 
@@ -338,11 +403,14 @@ def test_garbage_line_with_newline_in_middle_is_error(tmp_path, capsys):
     assert rc == 1 and f"{p}:4:" in err
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--layers", "2"], "matches no route record"),
-    (["--requests", "zzz"], "matches no route record"),
-    (["--layers", "1", "--requests", "nope"], "matches no route record"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--layers", "2"], "matches no route record"),
+        (["--requests", "zzz"], "matches no route record"),
+        (["--layers", "1", "--requests", "nope"], "matches no route record"),
+    ],
+)
 def test_empty_selection(good, capsys, argv, fragment):
     rc, _, err = run_main([good, "--no-plots"] + argv, capsys)
     assert rc == 1
@@ -357,12 +425,16 @@ def test_partial_selection_warns(good, capsys):
 
 # --------------------------------------------------------------------------- data parallel
 
+
 def _load_fast_and_slow(tmp_path, lines, name):
     """Load `lines` as written (the fast path must take every route line) and re-encoded with json.dumps
     (the per-line path). Returns the fast file's path and both counts; the fast-path guard stays on."""
     fast = write(tmp_path, lines, f"{name}.jsonl")
-    slow = write(tmp_path, [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "")
-                            for ln in lines], f"{name}_slow.jsonl")
+    slow = write(
+        tmp_path,
+        [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "") for ln in lines],
+        f"{name}_slow.jsonl",
+    )
     b = plot_hist.load_routes(slow)
     a = plot_hist.load_routes(fast)
     assert a.chunks["per_line"] == 0, "fast lines went slow"
@@ -376,13 +448,16 @@ def test_data_parallel_requests_are_told_apart_by_rank(tmp_path):
     for rank in (0, 1):
         for tok in range(3):
             for layer in (1, 3):
-                lines.append(route("0", tok, layer, [rank, 2], [0.5, 0.5]).replace(
-                    '"type":"route",', f'"type":"route","dp_rank":{rank},'))
+                lines.append(
+                    route("0", tok, layer, [rank, 2], [0.5, 0.5]).replace(
+                        '"type":"route",', f'"type":"route","dp_rank":{rank},'
+                    )
+                )
     lines.append(route("1", 0, 1, [3, 2], [0.5, 0.5]).replace('"type":"route",', '"type":"route","dp_rank":1,'))
     lines.append('{"type":"gap","dp_rank":1,"req_id":"0","token_start":5,"token_end":7,"reason":"test"}')
     fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "dp")
     for c in (a, b):
-        assert (c.records, c.requests, c.tokens) == (13, 3, 7)   # dp0/"0", dp1/"0", dp1/"1"
+        assert (c.records, c.requests, c.tokens) == (13, 3, 7)  # dp0/"0", dp1/"0", dp1/"1"
         assert c.counts.tolist() == [[3, 3, 7, 1], [3, 3, 6, 0]]
         assert c.gap_records == 1 and c.gap_positions == 2
     sel = plot_hist.load_routes(fast, requests=["0"])
@@ -400,13 +475,16 @@ def test_completions_of_a_request_are_counted_apart(tmp_path):
     for completion in (0, 1, 2):
         for tok in range(2):
             for layer in (1, 3):
-                lines.append(route("0", tok, layer, [completion, 3], [0.5, 0.5]).replace(
-                    '"req_id":"0",', f'"req_id":"0","completion_index":{completion},'))
+                lines.append(
+                    route("0", tok, layer, [completion, 3], [0.5, 0.5]).replace(
+                        '"req_id":"0",', f'"req_id":"0","completion_index":{completion},'
+                    )
+                )
     lines.append(route("1", 0, 1, [0, 1], [0.5, 0.5]))
     lines.append('{"type":"gap","req_id":"0","completion_index":2,"token_start":5,"token_end":9,"reason":"t"}')
     fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "n3")
     for c in (a, b):
-        assert (c.records, c.requests, c.tokens) == (13, 4, 7)   # "0"#0, "0"#1, "0"#2, "1"
+        assert (c.records, c.requests, c.tokens) == (13, 4, 7)  # "0"#0, "0"#1, "0"#2, "1"
         assert c.counts.tolist() == [[3, 3, 2, 6], [2, 2, 2, 6]]
         assert c.gap_records == 1 and c.gap_positions == 4
     sel = plot_hist.load_routes(fast, requests=["0"])
@@ -418,9 +496,11 @@ def test_completions_of_a_request_are_counted_apart(tmp_path):
 
 
 def test_error_record_marks_the_log_incomplete(tmp_path, capsys):
-    lines = GOOD_LINES[:5] + ['{"type":"error","error":"OSError: [Errno 28] No space left on device",'
-                              '"policy":"stop","message":"routing log stopped","writer_id":"x","time_unix":1.0,'
-                              '"records_dropped":0}']
+    lines = GOOD_LINES[:5] + [
+        '{"type":"error","error":"OSError: [Errno 28] No space left on device",'
+        '"policy":"stop","message":"routing log stopped","writer_id":"x","time_unix":1.0,'
+        '"records_dropped":0}'
+    ]
     path = write(tmp_path, lines, "stopped.jsonl")
     counts = plot_hist.load_routes(path)
     assert counts.records == 4 and len(counts.error_records) == 1
@@ -433,20 +513,26 @@ def test_error_record_marks_the_log_incomplete(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- fast path
 
+
 def test_fast_and_json_paths_agree(tmp_path):
     """Many lines so the chunked fast path is used; same data re-encoded with json.dumps."""
     import random
+
     rnd = random.Random(1)
     recs = []
     for t in range(300):
         for layer in (1, 3):
             ids = rnd.sample(range(4), 2)
             w = rnd.random()
-            recs.append(("r%d" % (t % 7), t, layer, ids, [w, 1 - w]))
+            recs.append((f"r{t % 7}", t, layer, ids, [w, 1 - w]))
     fast = [meta()] + [route(*r) for r in recs]
-    slow = [meta()] + [json.dumps({"topk_ids": r[3], "layer": r[2], "type": "route",
-                                   "req_id": r[0], "token_idx": r[1],
-                                   "topk_weights": r[4]}, indent=None) for r in recs]
+    slow = [meta()] + [
+        json.dumps(
+            {"topk_ids": r[3], "layer": r[2], "type": "route", "req_id": r[0], "token_idx": r[1], "topk_weights": r[4]},
+            indent=None,
+        )
+        for r in recs
+    ]
     fast_p, slow_p = write(tmp_path, fast, "fast.jsonl"), write(tmp_path, slow, "slow.jsonl")
     b = plot_hist.load_routes(slow_p, weighted=True)
     a = plot_hist.load_routes(fast_p, weighted=True)
@@ -469,11 +555,26 @@ def test_chunk_boundaries(tmp_path, monkeypatch):
     assert ei.value.lineno == 10
 
 
-@pytest.mark.parametrize("tok,ok", [
-    (b"0.5", True), (b"-0.25", True), (b"1e-05", True), (b"3.5E+2", True), (b"0", True),
-    (b"1.2.3", False), (b"01", False), (b"-01", False), (b"+1", False), (b".5", False),
-    (b"1.", False), (b"1e", False), (b"1e2.5", False), (b"--1", False), (b"1-2", False),
-])
+@pytest.mark.parametrize(
+    "tok,ok",
+    [
+        (b"0.5", True),
+        (b"-0.25", True),
+        (b"1e-05", True),
+        (b"3.5E+2", True),
+        (b"0", True),
+        (b"1.2.3", False),
+        (b"01", False),
+        (b"-01", False),
+        (b"+1", False),
+        (b".5", False),
+        (b"1.", False),
+        (b"1e", False),
+        (b"1e2.5", False),
+        (b"--1", False),
+        (b"1-2", False),
+    ],
+)
 def test_number_validator(tok, ok):
     assert plot_hist._valid_numbers(b"0.5," + tok + b",1") is ok
     assert plot_hist._valid_numbers(tok) is ok
@@ -481,19 +582,35 @@ def test_number_validator(tok, ok):
 
 # --------------------------------------------------------------------------- readers
 
+
 def _outcome(path, reader, **kw):
     """What load_routes gives: the counts' public fields, or the error text."""
     try:
         c = plot_hist.load_routes(path, reader=reader, **kw)
     except (plot_hist.RouteLogError, plot_hist.SelectionError) as exc:
         return type(exc).__name__, str(exc)
-    return (c.counts.tolist(), c.layers, c.layer_records.tolist(), c.records, c.requests, c.tokens,
-            c.cached_records, c.gap_records, c.gap_positions, c.meta_records, c.lines, c.truncated_line,
-            [w for w in c.warnings if "pyarrow" not in w])
+    return (
+        c.counts.tolist(),
+        c.layers,
+        c.layer_records.tolist(),
+        c.records,
+        c.requests,
+        c.tokens,
+        c.cached_records,
+        c.gap_records,
+        c.gap_positions,
+        c.meta_records,
+        c.lines,
+        c.truncated_line,
+        [w for w in c.warnings if "pyarrow" not in w],
+    )
 
 
-ROUTE_BLOCK = [route("r%d" % (t % 5), t, layer, [t % 4, (t + 1) % 4], [0.75, 0.25], cached=t % 9 == 0)
-               for t in range(40) for layer in (1, 3)]
+ROUTE_BLOCK = [
+    route(f"r{t % 5}", t, layer, [t % 4, (t + 1) % 4], [0.75, 0.25], cached=t % 9 == 0)
+    for t in range(40)
+    for layer in (1, 3)
+]
 # route-only text where a line in the middle is altered: the arrow path is tried on the chunk, and each of
 # these is a case pyarrow.json alone would accept, coerce or mis-number (or one it rejects): the result
 # must be the pure-Python reader's, error message and line number included
@@ -515,8 +632,7 @@ SCREEN_CASES = {
     "id_float": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[1.0,').replace(",1],", "],", 1),
     "id_bool": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[true,').replace(",1],", "],", 1),
     "id_negative": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[-1,').replace(",1],", "],", 1),
-    "id_too_big": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[99999999999999999999,').replace(
-        ",1],", "],", 1),
+    "id_too_big": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[99999999999999999999,').replace(",1],", "],", 1),
     "ids_three": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[3,'),
     "token_too_big": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":4294967296'),
     "token_negative": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":-5'),
@@ -536,14 +652,15 @@ SCREEN_CASES = {
     "gap_record": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}',
     "meta_record": meta(writer={"pid": 9}),
     "error_record": '{"type":"error","error":"stopped","policy":"stop"}',
-    "dp_and_completion": ROUTE_BLOCK[10].replace('"type":"route",', '"type":"route","dp_rank":1,').replace(
-        '"token_idx"', '"completion_index":2,"token_idx"'),
+    "dp_and_completion": ROUTE_BLOCK[10]
+    .replace('"type":"route",', '"type":"route","dp_rank":1,')
+    .replace('"token_idx"', '"completion_index":2,"token_idx"'),
     "completion_negative": ROUTE_BLOCK[10].replace('"token_idx"', '"completion_index":-2,"token_idx"'),
     "truncated_tail": "TAIL",
 }
 
 
-@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
 @pytest.mark.parametrize("weighted", [False, True], ids=["counts", "weighted"])
 @pytest.mark.parametrize("case", list(SCREEN_CASES))
 def test_arrow_and_regex_readers_agree(tmp_path, case, weighted, reader):
@@ -563,7 +680,7 @@ def test_arrow_and_regex_readers_agree(tmp_path, case, weighted, reader):
         assert plot_hist.load_routes(str(p), reader="arrow").chunks == {"arrow": 1, "regex": 0, "per_line": 0}
 
 
-@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
 def test_arrow_and_regex_readers_agree_on_invalid_utf8(tmp_path, reader):
     lines = [meta()] + ROUTE_BLOCK
     raw = ("\n".join(lines) + "\n").encode().replace(b'"req_id":"r3"', b'"req_id":"r\xff"', 1)
@@ -573,13 +690,17 @@ def test_arrow_and_regex_readers_agree_on_invalid_utf8(tmp_path, reader):
     assert a == b and a[0] == "RouteLogError" and "not valid JSON" in a[1]
 
 
-@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
 def test_arrow_reader_takes_route_chunks_and_names_lines(tmp_path, reader, monkeypatch):
     """Small chunks: route-only chunks go through pyarrow, the chunk holding the gap and meta records through
     the regex path; a bad value in a pyarrow chunk is reported with the regex path's message and line."""
     monkeypatch.setattr(plot_hist, "CHUNK_BYTES", 2048)
-    lines = [meta()] + ROUTE_BLOCK[:30] + ['{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}',
-                                           meta(writer={"pid": 2})] + ROUTE_BLOCK[30:]
+    lines = (
+        [meta()]
+        + ROUTE_BLOCK[:30]
+        + ['{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}', meta(writer={"pid": 2})]
+        + ROUTE_BLOCK[30:]
+    )
     p = write(tmp_path, lines)
     c = plot_hist.load_routes(p, reader="arrow")
     assert c.reader == "arrow" and c.chunks["arrow"] >= 2 and c.chunks["regex"] >= 1
@@ -593,7 +714,7 @@ def test_arrow_reader_takes_route_chunks_and_names_lines(tmp_path, reader, monke
     assert str(ei.value) == f"{bad}:71: layer 9 >= number of decoder layers 4"
 
 
-@pytest.mark.parametrize("reader", ["arrow"], indirect=True)   # compares the readers itself
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
 def test_missing_pyarrow(good, capsys, reader):
     """reader="arrow" without pyarrow: a clear error naming the pin; "auto" falls back with a warning."""
     saved = plot_hist._import_pyarrow
