@@ -80,12 +80,12 @@ GOOD_LINES = [
 @pytest.fixture(autouse=True, params=["arrow", "regex"])
 def reader(request):
     """Every test runs with each reader: pyarrow.json (the default when installed) and, as if pyarrow were
-    missing, the pure-Python reader. Set by hand, not with monkeypatch: some tests call monkeypatch.undo()."""
+    missing, the pure-Python reader. Set by hand, not with monkeypatch, so that it holds for the whole test."""
     saved = plot_hist._import_pyarrow
     if request.param == "regex":
         plot_hist._import_pyarrow = lambda: None
     else:
-        assert saved() is not None, "pyarrow is pinned in the lock files: install it"
+        assert saved() is not None, "pyarrow (plot_hist's reader) is missing: pip install pyarrow==26.0.1 (lock files)"
     try:
         yield request.param
     finally:
