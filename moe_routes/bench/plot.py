@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark the moe_routes.jsonl readers of plot_hist.py (moe_routes.plot) on a synthetic log.
 
 Generates N route lines (default 10,000,000, 1.4 GB) for a 60-expert, top-4, 24-layer model in the fast
@@ -16,13 +15,13 @@ Readers (--readers, comma-separated):
            floats and bools to integers and ignores unknown keys)
 The lower-bound readers need their package (pip install orjson polars duckdb); a missing one is skipped.
 
-Run from the repository root (the package is imported from there):
-  PYTHONPATH=. python scripts/bench_plot_hist.py                  # 10M lines, arrow and regex, once each
-  PYTHONPATH=. python scripts/bench_plot_hist.py --keep /tmp/routes10m.jsonl --readers none   # only write
-  PYTHONPATH=. python scripts/bench_plot_hist.py --log /tmp/routes10m.jsonl \
-      --readers regex,arrow,orjson,polars,duckdb --repeats 3      # the APPENDIX section 8 comparison
-  PYTHONPATH=. taskset -c 1 python scripts/bench_plot_hist.py --log /tmp/routes10m.jsonl --readers arrow,regex
-  PYTHONPATH=. python scripts/bench_plot_hist.py --lines 1000000 --weighted
+Examples:
+  moe-routes bench plot                                  # 10M lines in a temporary file, arrow and regex once
+  moe-routes bench plot --keep /tmp/routes10m.jsonl --readers none                   # only write the log
+  moe-routes bench plot --log /tmp/routes10m.jsonl --readers regex,arrow,orjson,polars,duckdb --repeats 3
+  taskset -c 1 moe-routes bench plot --log /tmp/routes10m.jsonl --readers arrow,regex --repeats 3   # one core
+  moe-routes bench plot --lines 1000000 --weighted
+(without installing: python -m moe_routes bench plot ... from the repository root)
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -239,6 +237,7 @@ def _machine() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
+        prog="moe-routes bench plot",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -312,7 +311,3 @@ def main(argv=None) -> int:
         if tmpdir is not None:
             tmpdir.cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
