@@ -17,9 +17,9 @@ The reader streams the file in chunks of whole lines and takes, per chunk, the f
 can vouch for it (``reader="auto"``):
 
 1. ``arrow``: ``pyarrow.json`` parses the chunk against the route-record schema (strict JSON, no unknown
-   keys, no type coercion, multi-threaded) and numpy checks the values. A chunk holding anything else (a
-   meta, gap or error record, a ``null``, a blank line, non-UTF-8 bytes) or any invalid value is not
-   counted here: it goes to path 2, which names the line.
+   keys, no type coercion, multi-threaded) and numpy checks the values; gap records in it get the
+   per-line checks. A chunk holding anything else (a meta or error record, a ``null``, a blank line,
+   non-UTF-8 bytes) or any invalid value is not counted here: it goes to path 2, which names the line.
 2. ``regex``: lines in the fast writer's compact form are parsed for the whole chunk with one regular
    expression and numpy; other lines (meta, gap, error, other key orders, whitespace, escapes) go
    through ``json.loads`` and the same validation.
@@ -359,16 +359,18 @@ def _import_pyarrow():
 
 
 class _ArrowRoutes:
-    """Path 1: a chunk of route records, parsed by pyarrow.json against the route schema and checked with numpy.
+    """Path 1: a chunk of route (and gap) records, parsed by pyarrow.json against the route schema and checked
+    with numpy.
 
-    ``columns()`` returns the chunk's validated columns, or None when the chunk holds anything the strict
-    schema plus these checks cannot vouch for; the caller then runs the regex / per-line paths, which find
-    and name the offending line. pyarrow's parser (RapidJSON) already rejects what ``json.loads`` rejects
-    here (leading zeros, trailing commas, bad numbers, lone surrogates), refuses unknown and repeated keys
-    and never coerces types (a string, float or bool where an integer belongs is an error). What it does
-    accept and the rules forbid is screened here: ``null`` (absent and null look the same in a column), NaN
-    and Infinity, invalid UTF-8, blank lines or two objects on one line (row count != line count),
-    ``"cached":false``.
+    ``columns()`` returns the chunk's validated route columns plus the raw text of its gap lines, or None when
+    the chunk holds anything the strict schema plus these checks cannot vouch for (a meta or error record, an
+    invalid value); the caller then runs the regex / per-line paths, which find and name the offending line.
+    pyarrow's parser (RapidJSON) already rejects what ``json.loads`` rejects here (leading zeros, trailing
+    commas, bad numbers, lone surrogates) and repeated keys, and never coerces types (a string, float or bool
+    where an integer belongs is an error); a key outside the schema becomes a column of its own, which must be
+    empty for route rows. What pyarrow does accept and the rules forbid is screened here: ``null`` (absent and
+    null look the same in a column), NaN and Infinity, invalid UTF-8, blank lines or two objects on one line
+    (row count != line count), ``"cached":false``.
     """
 
     def __init__(self, pa, pc, pj):
@@ -386,10 +388,14 @@ class _ArrowRoutes:
                 ("completion_index", pa.int64()),
             ]
         )
-        self.parse_options = pj.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="error")
+        # unknown keys become extra columns: a route row with any of them is refused below; gap rows (the only
+        # other record frequent enough to matter) are handed back as text for the per-line checks
+        self.parse_options = pj.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="infer")
         self.read_options = pj.ReadOptions(use_threads=True, block_size=1 << 20)
 
     def columns(self, buf: bytes, nlines: int, K: int, E: int, max_layers: int, weighted: bool):
+        """((keys, codes, token_idx, layer, ids, weights, cached), gap lines) for a chunk of route and gap
+        records, or None. The gap lines (raw text) still need the per-line checks."""
         # text screens: every line starts with '{' (no blank or indented line, so rows == lines means one
         # object per line), no null, UTF-8
         a = np.frombuffer(buf, dtype=np.uint8)
@@ -408,15 +414,26 @@ class _ArrowRoutes:
             )
         except (pa.ArrowException, ValueError, UnicodeError):
             return None
-        n = t.num_rows
-        if n != nlines:
+        if t.num_rows != nlines or t.column("type").null_count:
             return None
+        is_route = pc.equal(t.column("type"), "route").combine_chunks()
+        gaps = []
+        if is_route.false_count:
+            other = np.flatnonzero(~is_route.to_numpy(zero_copy_only=False))
+            if not pc.all(pc.equal(t.column("type").take(other), "gap")).as_py():
+                return None  # meta, error or unknown records: the regex path keeps their order and errors
+            ends = np.append(starts - 1, len(buf) - 1)
+            begins = np.insert(starts, 0, 0)
+            gaps = [buf[begins[i] : ends[i]] for i in other.tolist()]
+            t = t.filter(is_route)
+        n = t.num_rows
         col = {name: t.column(name).combine_chunks() for name in t.column_names}
+        for name in col:
+            if name not in self.schema.names and col[name].null_count != n:
+                return None  # a route record with an unknown key
         for name in ("type", "req_id", "token_idx", "layer", "topk_ids", "topk_weights"):
             if col[name].null_count:
                 return None
-        if not pc.all(pc.equal(col["type"], "route")).as_py():
-            return None
         tok = col["token_idx"].to_numpy()
         layer = col["layer"].to_numpy()
         if n and (tok.min() < 0 or tok.max() > MAX_TOKEN_IDX or layer.min() < 0 or layer.max() >= max_layers):
@@ -466,7 +483,7 @@ class _ArrowRoutes:
                 for i, d, c in uniq.tolist()
             ]
             inverse = inverse.reshape(-1)
-        return keys, inverse, tok, layer, ids, (ws if weighted else None), cached_arr
+        return (keys, inverse, tok, layer, ids, (ws if weighted else None), cached_arr), gaps
 
 
 class _Loader:
@@ -720,12 +737,32 @@ class _Loader:
         """Process a buffer of complete lines (ends with b'\\n')."""
         if self.arrow is not None:
             cols = self.arrow.columns(buf, nlines, self.K, self.E, self.max_layers, self.weighted)
-            if cols is not None:
+            gaps = None if cols is None else self._gap_lines(cols[1])
+            if gaps is not None:
                 self.chunk_paths["arrow"] += 1
-                keys, inverse, *rest = cols
+                keys, inverse, *rest = cols[0]
                 self._add(keys, *rest, codes=inverse)
+                self.gaps += gaps[0]
+                self.gap_positions += gaps[1]
                 return
         self._regex_chunk(buf, first_lineno)
+
+    def _gap_lines(self, lines: list):
+        """(selected gap records, their positions) for gap lines, or None if one is invalid (the regex path
+        then reports it in line order)."""
+        count = positions = 0
+        for raw in lines:
+            try:
+                obj = _json_loads(raw)
+                if not isinstance(obj, dict) or obj.get("type") != "gap":
+                    return None
+                req, npos = _check_gap(obj)
+            except (ValueError, UnicodeDecodeError, _LineError):
+                return None
+            if self._sel_req_keys is None or req.encode("utf-8", "surrogatepass") in self._sel_req_keys:
+                count += 1
+                positions += npos
+        return count, positions
 
     def _regex_chunk(self, buf: bytes, first_lineno: int):
         """Path 2 for a buffer of complete lines; falls back to the per-line path when it cannot vouch."""

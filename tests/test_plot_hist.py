@@ -650,6 +650,14 @@ SCREEN_CASES = {
     "two_objects_one_line": ROUTE_BLOCK[10] + " " + ROUTE_BLOCK[11],
     "two_objects_and_blank": ROUTE_BLOCK[10] + " " + ROUTE_BLOCK[11] + "\n",
     "gap_record": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}',
+    "gap_record_spaces": '{"type": "gap", "req_id": "r1", "dp_rank": 1, "token_start": 1, "token_end": 3, '
+    '"reason": "t"}',
+    "gap_bad_range": '{"type":"gap","req_id":"r0","token_start":3,"token_end":1,"reason":"t"}',
+    "gap_string_start": '{"type":"gap","req_id":"r0","token_start":"1","token_end":3,"reason":"t"}',
+    "gap_route_key": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t","layer":1}',
+    "gap_extra_key": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t","x":[1]}',
+    "gap_missing_reason": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3}',
+    "route_with_gap_key": ROUTE_BLOCK[10][:-1] + ',"token_start":1}',
     "meta_record": meta(writer={"pid": 9}),
     "error_record": '{"type":"error","error":"stopped","policy":"stop"}',
     "dp_and_completion": ROUTE_BLOCK[10]
@@ -661,9 +669,11 @@ SCREEN_CASES = {
 
 
 @pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
-@pytest.mark.parametrize("weighted", [False, True], ids=["counts", "weighted"])
+@pytest.mark.parametrize(
+    "select", [{}, {"weighted": True}, {"requests": ["r0", "r3"], "layers": [3]}], ids=["counts", "weighted", "sel"]
+)
 @pytest.mark.parametrize("case", list(SCREEN_CASES))
-def test_arrow_and_regex_readers_agree(tmp_path, case, weighted, reader):
+def test_arrow_and_regex_readers_agree(tmp_path, case, select, reader):
     lines = list(ROUTE_BLOCK)
     alt = SCREEN_CASES[case]
     trailing = True
@@ -674,9 +684,9 @@ def test_arrow_and_regex_readers_agree(tmp_path, case, weighted, reader):
         lines[10] = alt
     p = tmp_path / "m.jsonl"
     p.write_bytes(("\n".join([meta()] + lines) + ("\n" if trailing else "")).encode("utf-8", "surrogatepass"))
-    a, b = _outcome(str(p), "arrow", weighted=weighted), _outcome(str(p), "regex", weighted=weighted)
+    a, b = _outcome(str(p), "arrow", **select), _outcome(str(p), "regex", **select)
     assert a == b
-    if case == "good":
+    if case in ("good", "gap_record", "gap_record_spaces"):  # a chunk of route and gap records: pyarrow's
         assert plot_hist.load_routes(str(p), reader="arrow").chunks == {"arrow": 1, "regex": 0, "per_line": 0}
 
 
