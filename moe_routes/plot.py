@@ -27,8 +27,8 @@ can vouch for it (``reader="auto"``):
    error in line order.
 
 All paths apply the same rules; an error is always ``path:lineno: message``. Without pyarrow
-(``reader="regex"``) paths 2 and 3 alone give the same results with about 1.3x the CPU time and 1.5x the
-wall time on a 10 M-line log (APPENDIX section 8).
+(``reader="regex"``) paths 2 and 3 alone give the same results with about 1.3x the CPU time and 2x the
+wall time on 2 cores (10 M-line log, APPENDIX section 8).
 """
 
 from __future__ import annotations
