@@ -1,4 +1,4 @@
-"""Tests for plot_hist.py on a small hand-computed log.
+"""Tests for plot_hist.py (moe_routes.plot) on a small hand-computed log.
 
 The log (4 experts, top-2, layers 1 and 3, requests "a" and "b", tokens 0 and 1):
 
@@ -8,6 +8,7 @@ The log (4 experts, top-2, layers 1 and 3, requests "a" and "b", tokens 0 and 1)
 plus a gap record for request "a" (positions 5..7 -> 2 positions) and a second
 writer's meta record.  All expected numbers below are worked out by hand.
 """
+
 import json
 import os
 import subprocess
@@ -15,19 +16,36 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import plot_hist  # noqa: E402
+import moe_routes.plot as plot_hist
 
+pytestmark = pytest.mark.fast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "plot_hist.py")
 
 
 def meta(**kw):
-    m = {"type": "meta", "schema_version": 2, "engine": "vllm", "engine_version": "0.15.1",
-         "torch_version": "2.9.1", "model_id": "test/tiny-moe", "device": "cpu", "seed": 0,
-         "num_experts": 4, "top_k": 2, "num_hidden_layers": 4, "moe_layers": [1, 3],
-         "layers_logged": [1, 3], "id_kind": "logical", "routing_source": "kernel",
-         "patch_series": "test", "patches": [], "writer": {"pid": 1}, "created_unix": 0.0}
+    m = {
+        "type": "meta",
+        "schema_version": 2,
+        "engine": "vllm",
+        "engine_version": "0.15.1",
+        "torch_version": "2.9.1",
+        "model_id": "test/tiny-moe",
+        "device": "cpu",
+        "seed": 0,
+        "num_experts": 4,
+        "top_k": 2,
+        "num_hidden_layers": 4,
+        "moe_layers": [1, 3],
+        "layers_logged": [1, 3],
+        "id_kind": "logical",
+        "routing_source": "kernel",
+        "patch_series": "test",
+        "patches": [],
+        "writer": {"pid": 1},
+        "created_unix": 0.0,
+    }
     m.update(kw)
     return json.dumps(m)
 
@@ -36,8 +54,10 @@ def route(req, tok, layer, ids, ws, cached=False):
     # exactly the fast writer's compact form and key order
     ids_s = ",".join(str(i) for i in ids)
     ws_s = ",".join(repr(w) for w in ws)
-    line = (f'{{"type":"route","req_id":"{req}","token_idx":{tok},"layer":{layer},'
-            f'"topk_ids":[{ids_s}],"topk_weights":[{ws_s}]')
+    line = (
+        f'{{"type":"route","req_id":"{req}","token_idx":{tok},"layer":{layer},'
+        f'"topk_ids":[{ids_s}],"topk_weights":[{ws_s}]'
+    )
     return line + (',"cached":true}' if cached else "}")
 
 
@@ -53,9 +73,23 @@ GOOD_LINES = [
     route("b", 0, 3, [2, 3], [0.5, 0.5]),
     route("b", 1, 1, [3, 0], [0.9, 0.1], cached=True),
     # same kind of record in another key order and with spaces (json.loads path)
-    '{"layer": 3, "topk_weights": [0.5, 0.5], "topk_ids": [1, 3], "token_idx": 1, '
-    '"req_id": "b", "type": "route"}',
+    '{"layer": 3, "topk_weights": [0.5, 0.5], "topk_ids": [1, 3], "token_idx": 1, "req_id": "b", "type": "route"}',
 ]
+
+
+@pytest.fixture(autouse=True, params=["arrow", "regex"])
+def reader(request):
+    """Every test runs with each reader: pyarrow.json (the default when installed) and, as if pyarrow were
+    missing, the pure-Python reader. Set by hand, not with monkeypatch, so that it holds for the whole test."""
+    saved = plot_hist._import_pyarrow
+    if request.param == "regex":
+        plot_hist._import_pyarrow = lambda: None
+    else:
+        assert saved() is not None, "pyarrow (plot_hist's reader) is missing: pip install pyarrow==26.0.1 (lock files)"
+    try:
+        yield request.param
+    finally:
+        plot_hist._import_pyarrow = saved
 
 
 def write(tmp_path, lines, name="moe_routes.jsonl", trailing_newline=True):
@@ -82,6 +116,7 @@ def shares_of(d):
 
 # --------------------------------------------------------------------------- core numbers
 
+
 def test_counts_and_stats_hand_computed(good):
     c = plot_hist.load_routes(good)
     assert c.num_experts == 4 and c.top_k == 2
@@ -91,8 +126,8 @@ def test_counts_and_stats_hand_computed(good):
     assert c.counts.tolist() == [[4, 2, 1, 1], [0, 3, 3, 2]]
     assert c.layer_records.tolist() == [4, 4]
     assert c.records == 8
-    assert c.requests == 2            # "a", "b"
-    assert c.tokens == 4              # a/0 a/1 b/0 b/1
+    assert c.requests == 2  # "a", "b"
+    assert c.tokens == 4  # a/0 a/1 b/0 b/1
     assert c.cached_records == 1
     assert c.gap_records == 1 and c.gap_positions == 2
     assert c.meta_records == 2
@@ -105,8 +140,8 @@ def test_counts_and_stats_hand_computed(good):
     # H = 2*(.25*2) + .3125*log2(3.2) + .1875*log2(5.3333)
     #   = 1.0 + .3125*1.678072 + .1875*2.415037 = 1.0 + 0.524398 + 0.452820 = 1.977217
     assert o["entropy_bits"] == pytest.approx(1.977217, abs=1e-6)
-    assert o["entropy_frac"] == pytest.approx(1.977217 / 2, abs=1e-6)   # log2(4) = 2
-    assert o["imbalance"] == pytest.approx(1.25)                        # 5 / (16/4)
+    assert o["entropy_frac"] == pytest.approx(1.977217 / 2, abs=1e-6)  # log2(4) = 2
+    assert o["imbalance"] == pytest.approx(1.25)  # 5 / (16/4)
     assert [(t["expert"], t["share"]) for t in o["top3"]] == [(1, 0.3125), (0, 0.25), (2, 0.25)]
 
     l1, l3 = s["per_layer"]
@@ -116,13 +151,13 @@ def test_counts_and_stats_hand_computed(good):
     assert shares_of(l1) == [0.5, 0.25, 0.125, 0.125]
     assert l1["entropy_bits"] == pytest.approx(1.75)
     assert l1["entropy_frac"] == pytest.approx(0.875)
-    assert l1["imbalance"] == pytest.approx(2.0)                        # 4 / (8/4)
+    assert l1["imbalance"] == pytest.approx(2.0)  # 4 / (8/4)
     assert [(t["expert"], t["share"]) for t in l1["top3"]] == [(0, 0.5), (1, 0.25), (2, 0.125)]
     # layer 3: shares 0 .375 .375 .25 -> H = 2*.375*1.415037 + .25*2 = 1.561278
     assert shares_of(l3) == [0.0, 0.375, 0.375, 0.25]
     assert l3["entropy_bits"] == pytest.approx(1.561278, abs=1e-6)
     assert l3["entropy_frac"] == pytest.approx(0.780639, abs=1e-6)
-    assert l3["imbalance"] == pytest.approx(1.5)                        # 3 / 2
+    assert l3["imbalance"] == pytest.approx(1.5)  # 3 / 2
     assert [(t["expert"], t["share"]) for t in l3["top3"]] == [(1, 0.375), (2, 0.375), (3, 0.25)]
 
 
@@ -131,7 +166,7 @@ def test_layer_selection(good):
     assert c.layers == [3]
     assert c.counts.tolist() == [[0, 3, 3, 2]]
     assert c.records == 4 and c.tokens == 4 and c.requests == 2
-    assert c.cached_records == 0        # the cached record is in layer 1
+    assert c.cached_records == 0  # the cached record is in layer 1
 
 
 def test_request_selection(good):
@@ -139,7 +174,7 @@ def test_request_selection(good):
     # b: layer 1 [0,1] [3,0] -> e0 2, e1 1, e3 1; layer 3 [2,3] [1,3] -> e1 1, e2 1, e3 2
     assert c.counts.tolist() == [[2, 1, 0, 1], [0, 1, 1, 2]]
     assert c.records == 4 and c.requests == 1 and c.tokens == 2
-    assert c.gap_records == 0           # the gap belongs to request "a"
+    assert c.gap_records == 0  # the gap belongs to request "a"
     o = plot_hist.summarize(c)["overall"]
     assert shares_of(o) == [0.25, 0.25, 0.125, 0.375]
     assert [t["expert"] for t in o["top3"]] == [3, 0, 1]
@@ -169,28 +204,56 @@ def test_cli_weighted_flag(good, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- CLI / outputs
 
-SUMMARY_KEYS = {"input", "model_id", "model_ids", "random_weights", "num_experts", "top_k",
-                "weighted", "count_unit", "selection", "records", "requests", "tokens", "layers",
-                "layers_logged", "cached_records", "gap_records", "gap_positions", "meta_records",
-                "lines", "truncated_last_line", "warnings", "uniform_share", "entropy_max_bits",
-                "overall", "per_layer"}
+SUMMARY_KEYS = {
+    "input",
+    "model_id",
+    "model_ids",
+    "random_weights",
+    "num_experts",
+    "top_k",
+    "weighted",
+    "count_unit",
+    "selection",
+    "records",
+    "requests",
+    "tokens",
+    "layers",
+    "layers_logged",
+    "cached_records",
+    "gap_records",
+    "gap_positions",
+    "meta_records",
+    "lines",
+    "truncated_last_line",
+    "warnings",
+    "uniform_share",
+    "entropy_max_bits",
+    "overall",
+    "per_layer",
+}
 DIST_KEYS = {"total", "counts", "shares", "entropy_bits", "entropy_frac", "imbalance", "top3"}
 
 
 def test_cli_subprocess_outputs(good, tmp_path):
     out_dir = tmp_path / "out"
     js = tmp_path / "summary.json"
-    r = subprocess.run([sys.executable, SCRIPT, good, "--out-dir", str(out_dir),
-                        "--summary-json", str(js)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, SCRIPT, good, "--out-dir", str(out_dir), "--summary-json", str(js)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "records 8" in r.stdout and "requests 2" in r.stdout and "tokens 4" in r.stdout
-    assert "e1 31.2%" in r.stdout                      # top overall expert
+    assert "e1 31.2%" in r.stdout  # top overall expert
     assert "H=1.977 bits" in r.stdout and "imbalance max/mean 1.250" in r.stdout
     assert "gap records 1" in r.stdout and "cached-position records 1" in r.stdout
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.image as mpimg
+
     for name in ("expert_hist.png", "expert_heatmap.png"):
         p = out_dir / name
         assert p.stat().st_size > 0
@@ -216,8 +279,9 @@ def test_no_plots_and_requests_file(good, tmp_path, capsys):
     rf = tmp_path / "reqs.txt"
     rf.write_text("b\n\n")
     out = tmp_path / "o"
-    rc, stdout, _ = run_main([good, "--requests-file", str(rf), "--layers", "1", "--no-plots",
-                              "--out-dir", str(out)], capsys)
+    rc, stdout, _ = run_main(
+        [good, "--requests-file", str(rf), "--layers", "1", "--no-plots", "--out-dir", str(out)], capsys
+    )
     assert rc == 0
     assert not (out / "expert_hist.png").exists()
     s = json.loads((out / "expert_stats.json").read_text())
@@ -226,8 +290,7 @@ def test_no_plots_and_requests_file(good, tmp_path, capsys):
 
 
 def test_help():
-    r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert "--weighted" in r.stdout and "examples:" in r.stdout
     assert "python plot_hist.py moe_routes.jsonl" in r.stdout
@@ -242,6 +305,7 @@ def test_random_weights_note(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- bad input
 
+
 def replace_line(lineno, text):
     lines = list(GOOD_LINES)
     lines[lineno - 1] = text
@@ -250,29 +314,47 @@ def replace_line(lineno, text):
 
 BAD_CASES = [
     ("not_json", replace_line(3, '{"type":"route","req_id":"a",'), 3, "not valid JSON"),
-    ("layer_str", replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace(
-        '"layer":1', '"layer":"1"')), 4, "layer"),
+    (
+        "layer_str",
+        replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace('"layer":1', '"layer":"1"')),
+        4,
+        "layer",
+    ),
     ("id_range", replace_line(2, route("a", 0, 1, [0, 4], [0.75, 0.25])), 2, "outside [0, 4)"),
     ("id_negative", replace_line(8, route("b", 0, 1, [-1, 1], [0.6, 0.4])), 8, "outside [0, 4)"),
     ("ids_len", replace_line(5, route("a", 1, 3, [1, 2, 3], [0.5, 0.5])), 5, "top_k is 2"),
     ("weights_len", replace_line(9, route("b", 0, 3, [2, 3], [1.0])), 9, "top_k is 2"),
-    ("weight_str", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace(
-        "0.25]", '"0.25"]')), 2, "topk_weights[1]"),
-    ("weight_bad_number", replace_line(3, route("a", 0, 3, [1, 2], [0.5, 0.5]).replace(
-        "0.5,", "0.5.5,")), 3, "not valid JSON"),
-    ("leading_zero", replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace(
-        '"token_idx":1', '"token_idx":01')), 4, "not valid JSON"),
-    ("bool_id", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace(
-        "[0,1]", "[true,1]")), 2, "topk_ids[0]"),
+    (
+        "weight_str",
+        replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace("0.25]", '"0.25"]')),
+        2,
+        "topk_weights[1]",
+    ),
+    (
+        "weight_bad_number",
+        replace_line(3, route("a", 0, 3, [1, 2], [0.5, 0.5]).replace("0.5,", "0.5.5,")),
+        3,
+        "not valid JSON",
+    ),
+    (
+        "leading_zero",
+        replace_line(4, route("a", 1, 1, [0, 2], [0.5, 0.5]).replace('"token_idx":1', '"token_idx":01')),
+        4,
+        "not valid JSON",
+    ),
+    ("bool_id", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25]).replace("[0,1]", "[true,1]")), 2, "topk_ids[0]"),
     ("missing_meta", GOOD_LINES[1:], 1, "not a meta record"),
     ("meta_disagrees", replace_line(7, meta(num_experts=8)), 7, "disagrees"),
     ("unknown_type", replace_line(6, '{"type":"routes"}'), 6, "unknown record type"),
     ("array_record", replace_line(6, "[1,2]"), 6, "not an object"),
-    ("extra_key", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25])[:-1] + ',"x":1}'),
-     2, "unexpected key"),
+    ("extra_key", replace_line(2, route("a", 0, 1, [0, 1], [0.75, 0.25])[:-1] + ',"x":1}'), 2, "unexpected key"),
     # the first error in file order wins even when a later line is invalid too
-    ("first_error_wins", replace_line(5, '{oops')[:2] + [route("a", 0, 3, [1, 9], [0.5, 0.5])]
-     + replace_line(5, '{oops')[3:], 3, "outside [0, 4)"),
+    (
+        "first_error_wins",
+        replace_line(5, "{oops")[:2] + [route("a", 0, 3, [1, 9], [0.5, 0.5])] + replace_line(5, "{oops")[3:],
+        3,
+        "outside [0, 4)",
+    ),
 ]
 
 
@@ -287,8 +369,7 @@ def test_bad_input_exit_1_with_line_number(tmp_path, capsys, name, lines, lineno
 
 def test_bad_input_subprocess(tmp_path):
     p = write(tmp_path, replace_line(4, "not json at all"))
-    r = subprocess.run([sys.executable, SCRIPT, p, "--no-plots"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([sys.executable, SCRIPT, p, "--no-plots"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "moe_routes.jsonl:4:" in r.stderr
 
@@ -322,11 +403,14 @@ def test_garbage_line_with_newline_in_middle_is_error(tmp_path, capsys):
     assert rc == 1 and f"{p}:4:" in err
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--layers", "2"], "matches no route record"),
-    (["--requests", "zzz"], "matches no route record"),
-    (["--layers", "1", "--requests", "nope"], "matches no route record"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--layers", "2"], "matches no route record"),
+        (["--requests", "zzz"], "matches no route record"),
+        (["--layers", "1", "--requests", "nope"], "matches no route record"),
+    ],
+)
 def test_empty_selection(good, capsys, argv, fragment):
     rc, _, err = run_main([good, "--no-plots"] + argv, capsys)
     assert rc == 1
@@ -341,69 +425,82 @@ def test_partial_selection_warns(good, capsys):
 
 # --------------------------------------------------------------------------- data parallel
 
-def _load_fast_and_slow(tmp_path, lines, name, monkeypatch):
+
+def _load_fast_and_slow(tmp_path, lines, name):
     """Load `lines` as written (the fast path must take every route line) and re-encoded with json.dumps
     (the per-line path). Returns the fast file's path and both counts; the fast-path guard stays on."""
     fast = write(tmp_path, lines, f"{name}.jsonl")
-    slow = write(tmp_path, [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "")
-                            for ln in lines], f"{name}_slow.jsonl")
+    slow = write(
+        tmp_path,
+        [ln if '"route"' not in ln else json.dumps(json.loads(ln), indent=1).replace("\n", "") for ln in lines],
+        f"{name}_slow.jsonl",
+    )
     b = plot_hist.load_routes(slow)
-    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", lambda *a, **k: pytest.fail("fast lines went slow"))
-    return fast, (plot_hist.load_routes(fast), b)
+    a = plot_hist.load_routes(fast)
+    assert a.chunks["per_line"] == 0, "fast lines went slow"
+    return fast, (a, b)
 
 
-def test_data_parallel_requests_are_told_apart_by_rank(tmp_path, monkeypatch):
+def test_data_parallel_requests_are_told_apart_by_rank(tmp_path):
     """Each DP rank's caller numbers requests from "0"; records carry dp_rank. Fast and per-line
     paths agree, a request is (dp_rank, req_id), --requests matches the id on every rank."""
     lines = [meta(data_parallel_size=2, data_parallel_rank=0), meta(data_parallel_size=2, data_parallel_rank=1)]
     for rank in (0, 1):
         for tok in range(3):
             for layer in (1, 3):
-                lines.append(route("0", tok, layer, [rank, 2], [0.5, 0.5]).replace(
-                    '"type":"route",', f'"type":"route","dp_rank":{rank},'))
+                lines.append(
+                    route("0", tok, layer, [rank, 2], [0.5, 0.5]).replace(
+                        '"type":"route",', f'"type":"route","dp_rank":{rank},'
+                    )
+                )
     lines.append(route("1", 0, 1, [3, 2], [0.5, 0.5]).replace('"type":"route",', '"type":"route","dp_rank":1,'))
     lines.append('{"type":"gap","dp_rank":1,"req_id":"0","token_start":5,"token_end":7,"reason":"test"}')
-    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "dp", monkeypatch)
+    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "dp")
     for c in (a, b):
-        assert (c.records, c.requests, c.tokens) == (13, 3, 7)   # dp0/"0", dp1/"0", dp1/"1"
+        assert (c.records, c.requests, c.tokens) == (13, 3, 7)  # dp0/"0", dp1/"0", dp1/"1"
         assert c.counts.tolist() == [[3, 3, 7, 1], [3, 3, 6, 0]]
         assert c.gap_records == 1 and c.gap_positions == 2
     sel = plot_hist.load_routes(fast, requests=["0"])
+    assert sel.chunks["per_line"] == 0, "fast lines went slow"
     assert (sel.records, sel.requests, sel.tokens) == (12, 2, 6)
     bad = write(tmp_path, lines[:2] + [lines[2].replace('"dp_rank":0', '"dp_rank":-1')], "bad.jsonl")
-    monkeypatch.undo()
     with pytest.raises(plot_hist.RouteLogError, match="dp_rank"):
         plot_hist.load_routes(bad)
 
 
-def test_completions_of_a_request_are_counted_apart(tmp_path, monkeypatch):
+def test_completions_of_a_request_are_counted_apart(tmp_path):
     """n > 1: records carry completion_index; the unit counted is the completion, on the fast path and
     the per-line path alike; --requests selects every completion of a request id."""
     lines = [meta()]
     for completion in (0, 1, 2):
         for tok in range(2):
             for layer in (1, 3):
-                lines.append(route("0", tok, layer, [completion, 3], [0.5, 0.5]).replace(
-                    '"req_id":"0",', f'"req_id":"0","completion_index":{completion},'))
+                lines.append(
+                    route("0", tok, layer, [completion, 3], [0.5, 0.5]).replace(
+                        '"req_id":"0",', f'"req_id":"0","completion_index":{completion},'
+                    )
+                )
     lines.append(route("1", 0, 1, [0, 1], [0.5, 0.5]))
     lines.append('{"type":"gap","req_id":"0","completion_index":2,"token_start":5,"token_end":9,"reason":"t"}')
-    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "n3", monkeypatch)
+    fast, (a, b) = _load_fast_and_slow(tmp_path, lines, "n3")
     for c in (a, b):
-        assert (c.records, c.requests, c.tokens) == (13, 4, 7)   # "0"#0, "0"#1, "0"#2, "1"
+        assert (c.records, c.requests, c.tokens) == (13, 4, 7)  # "0"#0, "0"#1, "0"#2, "1"
         assert c.counts.tolist() == [[3, 3, 2, 6], [2, 2, 2, 6]]
         assert c.gap_records == 1 and c.gap_positions == 4
     sel = plot_hist.load_routes(fast, requests=["0"])
+    assert sel.chunks["per_line"] == 0, "fast lines went slow"
     assert (sel.records, sel.requests, sel.tokens) == (12, 3, 6)
-    monkeypatch.undo()
     bad = write(tmp_path, lines[:2] + [lines[2].replace('"completion_index":0', '"completion_index":"0"')], "bad.jsonl")
     with pytest.raises(plot_hist.RouteLogError, match="completion_index"):
         plot_hist.load_routes(bad)
 
 
 def test_error_record_marks_the_log_incomplete(tmp_path, capsys):
-    lines = GOOD_LINES[:5] + ['{"type":"error","error":"OSError: [Errno 28] No space left on device",'
-                              '"policy":"stop","message":"routing log stopped","writer_id":"x","time_unix":1.0,'
-                              '"records_dropped":0}']
+    lines = GOOD_LINES[:5] + [
+        '{"type":"error","error":"OSError: [Errno 28] No space left on device",'
+        '"policy":"stop","message":"routing log stopped","writer_id":"x","time_unix":1.0,'
+        '"records_dropped":0}'
+    ]
     path = write(tmp_path, lines, "stopped.jsonl")
     counts = plot_hist.load_routes(path)
     assert counts.records == 4 and len(counts.error_records) == 1
@@ -416,27 +513,30 @@ def test_error_record_marks_the_log_incomplete(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- fast path
 
-def test_fast_and_json_paths_agree(tmp_path, monkeypatch):
+
+def test_fast_and_json_paths_agree(tmp_path):
     """Many lines so the chunked fast path is used; same data re-encoded with json.dumps."""
     import random
+
     rnd = random.Random(1)
     recs = []
     for t in range(300):
         for layer in (1, 3):
             ids = rnd.sample(range(4), 2)
             w = rnd.random()
-            recs.append(("r%d" % (t % 7), t, layer, ids, [w, 1 - w]))
+            recs.append((f"r{t % 7}", t, layer, ids, [w, 1 - w]))
     fast = [meta()] + [route(*r) for r in recs]
-    slow = [meta()] + [json.dumps({"topk_ids": r[3], "layer": r[2], "type": "route",
-                                   "req_id": r[0], "token_idx": r[1],
-                                   "topk_weights": r[4]}, indent=None) for r in recs]
+    slow = [meta()] + [
+        json.dumps(
+            {"topk_ids": r[3], "layer": r[2], "type": "route", "req_id": r[0], "token_idx": r[1], "topk_weights": r[4]},
+            indent=None,
+        )
+        for r in recs
+    ]
     fast_p, slow_p = write(tmp_path, fast, "fast.jsonl"), write(tmp_path, slow, "slow.jsonl")
     b = plot_hist.load_routes(slow_p, weighted=True)
-
-    def no_slow(*a, **k):
-        raise AssertionError("fast-path lines went through the per-line fallback")
-    monkeypatch.setattr(plot_hist._Loader, "_slow_chunk", no_slow)
     a = plot_hist.load_routes(fast_p, weighted=True)
+    assert a.chunks["per_line"] == 0, "fast-path lines went through the per-line fallback"
     assert a.counts.ravel().tolist() == pytest.approx(b.counts.ravel().tolist())
     assert (a.records, a.requests, a.tokens) == (b.records, b.requests, b.tokens) == (600, 7, 300)
     total = sum(1 for _ in recs) * 2
@@ -455,11 +555,187 @@ def test_chunk_boundaries(tmp_path, monkeypatch):
     assert ei.value.lineno == 10
 
 
-@pytest.mark.parametrize("tok,ok", [
-    (b"0.5", True), (b"-0.25", True), (b"1e-05", True), (b"3.5E+2", True), (b"0", True),
-    (b"1.2.3", False), (b"01", False), (b"-01", False), (b"+1", False), (b".5", False),
-    (b"1.", False), (b"1e", False), (b"1e2.5", False), (b"--1", False), (b"1-2", False),
-])
+@pytest.mark.parametrize(
+    "tok,ok",
+    [
+        (b"0.5", True),
+        (b"-0.25", True),
+        (b"1e-05", True),
+        (b"3.5E+2", True),
+        (b"0", True),
+        (b"1.2.3", False),
+        (b"01", False),
+        (b"-01", False),
+        (b"+1", False),
+        (b".5", False),
+        (b"1.", False),
+        (b"1e", False),
+        (b"1e2.5", False),
+        (b"--1", False),
+        (b"1-2", False),
+    ],
+)
 def test_number_validator(tok, ok):
     assert plot_hist._valid_numbers(b"0.5," + tok + b",1") is ok
     assert plot_hist._valid_numbers(tok) is ok
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _outcome(path, reader, **kw):
+    """What load_routes gives: the counts' public fields, or the error text."""
+    try:
+        c = plot_hist.load_routes(path, reader=reader, **kw)
+    except (plot_hist.RouteLogError, plot_hist.SelectionError) as exc:
+        return type(exc).__name__, str(exc)
+    return (
+        c.counts.tolist(),
+        c.layers,
+        c.layer_records.tolist(),
+        c.records,
+        c.requests,
+        c.tokens,
+        c.cached_records,
+        c.gap_records,
+        c.gap_positions,
+        c.meta_records,
+        c.lines,
+        c.truncated_line,
+        [w for w in c.warnings if "pyarrow" not in w],
+    )
+
+
+ROUTE_BLOCK = [
+    route(f"r{t % 5}", t, layer, [t % 4, (t + 1) % 4], [0.75, 0.25], cached=t % 9 == 0)
+    for t in range(40)
+    for layer in (1, 3)
+]
+# route-only text where a line in the middle is altered: the arrow path is tried on the chunk, and each of
+# these is a case pyarrow.json alone would accept, coerce or mis-number (or one it rejects): the result
+# must be the pure-Python reader's, error message and line number included
+SCREEN_CASES = {
+    "good": None,
+    "cached_false": ROUTE_BLOCK[10][:-1] + ',"cached":false}',
+    "cached_null": ROUTE_BLOCK[10][:-1] + ',"cached":null}',
+    "layer_null": ROUTE_BLOCK[10].replace('"layer":1', '"layer":null'),
+    "dp_rank_null": ROUTE_BLOCK[10].replace('"type":"route",', '"type":"route","dp_rank":null,'),
+    "weight_null": ROUTE_BLOCK[10].replace("[0.75,", "[null,"),
+    "weight_nan": ROUTE_BLOCK[10].replace("[0.75,", "[NaN,"),
+    "weight_inf": ROUTE_BLOCK[10].replace("[0.75,", "[-Infinity,"),
+    "weight_int": ROUTE_BLOCK[10].replace("[0.75,0.25]", "[1,0]"),
+    "weight_huge": ROUTE_BLOCK[10].replace("[0.75,", "[1e400,"),
+    "req_id_number": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":7'),
+    "req_id_escape": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":"r\\u0030"'),
+    "req_id_unicode": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":"r\u00e9\U0001f600"'),
+    "req_id_lone_surrogate": ROUTE_BLOCK[10].replace('"req_id":"r0"', '"req_id":"\\ud800"'),
+    "id_float": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[1.0,').replace(",1],", "],", 1),
+    "id_bool": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[true,').replace(",1],", "],", 1),
+    "id_negative": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[-1,').replace(",1],", "],", 1),
+    "id_too_big": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[99999999999999999999,').replace(",1],", "],", 1),
+    "ids_three": ROUTE_BLOCK[10].replace('"topk_ids":[', '"topk_ids":[3,'),
+    "token_too_big": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":4294967296'),
+    "token_negative": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":-5'),
+    "layer_too_big": ROUTE_BLOCK[10].replace('"layer":1', '"layer":4'),
+    "layer_string": ROUTE_BLOCK[10].replace('"layer":1', '"layer":"1"'),
+    "leading_zero": ROUTE_BLOCK[10].replace('"token_idx":5', '"token_idx":05'),
+    "duplicate_key": ROUTE_BLOCK[10][:-1] + ',"layer":3}',
+    "extra_key": ROUTE_BLOCK[10][:-1] + ',"x":1}',
+    "missing_key": ROUTE_BLOCK[10].replace('"layer":1,', ""),
+    "type_gap": ROUTE_BLOCK[10].replace('"type":"route"', '"type":"gap"'),
+    "key_order_spaces": json.dumps(json.loads(ROUTE_BLOCK[10]), indent=1).replace("\n", ""),
+    "leading_space": "  " + ROUTE_BLOCK[10],
+    "blank_line": "",
+    "whitespace_line": "   ",
+    "two_objects_one_line": ROUTE_BLOCK[10] + " " + ROUTE_BLOCK[11],
+    "two_objects_and_blank": ROUTE_BLOCK[10] + " " + ROUTE_BLOCK[11] + "\n",
+    "gap_record": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}',
+    "gap_record_spaces": '{"type": "gap", "req_id": "r1", "dp_rank": 1, "token_start": 1, "token_end": 3, '
+    '"reason": "t"}',
+    "gap_bad_range": '{"type":"gap","req_id":"r0","token_start":3,"token_end":1,"reason":"t"}',
+    "gap_string_start": '{"type":"gap","req_id":"r0","token_start":"1","token_end":3,"reason":"t"}',
+    "gap_route_key": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t","layer":1}',
+    "gap_extra_key": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t","x":[1]}',
+    "gap_missing_reason": '{"type":"gap","req_id":"r0","token_start":1,"token_end":3}',
+    "route_with_gap_key": ROUTE_BLOCK[10][:-1] + ',"token_start":1}',
+    "meta_record": meta(writer={"pid": 9}),
+    "error_record": '{"type":"error","error":"stopped","policy":"stop"}',
+    "dp_and_completion": ROUTE_BLOCK[10]
+    .replace('"type":"route",', '"type":"route","dp_rank":1,')
+    .replace('"token_idx"', '"completion_index":2,"token_idx"'),
+    "completion_negative": ROUTE_BLOCK[10].replace('"token_idx"', '"completion_index":-2,"token_idx"'),
+    "truncated_tail": "TAIL",
+}
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
+@pytest.mark.parametrize(
+    "select", [{}, {"weighted": True}, {"requests": ["r0", "r3"], "layers": [3]}], ids=["counts", "weighted", "sel"]
+)
+@pytest.mark.parametrize("case", list(SCREEN_CASES))
+def test_arrow_and_regex_readers_agree(tmp_path, case, select, reader):
+    lines = list(ROUTE_BLOCK)
+    alt = SCREEN_CASES[case]
+    trailing = True
+    if alt == "TAIL":
+        lines.append(ROUTE_BLOCK[10][:50])
+        trailing = False
+    elif alt is not None:
+        lines[10] = alt
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(("\n".join([meta()] + lines) + ("\n" if trailing else "")).encode("utf-8", "surrogatepass"))
+    a, b = _outcome(str(p), "arrow", **select), _outcome(str(p), "regex", **select)
+    assert a == b
+    if case in ("good", "gap_record", "gap_record_spaces"):  # a chunk of route and gap records: pyarrow's
+        assert plot_hist.load_routes(str(p), reader="arrow").chunks == {"arrow": 1, "regex": 0, "per_line": 0}
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
+def test_arrow_and_regex_readers_agree_on_invalid_utf8(tmp_path, reader):
+    lines = [meta()] + ROUTE_BLOCK
+    raw = ("\n".join(lines) + "\n").encode().replace(b'"req_id":"r3"', b'"req_id":"r\xff"', 1)
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(raw)
+    a, b = _outcome(str(p), "arrow"), _outcome(str(p), "regex")
+    assert a == b and a[0] == "RouteLogError" and "not valid JSON" in a[1]
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
+def test_arrow_reader_takes_route_chunks_and_names_lines(tmp_path, reader, monkeypatch):
+    """Small chunks: route-only chunks go through pyarrow, the chunk holding the gap and meta records through
+    the regex path; a bad value in a pyarrow chunk is reported with the regex path's message and line."""
+    monkeypatch.setattr(plot_hist, "CHUNK_BYTES", 2048)
+    lines = (
+        [meta()]
+        + ROUTE_BLOCK[:30]
+        + ['{"type":"gap","req_id":"r0","token_start":1,"token_end":3,"reason":"t"}', meta(writer={"pid": 2})]
+        + ROUTE_BLOCK[30:]
+    )
+    p = write(tmp_path, lines)
+    c = plot_hist.load_routes(p, reader="arrow")
+    assert c.reader == "arrow" and c.chunks["arrow"] >= 2 and c.chunks["regex"] >= 1
+    assert c.chunks["per_line"] == 0
+    assert _outcome(p, "arrow") == _outcome(p, "regex")
+    lines[70] = lines[70].replace('"layer":3', '"layer":9')
+    assert '"layer":9' in lines[70]
+    bad = write(tmp_path, lines, "bad.jsonl")
+    with pytest.raises(plot_hist.RouteLogError) as ei:
+        plot_hist.load_routes(bad, reader="arrow")
+    assert str(ei.value) == f"{bad}:71: layer 9 >= number of decoder layers 4"
+
+
+@pytest.mark.parametrize("reader", ["arrow"], indirect=True)  # compares the readers itself
+def test_missing_pyarrow(good, capsys, reader):
+    """reader="arrow" without pyarrow: a clear error naming the pin; "auto" falls back with a warning."""
+    saved = plot_hist._import_pyarrow
+    plot_hist._import_pyarrow = lambda: None
+    try:
+        with pytest.raises(ImportError, match="pip install pyarrow"):
+            plot_hist.load_routes(good, reader="arrow")
+        c = plot_hist.load_routes(good)
+        assert c.reader == "regex" and any("pyarrow is not installed" in w for w in c.warnings)
+        rc, _, err = run_main([good, "--no-plots", "--reader", "arrow"], capsys)
+        assert rc == 2 and "requirements-lock.txt" in err
+    finally:
+        plot_hist._import_pyarrow = saved
+    assert plot_hist.load_routes(good, reader="regex").reader == "regex"

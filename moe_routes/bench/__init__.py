@@ -7,6 +7,7 @@ BENCHMARKS = {
     "overhead": "log vs no-log throughput of run_generate on a CPU bench model (or --model)",
     "imports": "import cost of the patched vLLM with logging off vs the same install with the series reversed",
     "writer": "route records/s of the patched vLLM routing-log writer on one core",
+    "plot": "plot_hist.py log readers (pyarrow.json, pure Python, orjson, polars, duckdb) on one 10M-line log",
 }
 
 
