@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (or reuse) the light development venv from requirements-dev-lock.txt: pytest, ruff, numpy,
-# matplotlib, jsonschema; no engine. Prints the venv's python path as the last line of stdout.
+# matplotlib, jsonschema, pyarrow; no engine. Prints the venv's python path as the last line of stdout.
 #
 #   scripts/setup_dev_env.sh     # build or reuse
 #
@@ -23,7 +23,7 @@ if [ ! -f "$VENV/.complete" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location 'file:" >&2 || true
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev-lock.txt" 2>&1 \
     | grep -v "^WARNING: Location 'file:" >&2 || true
-  "$VENV/bin/python" -c "import pytest, numpy, matplotlib, jsonschema" && "$VENV/bin/ruff" --version >/dev/null
+  "$VENV/bin/python" -c "import pytest, numpy, matplotlib, jsonschema, pyarrow" && "$VENV/bin/ruff" --version >/dev/null
   touch "$VENV/.complete"
 else
   log "reusing $VENV"
