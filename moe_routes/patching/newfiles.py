@@ -78,7 +78,12 @@ def stale_problems(pdir: Path, patches: list[Patch]) -> list[str]:
                 f"{p.name}: its new-file hunk for {fp.path} differs from what {shown(pdir, fp.path)} generates; "
                 f"run `{refresh_command(pdir)}` to regenerate the patch"
             )
-    for path in sources:
+    for path, src in sources.items():
+        if src.read_bytes().endswith(b"\n\n"):
+            problems.append(
+                f"{shown(pdir, path)} ends with a blank line (git apply warns 'new blank line at EOF'); "
+                f"remove it there and run `{refresh_command(pdir)}`"
+            )
         if path in new_owner:
             continue
         if path in touched:
