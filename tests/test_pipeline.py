@@ -100,7 +100,7 @@ def test_run_generate_errors_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["run_generate.py", "plot_hist.py", "scripts/bench_overhead.py", "scripts/bench_import.py",
-                                    "scripts/bench_writer.py", "scripts/tinymoe.py", "scripts/moe_patch.py"])
+                                    "scripts/bench_writer.py", "scripts/tinymoe.py"])
 def test_cli_help_has_examples(script):
     proc = subprocess.run([PY, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "examples" in proc.stdout.lower(), proc.stderr[-2000:]
