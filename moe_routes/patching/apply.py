@@ -2,7 +2,8 @@
 
 Order of a change: the strict simulator predicts the whole series' result (nothing applies unless everything
 does), real ``git apply`` replays it on staged copies outside any repository and must agree byte for byte,
-every patched ``.py`` must byte-compile, and only then ``commit`` swaps the files in.
+every patched ``.py`` must byte-compile, and only then ``commit`` swaps the files in. A patch's status is
+``git apply --check`` / ``--check -R`` on staged copies; the simulator names the drifted files and hunks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from moe_routes.patching.errors import PatchError
 from moe_routes.patching.git import run_git
 from moe_routes.patching.patchfile import Patch
 from moe_routes.patching.series import all_paths, load_patches
-from moe_routes.patching.simulate import Files, classify, read_files, simulate
+from moe_routes.patching.simulate import Files, PatchState, classify, read_files, simulate
 from moe_routes.patching.targets import Target
 
 _COMPILE_SCRIPT = """\
@@ -68,17 +69,56 @@ def compile_errors(files: dict[str, bytes], python: str | None) -> dict[str, str
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# git prints this only when it placed a hunk somewhere else than its header says (offset or fuzz)
+_MOVED_HUNK = re.compile(r"^Hunk #\d+ succeeded at ", re.M)
+
+
+def _stage(files: Files, stage: Path) -> Path:
+    tree = stage / "tree"
+    tree.mkdir()
+    for p, data in files.items():
+        if data is not None:
+            (tree / p).parent.mkdir(parents=True, exist_ok=True)
+            (tree / p).write_bytes(data)
+    return tree
+
+
+def git_check(p: Patch, files: Files, reverse: bool) -> bool:
+    """`git apply --check [-R]` of one patch on staged copies of its files: True if every hunk applies at its
+    exact line."""
+    stage = Path(tempfile.mkdtemp(prefix="moe-patch-check-"))
+    try:
+        tree = _stage({f: files.get(f) for f in p.paths}, stage)
+        args = ["apply", "--check", "--verbose", "--whitespace=nowarn"] + (["--reverse"] if reverse else [])
+        r = run_git([*args, str(p.path.resolve())], cwd=tree, ceiling=stage)
+        return r.returncode == 0 and not _MOVED_HUNK.search((r.stdout + r.stderr).decode(errors="replace"))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def patch_state(p: Patch, files: Files) -> PatchState:
+    """applied / not applied by git's own check; otherwise the simulator tells drifted from partly applied."""
+    if git_check(p, files, reverse=False):
+        return PatchState(p.name, "not applied")
+    if git_check(p, files, reverse=True):
+        return PatchState(p.name, "applied")
+    state = classify(p, files)
+    if state.state in ("applied", "not applied"):  # the simulator accepts what git refuses: report, never guess
+        return PatchState(
+            p.name,
+            "drifted",
+            list(p.paths),
+            [f"the strict applier finds it {state.state}, git apply --check refuses that"],
+        )
+    return state
+
+
 def git_apply_staged(patches: list[Patch], current: Files, expected: Files, reverse: bool, python: str | None) -> None:
     """Replay the series with real `git apply` on staged copies in a temp dir outside any repository, prove every
     file changed, compare with the strict applier, byte-compile."""
     stage = Path(tempfile.mkdtemp(prefix="moe-patch-stage-"))
     try:
-        tree = stage / "tree"
-        tree.mkdir()
-        for p, data in current.items():
-            if data is not None:
-                (tree / p).parent.mkdir(parents=True, exist_ok=True)
-                (tree / p).write_bytes(data)
+        tree = _stage(current, stage)
         for p in reversed(patches) if reverse else patches:
             before = read_files(tree, p.paths)
             args = ["apply", "--verbose", "--whitespace=nowarn"] + (["--reverse"] if reverse else [])
@@ -86,7 +126,7 @@ def git_apply_staged(patches: list[Patch], current: Files, expected: Files, reve
             out = (r.stdout + r.stderr).decode(errors="replace")
             if r.returncode:
                 raise PatchError(f"patch {p.name}: git apply{' -R' if reverse else ''} failed:\n{out.strip()}")
-            if re.search(r"offset|fuzz", out, re.I):
+            if _MOVED_HUNK.search(out):
                 raise PatchError(f"patch {p.name}: git apply needed an offset/fuzz (refused):\n{out.strip()}")
             after = read_files(tree, p.paths)
             same = [f for f in p.paths if before[f] == after[f]]
@@ -121,7 +161,7 @@ def _require_byte_compile(patches: list[Patch], current: Files, expected: Files,
 
 def _explain_neither(t: Target, pdir: Path, patches: list[Patch], current: Files, verb: str, why: str) -> PatchError:
     """The series neither applies nor reverses: name the drifted or partly applied patches and files."""
-    states = [classify(p, current) for p in patches]
+    states = [patch_state(p, current) for p in patches]
     lines = []
     for s in states:
         if s.state == "drifted":
@@ -222,7 +262,7 @@ def status(t: Target, pdir: Path) -> int:
         print(f"  state file: {'present (stale)' if t.state_file.exists() else 'absent'}")
         return 0
     current = read_files(t.root, all_paths(patches))
-    states = [classify(p, current) for p in patches]
+    states = [patch_state(p, current) for p in patches]
     for s in states:
         extra = f" ({', '.join(s.drifted)})" if s.drifted else (f" ({'; '.join(s.detail)})" if s.detail else "")
         print(f"  {s.name}: {s.state}{extra}")

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moe_routes.patching.apply import run_series
+from moe_routes.patching.apply import patch_state, run_series
 from moe_routes.patching.commit import state_problems
 from moe_routes.patching.console import quiet, say
 from moe_routes.patching.engines import pin_of, series_dir
@@ -16,7 +16,7 @@ from moe_routes.patching.lint import lint_dir
 from moe_routes.patching.patchfile import Patch
 from moe_routes.patching.releases import LAYOUTS, ensure_artifact, extract_release, hash_tree
 from moe_routes.patching.series import all_paths, load_patches
-from moe_routes.patching.simulate import classify, read_files
+from moe_routes.patching.simulate import read_files
 from moe_routes.patching.targets import check_version, resolve_tree
 
 
@@ -65,7 +65,7 @@ def _round_trip(engine: str, layout: str, art: Path, tmp: Path, pdir: Path, patc
     with quiet():
         run_series(t, pdir, reverse=False, check=False)
         cur = read_files(t.root, all_paths(patches))
-        states = {classify(p, cur).state for p in patches}
+        states = {patch_state(p, cur).state for p in patches}
         if states != {"applied"} or state_problems(t, patches, cur):
             raise PatchError(f"after apply, status is {states} / {state_problems(t, patches, cur)}")
         run_series(t, pdir, reverse=True, check=False)
