@@ -79,17 +79,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check", action="store_true", help="dry run: change nothing")
     p.add_argument("--reverse", action="store_true", help="reverse the series instead")
-    p = sub.add_parser("check", parents=[tgt], help="dry run of apply (alias: apply --check)")
+    p = sub.add_parser(
+        "check", parents=[tgt], formatter_class=fmt, epilog=EPILOG, help="dry run of apply (alias: apply --check)"
+    )
     p.add_argument("--reverse", action="store_true", help="dry run of reverse")
-    p = sub.add_parser("reverse", parents=[tgt], help="reverse the series, restoring upstream files")
+    p = sub.add_parser(
+        "reverse",
+        parents=[tgt],
+        formatter_class=fmt,
+        epilog=EPILOG,
+        help="reverse the series, restoring upstream files",
+    )
     p.add_argument("--check", action="store_true", help="dry run: change nothing")
-    sub.add_parser("status", parents=[tgt], help="per-patch applied / not applied / drifted")
+    sub.add_parser(
+        "status", parents=[tgt], formatter_class=fmt, epilog=EPILOG, help="per-patch applied / not applied / drifted"
+    )
 
-    p = sub.add_parser("lint", parents=[hidden], help="check series, patch files and files/ sources")
+    p = sub.add_parser(
+        "lint",
+        parents=[hidden],
+        formatter_class=fmt,
+        epilog=EPILOG,
+        help="check series, patch files and files/ sources",
+    )
     p.add_argument("--engine", choices=sorted(ENGINES), help="default: both")
     p.add_argument("--dir", metavar="DIR", help="lint this patch directory instead")
 
-    p = sub.add_parser("verify", parents=[hidden], help="apply+reverse every series on the clean pinned releases")
+    p = sub.add_parser(
+        "verify",
+        parents=[hidden],
+        formatter_class=fmt,
+        epilog=EPILOG,
+        help="apply+reverse every series on the clean pinned releases",
+    )
     p.add_argument("--engine", choices=sorted(ENGINES), help="default: both")
     p.add_argument("--offline", action="store_true", help="use the cache only")
 
@@ -97,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "refresh",
         parents=[target_options(required=False)],
         help="regenerate patch files: new-file hunks from files/, hook hunks from an edited tree",
+        description="Without --tree/--python: regenerate the new-file hunks of the series from files/ (no engine "
+        "tree needed). With one: also diff every upstream file a patch owns in that edited tree against the clean "
+        "pinned release. A patch is rewritten, with Last-Update = today, only when its bytes change.",
         formatter_class=fmt,
         epilog=EPILOG,
     )
@@ -132,15 +157,16 @@ def _run_refresh(args, pdir_override: Path | None) -> int:
                                 ("--to", args.to), ("--drop-file", args.drop_file)) if v]  # fmt: skip
     if tree_only:
         raise UsageError(f"{', '.join(tree_only)} need(s) an edited tree: add --tree DIR or --python PATH")
-    engines = [args.engine] if args.engine else sorted(ENGINES)
-    if pdir_override:
-        engines = [args.engine or engine_of_dir(pdir_override) or "vllm"]
-    for engine in engines:
-        pdir = pdir_override or series_dir(engine)
+    pdirs = (
+        [pdir_override]
+        if pdir_override
+        else [series_dir(e) for e in ([args.engine] if args.engine else sorted(ENGINES))]
+    )
+    for pdir in pdirs:
         if args.extract_new_files:
-            refresh.extract_new_files(engine, pdir)
+            refresh.extract_new_files(pdir)
         else:
-            refresh.refresh_new_files(engine, pdir)
+            refresh.refresh_new_files(pdir)
     return 0
 
 

@@ -25,7 +25,7 @@ from moe_routes.patching.simulate import read_files
 from moe_routes.patching.targets import resolve_tree, target_from_args
 
 
-def refresh_new_files(engine: str, pdir: Path) -> int:
+def refresh_new_files(pdir: Path) -> int:
     """Regenerate the new-file hunks from files/; touches nothing else."""
     patches = load_patches(pdir)
     file_owners(patches)
@@ -41,7 +41,7 @@ def refresh_new_files(engine: str, pdir: Path) -> int:
     return 0
 
 
-def extract_new_files(engine: str, pdir: Path) -> int:
+def extract_new_files(pdir: Path) -> int:
     patches = load_patches(pdir)
     file_owners(patches)
     done = newfiles.extract(pdir, patches)
