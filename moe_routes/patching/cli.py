@@ -156,7 +156,7 @@ def _run_refresh(args, pdir_override: Path | None) -> int:
                                 ("--description", args.description), ("--add-file", args.add_file),
                                 ("--to", args.to), ("--drop-file", args.drop_file)) if v]  # fmt: skip
     if tree_only:
-        raise UsageError(f"{', '.join(tree_only)} need(s) an edited tree: add --tree DIR or --python PATH")
+        raise UsageError(f"{', '.join(tree_only)}: only with an edited tree (add --tree DIR or --python PATH)")
     pdirs = (
         [pdir_override]
         if pdir_override
