@@ -152,7 +152,7 @@ def all_identical(token_lists: dict) -> bool:
 
 
 def is_random_weight_model(model: str) -> bool:
-    """Models built by scripts/tinymoe.py carry a tinymoe.json marker: their routing means nothing."""
+    """Models built by `moe-routes tiny-model` carry a tinymoe.json marker: their routing means nothing."""
     return (Path(model) / "tinymoe.json").exists()
 
 
@@ -251,6 +251,14 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 # SGLang
 # ------------------------------------------------------------------------------------------------
+def _sglang_run(engine, prompts, sampling, log: bool):
+    t0 = time.perf_counter()
+    outs = engine.generate(prompt=prompts, sampling_params=sampling, return_expert_routing=log)
+    wall = time.perf_counter() - t0
+    return outs, run_stats(wall, sum(o["meta_info"]["prompt_tokens"] for o in outs),
+                           sum(o["meta_info"]["completion_tokens"] for o in outs))
+
+
 def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     try:
         import sglang
@@ -265,25 +273,25 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     hf_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     prompts = build_prompts(questions, tokenizer, not args.no_chat_template)
     sampling = {"temperature": 0.0, "max_new_tokens": args.max_tokens, "ignore_eos": args.ignore_eos}
-    engines, startup = {}, {}
-    for mode in ("log", "nolog"):
+    # One engine at a time (APPENDIX "run_generate.py --engine sglang"): SGLang sizes its KV cache from
+    # the GPU memory free when the engine starts, so a second engine beside the first one fails to start
+    # (or gets a tiny KV cache); alternation therefore happens within each engine's repeats.
+    startup, warmup, runs, outputs = {}, {}, {"log": [], "nolog": []}, {"log": [], "nolog": []}
+    for mode in ("nolog", "log"):
+        print(f"run_generate: starting the {mode} engine ...", flush=True)
         t0 = time.perf_counter()
-        engines[mode] = sglang.Engine(model_path=args.model, random_seed=args.seed, dtype=args.dtype,
-                                      tp_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
-                                      # the series reuses SGLang's own server flag for the feature
-                                      enable_return_routed_experts=(mode == "log"),
-                                      mem_fraction_static=args.gpu_memory_utilization or 0.4)
+        kw = {} if args.gpu_memory_utilization is None else {"mem_fraction_static": args.gpu_memory_utilization}
+        engine = sglang.Engine(model_path=args.model, random_seed=args.seed, dtype=args.dtype,
+                               tp_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
+                               enable_return_expert_routing=(mode == "log"), **kw)
         startup[mode] = time.perf_counter() - t0
-
-    def one(mode):
-        t0 = time.perf_counter()
-        outs = engines[mode].generate(prompt=prompts, sampling_params=sampling,
-                                      return_expert_routing=(mode == "log"))
-        wall = time.perf_counter() - t0
-        return outs, run_stats(wall, sum(o["meta_info"]["prompt_tokens"] for o in outs),
-                               sum(o["meta_info"]["completion_tokens"] for o in outs))
-
-    warmup, runs, outputs = measure_alternating(one, args.repeats)
+        warmup[mode] = _sglang_run(engine, prompts, sampling, mode == "log")[1]
+        for _ in range(args.repeats):
+            outs, stats = _sglang_run(engine, prompts, sampling, mode == "log")
+            runs[mode].append(stats)
+            outputs[mode].append(outs)
+        engine.shutdown()
+        del engine  # its GPU memory must be free before the next engine sizes its KV cache
     identical = all_identical({m: [[o.get("output_ids") for o in outs] for outs in outputs[m]] for m in outputs})
     first = outputs["log"][0]
     n_records = 0
@@ -298,15 +306,17 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
                 "moe_layers": [int(x) for x in decoded[0]["layers"]],
                 "layers_logged": [int(x) for x in decoded[0]["layers"]], "id_kind": "logical",
                 "routing_source": "kernel", "patch_series": series["series"],
+                # topk_weights hold the factor exactly when SGLang's top-k kernel applied it (payload says so)
+                "kernel_routed_scaling_factor": (decoded[0]["routed_scaling_factor"]
+                                                 if decoded[0]["weights_include_routed_scaling_factor"] else 1.0),
+                "config_routed_scaling_factor": decoded[0]["routed_scaling_factor"],
                 "patches": series["patches"], "writer": {"pid": os.getpid(), "host": socket.gethostname()},
                 "created_unix": time.time()}
         f.write(json.dumps(meta, separators=(",", ":")) + "\n")
-        for i, (o, dec) in enumerate(zip(first, decoded)):
+        for i, (o, dec) in enumerate(zip(first, decoded, strict=True)):
             for rec in to_jsonl_records(str(o["meta_info"].get("id", i)), dec):
                 f.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 n_records += 1
-    for e in engines.values():
-        e.shutdown()
     return {"engine": "sglang", "engine_version": sglang.__version__, "torch_version": __import__("torch").__version__,
             "startup_s": startup, "warmup": warmup, "runs": runs, "tokens_identical": identical,
             "route_records": n_records}
@@ -344,7 +354,8 @@ def parse_args(argv=None):
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--gpu-memory-utilization", type=float,
-                   help="per engine; two engines run side by side (vLLM default on GPU: 0.42)")
+                   help="vLLM: per engine, two engines run side by side (default on GPU: 0.42); SGLang: "
+                        "mem_fraction_static of the one engine running at a time (default: SGLang's own)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out-dir", default=".", help="where the artifacts go (default: current directory)")
     p.add_argument("--keep-all-runs-log", action="store_true",

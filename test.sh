@@ -25,7 +25,8 @@ expert_stats.json in --out-dir.
   -h, --help             this text
 
 Examples:
-  ./test.sh                                   # GPU box with network: the full job
+  ./test.sh                                   # GPU box with network: the full job; on CPU with no
+                                              #   reachable hub it takes the offline path, loudly
   ./test.sh --offline --prompts-file ../shared/data/gsm8k/test.jsonl   # no GPU, no network
 EOF
 }
@@ -73,6 +74,27 @@ fi
 free_gb=$(df -Pk "$CACHE" | awk 'NR==2 {print int($4/1048576)}')
 [ "$free_gb" -ge "$need_gb" ] || [ -n "${MOE_ROUTES_SKIP_DISK_CHECK:-}" ] || \
   die "only ${free_gb} GB free under $CACHE; the $DEVICE environment and model need about ${need_gb} GB"
+# A newcomer's first run must not die an hour in on a missing network: ask the hub once, now.
+SHARED_PROMPTS="$(cd "$ROOT/.." && pwd)/shared/data/gsm8k/test.jsonl"
+hub_reachable() {
+  [ -z "${HF_HUB_OFFLINE:-}" ] || [ "${HF_HUB_OFFLINE}" = 0 ] || return 1
+  curl -fsS -m 8 -o /dev/null "${HF_ENDPOINT:-https://huggingface.co}/api/models?limit=1" 2>/dev/null
+}
+if [ $OFFLINE = 0 ] && ! { [ -n "$MODEL" ] && [ -d "$MODEL" ]; } && ! hub_reachable; then
+  if [ "$DEVICE" = cpu ] && [ -z "$MODEL" ] && [ -f "${PROMPTS:-$SHARED_PROMPTS}" ]; then
+    PROMPTS=${PROMPTS:-$SHARED_PROMPTS}; OFFLINE=1
+    cat >&2 <<EOF
+######################################################################################################
+test.sh: NOTE: the model hub (${HF_ENDPOINT:-https://huggingface.co}) is not reachable from this machine.
+Taking the OFFLINE path: a tiny RANDOM-weight MoE built locally, prompts from $PROMPTS.
+Its routing statistics mean nothing; it checks the pipeline end to end. For the real model, run with
+network access (or HF_ENDPOINT set to a mirror); to choose this path explicitly: ./test.sh --offline --prompts-file F
+######################################################################################################
+EOF
+  else
+    die "the model hub (${HF_ENDPOINT:-https://huggingface.co}) is not reachable and ${MODEL:-the default model} is not a local directory. Run with network access, or offline: ./test.sh --offline --prompts-file $SHARED_PROMPTS [--model LOCAL_MODEL_DIR]"
+  fi
+fi
 if [ $OFFLINE = 1 ] && [ -z "$PROMPTS" ]; then
   die "--offline needs --prompts-file (a JSONL with a 'question' field, e.g. ../shared/data/gsm8k/test.jsonl)"
 fi
@@ -110,7 +132,7 @@ if [ -z "$MODEL" ]; then
   elif [ $OFFLINE = 1 ]; then
     MODEL="$OUT/tiny-random-moe"
     say "offline CPU run: building a tiny random-weight Qwen2-MoE in $MODEL"
-    "$PY" scripts/tinymoe.py --arch qwen2_moe --out "$MODEL" --prompts-file "$PROMPTS" >/dev/null
+    "$PY" -m moe_routes tiny-model --arch qwen2_moe --out "$MODEL" --prompts-file "$PROMPTS" >/dev/null
     DTYPE=float32
     echo "NOTE: this model has RANDOM weights: its routing statistics mean nothing; the run checks the pipeline."
   else MODEL=$CPU_DEFAULT_MODEL; DTYPE=bfloat16; fi

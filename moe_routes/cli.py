@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("moe_routes.generate", "GSM8K prompts with and without logging -> moe_routes.jsonl, timing.json"),
     "plot": ("moe_routes.plot", "expert histogram and statistics from a moe_routes.jsonl"),
     "pins": ("moe_routes.pins", "print pinned versions from PINS"),
+    "tiny-model": ("moe_routes.tinymoe", "build a tiny random-weight MoE checkpoint + tokenizer (no hub)"),
+    "bench": ("moe_routes.bench", "benchmarks: overhead, imports, writer (ratios measured side by side)"),
 }
 
 

@@ -17,11 +17,19 @@ PY="${PYTHON:-python3}"
 DIST="$CACHE/dist"
 SERIES="$ROOT/patches/sglang-${SGLANG_VERSION}"
 LIGHT_DEPS=(tqdm pybase64 requests ipython pydantic aiohttp orjson pillow starlette torchvision
-  "transformers==5.3.0" pyzmq "openai==2.6.1" partial_json_parser dill sentencepiece
-  compressed-tensors gguf msgspec einops fastapi uvloop setproctitle uvicorn)
+  transformers pyzmq openai partial_json_parser dill sentencepiece
+  compressed-tensors gguf msgspec einops fastapi uvloop setproctitle uvicorn
+  jsonschema python-multipart)   # the last two: the OpenAI serving modules import them
+# versions of the packages whose API the tests touch come from the SGLang lock (never written here)
+LOCKED=(transformers openai jsonschema jsonschema-specifications referencing rpds-py python-multipart)
+LOCK="$ROOT/requirements-sglang-lock.txt"
+locked_pins() { local n; for n in "${LOCKED[@]}"; do
+  grep -E "^${n}==" "$LOCK" || { echo "setup_sglang_test_env: $n not pinned in $LOCK" >&2; exit 1; }; done; }
+
+locked_pins >/dev/null   # fail early, not inside the marker's subshell
 
 marker_of() {
-  { echo "sglang=$SGLANG_VERSION torch=$TORCH_CPU_VERSION deps=${LIGHT_DEPS[*]}";
+  { echo "sglang=$SGLANG_VERSION torch=$TORCH_CPU_VERSION deps=${LIGHT_DEPS[*]}"; locked_pins;
     cat "$SERIES/series"; for p in $(grep -v '^#' "$SERIES/series" | grep .); do cat "$SERIES/$p"; done; } | sha256sum | cut -d' ' -f1
 }
 WANT="$(marker_of)"
@@ -32,7 +40,7 @@ fi
 
 quiet_pip() { grep -v "^WARNING: Location 'file:" >&2 || true; }
 CONS="$(mktemp)"; trap 'rm -f "$CONS"' EXIT
-printf 'torch==%s\ntransformers==5.3.0\nopenai==2.6.1\n' "$TORCH_CPU_VERSION" > "$CONS"
+{ printf 'torch==%s\n' "$TORCH_CPU_VERSION"; locked_pins; } > "$CONS"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONS")
 "${PIP[@]}" "torch==$TORCH_CPU_VERSION" numpy pytest 2>&1 | quiet_pip

@@ -13,11 +13,15 @@ a JSON object with
   shape              [T, L, K]
   byte_order         "little"
   ids_dtype          "uint8" if E <= 255, "int16" if E <= 32767, else "int32"
-  weights_dtype      "float32" (or "float16" if the server sets SGLANG_EXPERT_ROUTING_WEIGHTS_DTYPE)
+  weights_dtype      "float32" (or "float16" with the server flag --expert-routing-weights-dtype float16)
   ids, weights       standard base64 of the C-order [T, L, K] arrays
   num_cached_tokens  positions [0, n) were served from the prefix (radix) cache
   missing            list of [start, end) position ranges without captured routing
                      (their ids are the dtype's max value, weights NaN)
+  weights_include_routed_scaling_factor, routed_scaling_factor
+                     true when the top-k kernel multiplied the weights by routed_scaling_factor
+                     (TopK apply_routed_scaling_factor_on_output); when false and the factor is not
+                     null, the model multiplies the MoE output by it after the experts
 or {"format": ..., "error": "..."} when the server could not capture routing.
 """
 
@@ -26,7 +30,8 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from typing import Any, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +40,7 @@ _ID_DTYPES = {"uint8", "int16", "int32"}
 _W_DTYPES = {"float32", "float16"}
 
 
-def _payload(entry: Any) -> Dict[str, Any]:
+def _payload(entry: Any) -> dict[str, Any]:
     """Accept the payload itself, a meta_info dict, or a whole generate() output dict."""
     if isinstance(entry, (str, bytes)):
         entry = json.loads(entry)
@@ -50,10 +55,11 @@ def _payload(entry: Any) -> Dict[str, Any]:
     return entry
 
 
-def decode_expert_routing(meta_info_entry: Any) -> Dict[str, Any]:
+def decode_expert_routing(meta_info_entry: Any) -> dict[str, Any]:
     """-> {"topk_ids": int32 [T,L,K], "topk_weights": float32 [T,L,K], "layers": int64 [L],
     "num_experts": int, "top_k": int, "num_tokens": int, "num_cached_tokens": int,
-    "missing": [(start, end), ...]}"""
+    "missing": [(start, end), ...], "weights_include_routed_scaling_factor": bool | None,
+    "routed_scaling_factor": float | None}"""
     p = _payload(meta_info_entry)
     if p.get("format") != FORMAT:
         raise ValueError(f"unknown expert routing format {p.get('format')!r}")
@@ -80,10 +86,12 @@ def decode_expert_routing(meta_info_entry: Any) -> Dict[str, Any]:
         "num_tokens": shape[0],
         "num_cached_tokens": int(p.get("num_cached_tokens", 0)),
         "missing": [(int(a), int(b)) for a, b in p.get("missing", [])],
+        "weights_include_routed_scaling_factor": p.get("weights_include_routed_scaling_factor"),
+        "routed_scaling_factor": p.get("routed_scaling_factor"),
     }
 
 
-def iter_jsonl_records(req_id: str, decoded: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+def iter_jsonl_records(req_id: str, decoded: dict[str, Any]) -> Iterator[dict[str, Any]]:
     ids, w, layers = decoded["topk_ids"], decoded["topk_weights"], decoded["layers"]
     missing = sorted(decoded.get("missing", []))
     bad = np.zeros(ids.shape[0], dtype=bool)
@@ -106,7 +114,7 @@ def iter_jsonl_records(req_id: str, decoded: Dict[str, Any]) -> Iterator[Dict[st
             yield rec
 
 
-def to_jsonl_records(req_id: str, decoded: Dict[str, Any]) -> List[Dict[str, Any]]:
+def to_jsonl_records(req_id: str, decoded: dict[str, Any]) -> list[dict[str, Any]]:
     """Route records (schema moe_routes v1), token-major then layer; gap records for missing ranges."""
     return list(iter_jsonl_records(str(req_id), decoded))
 

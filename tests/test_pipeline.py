@@ -10,18 +10,22 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routes_ref import GSM8K, PY, ROOT, RouteLog  # noqa: E402
+from routes_ref import GSM8K, PY, ROOT, RouteLog
+
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # discard port: connection refused at once
 
 
 @pytest.fixture(scope="session")
 def test_sh_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("test_sh")
-    env = dict(os.environ, MOE_ROUTES_SKIP_DISK_CHECK="1")
-    proc = subprocess.run(["./test.sh", "--device", "cpu", "--offline", "--prompts-file", str(GSM8K),
-                           "--num-prompts", "25", "--max-tokens", "16", "--repeats", "2", "--enforce-eager",
-                           "--out-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    # No --offline: a newcomer's plain ./test.sh on a machine without the hub must take the offline path itself.
+    env = dict(os.environ, MOE_ROUTES_SKIP_DISK_CHECK="1", HF_ENDPOINT=UNREACHABLE_HUB)
+    proc = subprocess.run(["./test.sh", "--device", "cpu", "--num-prompts", "25", "--max-tokens", "16",
+                           "--repeats", "2", "--enforce-eager", "--out-dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "is not reachable" in proc.stderr and "Taking the OFFLINE path" in proc.stderr, proc.stderr[-3000:]
+    assert f"prompts from {GSM8K.resolve()}" in proc.stderr, proc.stderr[-3000:]
     return out, proc.stdout
 
 
@@ -99,15 +103,19 @@ def test_run_generate_errors_are_clear(tmp_path):
         assert proc.returncode != 0 and needle in (proc.stderr + proc.stdout), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["run_generate.py", "plot_hist.py", "scripts/bench_overhead.py", "scripts/bench_import.py",
-                                    "scripts/bench_writer.py", "scripts/tinymoe.py"])
-def test_cli_help_has_examples(script):
-    proc = subprocess.run([PY, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command", [["run_generate.py"], ["plot_hist.py"], ["-m", "moe_routes", "patch"],
+                                     ["-m", "moe_routes"], ["-m", "moe_routes", "bench"],
+                                     ["-m", "moe_routes", "bench", "overhead"], ["-m", "moe_routes", "bench", "imports"],
+                                     ["-m", "moe_routes", "bench", "writer"], ["-m", "moe_routes", "tiny-model"]])
+def test_cli_help_has_examples(command):
+    proc = subprocess.run([PY, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "examples" in proc.stdout.lower(), proc.stderr[-2000:]
 
 
 def test_test_sh_fails_early_and_clearly():
+    env = dict(os.environ, HF_ENDPOINT=UNREACHABLE_HUB)
     for args, needle in ((["--device", "gpu"], "finds no GPU"), (["--offline"], "--offline needs --prompts-file"),
-                         (["--bogus"], "unknown option")):
-        proc = subprocess.run(["./test.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                         (["--bogus"], "unknown option"),
+                         (["--device", "cpu", "--model", "org/some-hub-model"], "is not reachable")):
+        proc = subprocess.run(["./test.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and needle in proc.stderr

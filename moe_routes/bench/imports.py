@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Import cost of the patched vLLM with VLLM_LOG_MOE unset, against the same install with the series reversed.
 
 Copies the installed `vllm` package to a temp dir, reverses the patch series there (moe-routes patch reverse), then
@@ -6,9 +5,9 @@ times `python -c "from vllm import LLM"` for both, alternating (clean, patched, 
 drift on the machine hits both alike, and prints the medians and the ratio patched / clean.
 
 Examples:
-  python scripts/bench_import.py                          # the interpreter running this script
-  python scripts/bench_import.py --python ~/.cache/moe-routes/venv-cpu-*/bin/python --repeats 10
-  python scripts/bench_import.py --statement "import vllm"
+  moe-routes bench imports                          # the interpreter running this script
+  moe-routes bench imports --python ~/.cache/moe-routes/venv-cpu-*/bin/python --repeats 10
+  moe-routes bench imports --statement "import vllm"
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from moe_routes import REPO_ROOT as ROOT
 
 
 def main(argv=None) -> int:

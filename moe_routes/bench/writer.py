@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Writer micro-benchmark: route records/s of the patched vLLM routing-log writer on one core.
 
 Drives the real writer (vllm/model_executor/layers/moe_routes.py, from the patched install) with synthetic
@@ -6,9 +5,9 @@ steps: capture check, KV-slot store update (fresh blocks invalidated, then the s
 and the append to a file, all in this thread.
 
 Examples:
-  python scripts/bench_writer.py                           # 60 experts, top-4, 24 layers (Qwen1.5-MoE shape)
-  python scripts/bench_writer.py --tokens-per-step 256 --steps 200   # decode-sized steps
-  python scripts/bench_writer.py --experts 256 --top-k 8 --layers 58  # DeepSeek-V3 shape
+  moe-routes bench writer                           # 60 experts, top-4, 24 layers (Qwen1.5-MoE shape)
+  moe-routes bench writer --tokens-per-step 256 --steps 200   # decode-sized steps
+  moe-routes bench writer --experts 256 --top-k 8 --layers 58  # DeepSeek-V3 shape
 """
 from __future__ import annotations
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build tiny random-weight MoE checkpoints (HF format) plus a BPE tokenizer trained on local text.
 
 No hub access: the architecture comes from `transformers` config classes, the tokenizer is trained with
@@ -6,9 +5,9 @@ No hub access: the architecture comes from `transformers` config classes, the to
 are meaningless; it exists to exercise the real engines end to end.
 
 Examples:
-  python scripts/tinymoe.py --arch qwen2_moe --out /tmp/tiny-qwen2moe
-  python scripts/tinymoe.py --arch mixtral --out /tmp/tiny-mixtral --hidden 256 --layers 4 --experts 16
-  python scripts/tinymoe.py --arch qwen2_moe --out /tmp/bench --hidden 512 --layers 8 --experts 32 --top-k 4
+  moe-routes tiny-model --arch qwen2_moe --out /tmp/tiny-qwen2moe
+  moe-routes tiny-model --arch mixtral --out /tmp/tiny-mixtral --hidden 256 --layers 4 --experts 16
+  moe-routes tiny-model --arch qwen2_moe --out /tmp/bench --hidden 512 --layers 8 --experts 32 --top-k 4
 """
 from __future__ import annotations
 
@@ -17,8 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from moe_routes import REPO_ROOT
+
 ARCHS = ("qwen2_moe", "mixtral", "qwen3_moe", "glm4_moe", "gpt_oss")
-DEFAULT_GSM8K = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+DEFAULT_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

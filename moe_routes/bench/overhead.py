@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Log vs no-log throughput, side by side in one run, on a CPU bench model larger than the test models.
 
 Builds (once) a random-weight Qwen2-MoE (hidden 512, 8 layers, 32 experts, top-4, shared expert) and runs
@@ -6,9 +5,9 @@ run_generate.py on it: two engines, a warm-up each, then alternating measured ru
 throughput ratio log/no-log. Pass --model to measure a real model instead (e.g. on a GPU box).
 
 Examples:
-  python scripts/bench_overhead.py                       # CPU bench model, eager, 25 prompts x 64 tokens, 5 repeats
-  python scripts/bench_overhead.py --compiled            # torch.compile (slow start-up on CPU)
-  python scripts/bench_overhead.py --model Qwen/Qwen1.5-MoE-A2.7B-Chat --max-tokens 256   # GPU box
+  moe-routes bench overhead                       # CPU bench model, eager, 25 prompts x 64 tokens, 5 repeats
+  moe-routes bench overhead --compiled            # torch.compile (slow start-up on CPU)
+  moe-routes bench overhead --model Qwen/Qwen1.5-MoE-A2.7B-Chat --max-tokens 256   # GPU box
 """
 from __future__ import annotations
 
@@ -20,7 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from moe_routes import REPO_ROOT as ROOT
+from moe_routes import tinymoe
+
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
@@ -38,9 +39,6 @@ def main(argv=None) -> int:
     out = Path(a.out_dir or tempfile.mkdtemp(prefix="moe-bench-"))
     model, extra = a.model, []
     if model is None:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        import tinymoe
-
         cache = Path(os.environ.get("MOE_ROUTES_CACHE", Path.home() / ".cache" / "moe-routes"))
         model = str(tinymoe.build("qwen2_moe", cache / "bench-qwen2moe-h512", hidden=512, layers=8, experts=32,
                                   top_k=4, heads=8, moe_inter=256, vocab=2048,
