@@ -76,7 +76,8 @@ def stale_problems(pdir: Path, patches: list[Patch]) -> list[str]:
         elif generated_block(fp.path, src.read_bytes()) != fp.block:
             problems.append(
                 f"{p.name}: its new-file hunk for {fp.path} differs from what {shown(pdir, fp.path)} generates; "
-                f"run `{refresh_command(pdir)}` to regenerate the patch"
+                f"run `{refresh_command(pdir)}` to regenerate the patch from the source (or, where the patch is the "
+                f"newer one, e.g. after a merge, `{refresh_command(pdir, '--extract-new-files')}` to update the source)"
             )
     for path, src in sources.items():
         if src.read_bytes().endswith(b"\n\n"):
