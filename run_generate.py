@@ -265,7 +265,7 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     except ImportError:
         raise SystemExit("run_generate: --engine sglang needs SGLang installed and patched: create its "
                          "environment from requirements-sglang-lock.txt and apply patches/sglang-* with "
-                         "scripts/moe_patch.py apply --engine sglang --python <venv>/bin/python") from None
+                         "moe-routes patch apply --engine sglang --python <venv>/bin/python") from None
     from sglang_routing import decode_expert_routing, to_jsonl_records
     from transformers import AutoConfig, AutoTokenizer
 

@@ -120,10 +120,10 @@ else
   [ -n "$MAX_TOKENS" ] || MAX_TOKENS=64
 fi
 say "verifying the vLLM series: installed copy, then the clean pinned release"
-"$PY" scripts/moe_patch.py status --engine vllm --python "$PY"
-if [ $OFFLINE = 1 ]; then "$PY" scripts/moe_patch.py verify --engine vllm --offline || \
+"$PY" -m moe_routes patch status --engine vllm --python "$PY"
+if [ $OFFLINE = 1 ]; then "$PY" -m moe_routes verify --engine vllm --offline || \
     die "the clean vLLM $VLLM_VERSION wheel is not cached under $CACHE/dist; run once with network"
-else "$PY" scripts/moe_patch.py verify --engine vllm; fi
+else "$PY" -m moe_routes verify --engine vllm; fi
 
 # ---- model + prompts ------------------------------------------------------------------------------
 DTYPE=auto

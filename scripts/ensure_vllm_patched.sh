@@ -10,7 +10,8 @@ source <(grep -E '^[A-Z_]+=' "$ROOT/PINS")
 PY=$1; DIST=$2
 log() { echo "ensure_vllm_patched: $*" >&2; }
 quiet_pip() { grep -v "^WARNING: Location 'file:" >&2 || true; }
-tool=("$PY" "$ROOT/scripts/moe_patch.py")
+# the repository root on the path: `-m moe_routes` without installing it into the engine venv
+tool=(env PYTHONPATH="$ROOT" "$PY" -m moe_routes patch)
 
 set +e
 out=$("${tool[@]}" check --engine vllm --python "$PY" 2>&1)

@@ -52,8 +52,8 @@ SP="$("$VENV/bin/python" -c 'import sysconfig;print(sysconfig.get_paths()["purel
 "$VENV/bin/python" -m pip uninstall -q -y sglang >/dev/null 2>&1 || true
 rm -rf "$SP/sglang"                   # also drops files the series added
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$SRC" 2>&1 | quiet_pip
-rm -f "$SP/.moe-routes-sglang.json"   # moe_patch state file of the replaced install
-"$PY" "$ROOT/scripts/moe_patch.py" apply --engine sglang --python "$VENV/bin/python"
+rm -f "$SP/.moe-routes-sglang.json"   # patch state file of the replaced install
+PYTHONPATH="$ROOT" "$PY" -m moe_routes patch apply --engine sglang --python "$VENV/bin/python"
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_CPU_VERSION'), torch.__version__"
 echo "$WANT" > "$MARK"
 echo "setup_sglang_test_env: ready $VENV"

@@ -1,13 +1,14 @@
-"""Tests for scripts/moe_patch.py and scripts/pins.py against the real pinned releases.
+"""Tests for `moe-routes patch` (moe_routes.patching) and `moe-routes pins` against the real pinned releases.
 
 Releases come from the tool's own cache logic (downloaded with pip if missing); only the few
 files a test needs are extracted.  Patch series are built per test session with `refresh`.
+Everything here needs only the stdlib, git and the cached releases: no engine venv.
 """
+
 from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,16 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from moe_routes.patching.engines import pin_of, series_dir
+from moe_routes.patching.errors import PatchError
+from moe_routes.patching.patchfile import parse_patch
+from moe_routes.patching.releases import ensure_artifact, extract_release
+
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parent.parent
-TOOL = REPO / "scripts" / "moe_patch.py"
-
-_spec = importlib.util.spec_from_file_location("moe_patch", TOOL)
-mp = importlib.util.module_from_spec(_spec)
-sys.modules["moe_patch"] = mp
-_spec.loader.exec_module(mp)
-
-VLLM_PIN = mp.pin_of("vllm")
-SGLANG_PIN = mp.pin_of("sglang")
+VLLM_PIN = pin_of("vllm")
+SGLANG_PIN = pin_of("sglang")
+VLLM_MODULE = "vllm/model_executor/layers/moe_routes.py"
+SGLANG_MODULE = "sglang/srt/layers/moe/expert_routing.py"
 MOE = "vllm/model_executor/layers/fused_moe"
 LAYER = f"{MOE}/layer.py"
 CPU = f"{MOE}/cpu_fused_moe.py"
@@ -38,8 +41,14 @@ SGLANG_FILES = ["sglang/__init__.py", "sglang/version.py", "sglang/_version.py",
 def run(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.update(env or {})
-    r = subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True,
-                       env=e, cwd=cwd or REPO)
+    e["PYTHONPATH"] = str(REPO)  # `python -m moe_routes` from any cwd, without installing
+    r = subprocess.run(
+        [sys.executable, "-m", "moe_routes", "patch", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=cwd or REPO,
+    )
     r.out = r.stdout + r.stderr
     return r
 
@@ -60,16 +69,17 @@ def edit(path: Path, after_line: int, text: str) -> None:
 
 # --------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="session")
 def vllm_wheel() -> Path:
-    return mp.ensure_artifact("vllm", "wheel")
+    return ensure_artifact("vllm", "wheel")
 
 
 @pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory, vllm_wheel):
     """clean/ (pristine subset of the real wheel), work/ (edited), patches/ (3 patches made by refresh)."""
     base = tmp_path_factory.mktemp("vllm")
-    clean = mp.extract_release("vllm", "wheel", vllm_wheel, base / "clean", only=VLLM_FILES)
+    clean = extract_release("vllm", "wheel", vllm_wheel, base / "clean", only=VLLM_FILES)
     work = base / "work"
     shutil.copytree(clean, work)
     edit(work / LAYER, 5, "import os  # moe-routes: route logging\n")
@@ -80,13 +90,31 @@ def vllm_env(tmp_path_factory, vllm_wheel):
     pdir.mkdir()
     (pdir / "series").write_text("# test series\n")
     common = ["--engine", "vllm", "--tree", work, "--patches-dir", pdir]
-    r = run("refresh", *common, "--new", "0001-layer.patch", "--files", LAYER, "--description",
-            "Log routing in FusedMoE\nSecond description line.")  # clean from the cached wheel
+    r = run(
+        "refresh",
+        *common,
+        "--new",
+        "0001-layer.patch",
+        "--files",
+        LAYER,
+        "--description",
+        "Log routing in FusedMoE\nSecond description line.",
+    )  # clean from the cached wheel
     assert r.returncode == 0, r.out
     r = run("refresh", *common, "--clean", clean, "--new", "0002-cpu.patch", "--files", CPU, "--description", "CPU tap")
     assert r.returncode == 0, r.out
-    r = run("refresh", *common, "--clean", clean, "--new", "0003-hook.patch", "--files", HOOK,
-            "--description", "Routing hook module")
+    r = run(
+        "refresh",
+        *common,
+        "--clean",
+        clean,
+        "--new",
+        "0003-hook.patch",
+        "--files",
+        HOOK,
+        "--description",
+        "Routing hook module",
+    )
     assert r.returncode == 0, r.out
     return {"clean": clean, "work": work, "pdir": pdir, "base": base}
 
@@ -104,9 +132,11 @@ def vargs(cmd, tree, pdir, *extra):
 
 # --------------------------------------------------------------------------- tests
 
+
 def test_pins_cli():
-    r = subprocess.run([sys.executable, "-m", "moe_routes", "pins", "VLLM_VERSION"], capture_output=True, cwd=REPO,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "moe_routes", "pins", "VLLM_VERSION"], capture_output=True, cwd=REPO, text=True
+    )
     assert r.returncode == 0 and r.stdout.strip() == VLLM_PIN
     assert f"VLLM_VERSION={VLLM_PIN}" in (REPO / "PINS").read_text()
     r = subprocess.run([sys.executable, "-m", "moe_routes", "pins", "NO_SUCH_KEY"], capture_output=True, cwd=REPO)
@@ -122,12 +152,17 @@ def test_help_and_usage():
 
 def test_refresh_output_is_stable_and_valid(vllm_env, tmp_path):
     pdir = vllm_env["pdir"]
-    assert [ln for ln in (pdir / "series").read_text().splitlines() if not ln.startswith("#")] == \
-        ["0001-layer.patch", "0002-cpu.patch", "0003-hook.patch"]
+    assert [ln for ln in (pdir / "series").read_text().splitlines() if not ln.startswith("#")] == [
+        "0001-layer.patch",
+        "0002-cpu.patch",
+        "0003-hook.patch",
+    ]
     p1 = (pdir / "0001-layer.patch").read_text()
-    assert p1.startswith("Description: Log routing in FusedMoE\n Second description line.\n"
-                         "Author: moe-routes maintainers\nOrigin: vendor\nForwarded: no\n"
-                         f"Last-Update: {datetime.date.today().isoformat()}\n---\ndiff --git a/{LAYER} b/{LAYER}\n")
+    assert p1.startswith(
+        "Description: Log routing in FusedMoE\n Second description line.\n"
+        "Author: moe-routes maintainers\nOrigin: vendor\nForwarded: no\n"
+        f"Last-Update: {datetime.date.today().isoformat()}\n---\ndiff --git a/{LAYER} b/{LAYER}\n"
+    )
     assert p1.count("\n@@ ") == 2 and "\nindex " not in p1
     p3 = (pdir / "0003-hook.patch").read_text()
     assert f"new file mode 100644\n--- /dev/null\n+++ b/{HOOK}\n" in p3
@@ -171,13 +206,39 @@ def test_refresh_output_is_stable_and_valid(vllm_env, tmp_path):
     assert tree_hash(copy) == snap
     # --add-file assigns a file to an existing patch; a file owned elsewhere is refused
     edit(work2 / "vllm/__init__.py", 2, "# moe-routes: init tweak\n")
-    r = run("refresh", "--engine", "vllm", "--tree", work2, "--patches-dir", copy, "--clean", vllm_env["clean"],
-            "--add-file", "vllm/__init__.py", "--to", "0002-cpu.patch")
+    r = run(
+        "refresh",
+        "--engine",
+        "vllm",
+        "--tree",
+        work2,
+        "--patches-dir",
+        copy,
+        "--clean",
+        vllm_env["clean"],
+        "--add-file",
+        "vllm/__init__.py",
+        "--to",
+        "0002-cpu.patch",
+    )
     assert r.returncode == 0, r.out
     body = (copy / "0002-cpu.patch").read_text()
     assert body.index("diff --git a/vllm/__init__.py") < body.index(f"diff --git a/{CPU}")  # sorted by path
-    r = run("refresh", "--engine", "vllm", "--tree", work2, "--patches-dir", copy, "--clean", vllm_env["clean"],
-            "--add-file", CPU, "--to", "0001-layer.patch")
+    r = run(
+        "refresh",
+        "--engine",
+        "vllm",
+        "--tree",
+        work2,
+        "--patches-dir",
+        copy,
+        "--clean",
+        vllm_env["clean"],
+        "--add-file",
+        CPU,
+        "--to",
+        "0001-layer.patch",
+    )
     assert r.returncode == 1 and "already belongs to 0002-cpu.patch" in r.out
 
 
@@ -221,7 +282,7 @@ def test_atomic_when_second_patch_fails(tree, vllm_env, tmp_path):
     text = p2.read_text()
     hunk = text.index("\n@@ ")
     ctx = text.index("\n ", hunk + 1)  # first context line of the hunk
-    p2.write_text(text[:ctx + 2] + "XX" + text[ctx + 2:])
+    p2.write_text(text[: ctx + 2] + "XX" + text[ctx + 2 :])
     clean = tree_hash(tree)
     for cmd in ("apply", "check"):
         r = run(*vargs(cmd, tree, bad))
@@ -234,10 +295,15 @@ def test_offset_hunk_refused(tree, vllm_env):
     edit(tree / LAYER, 0, "# two lines added locally\n# above every hunk\n")
     before = tree_hash(tree)
     # plain git apply would accept this at an offset ...
-    g = subprocess.run(["git", "apply", "--check", "-v", str(vllm_env["pdir"] / "0001-layer.patch")], cwd=tree,
-                       capture_output=True, text=True, env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)})
+    g = subprocess.run(
+        ["git", "apply", "--check", "-v", str(vllm_env["pdir"] / "0001-layer.patch")],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)},
+    )
     assert g.returncode == 0 and "offset" in (g.stdout + g.stderr)
-    # ... moe_patch refuses it and names patch, file, hunk and the offset
+    # ... the tool refuses it and names patch, file, hunk and the offset
     r = run(*vargs("apply", tree, vllm_env["pdir"]))
     assert r.returncode == 1
     assert "0001-layer.patch" in r.out and LAYER in r.out and "hunk #1" in r.out and "offset +2" in r.out, r.out
@@ -352,11 +418,14 @@ def test_lint_catches_problems(tmp_path, vllm_env):
     (d / "0003-dup-file.patch").write_text((src / "0001-layer.patch").read_text())
     # 0004: no Author, bad date
     p = (src / "0003-hook.patch").read_text().replace("Author: moe-routes maintainers\n", "")
-    (d / "0004-noauthor.patch").write_text(p.replace(f"Last-Update: {datetime.date.today().isoformat()}",
-                                                     "Last-Update: 2025-13-45"))
+    (d / "0004-noauthor.patch").write_text(
+        p.replace(f"Last-Update: {datetime.date.today().isoformat()}", "Last-Update: 2025-13-45")
+    )
     (d / "0005-orphan.patch").write_text((src / "0002-cpu.patch").read_text())
-    (d / "series").write_text("0001-layer.patch\n0002-cpu.patch\n0001-layer.patch\n0003-dup-file.patch\n"
-                              "0004-noauthor.patch\n0006-missing.patch\n")
+    (d / "series").write_text(
+        "0001-layer.patch\n0002-cpu.patch\n0001-layer.patch\n0003-dup-file.patch\n"
+        "0004-noauthor.patch\n0006-missing.patch\n"
+    )
     r = run("lint", "--dir", d)
     assert r.returncode == 1, r.out
     assert "0001-layer.patch: duplicate series entry" in r.out
@@ -371,8 +440,12 @@ def test_lint_catches_problems(tmp_path, vllm_env):
     for f in ("0002-cpu.patch", "0003-dup-file.patch", "0004-noauthor.patch", "0005-orphan.patch"):
         (d / f).unlink()
     assert run("lint", "--dir", d).returncode == 0
-    (d / "0001-layer.patch").write_text((d / "0001-layer.patch").read_text().replace(" a/vllm/", " a/python/vllm/")
-                                        .replace(" b/vllm/", " b/python/vllm/"))
+    (d / "0001-layer.patch").write_text(
+        (d / "0001-layer.patch")
+        .read_text()
+        .replace(" a/vllm/", " a/python/vllm/")
+        .replace(" b/vllm/", " b/python/vllm/")
+    )
     r = run("lint", "--dir", d)
     assert r.returncode == 1 and "must start with vllm/" in r.out, r.out
 
@@ -380,8 +453,8 @@ def test_lint_catches_problems(tmp_path, vllm_env):
 @pytest.fixture(scope="session")
 def sglang_env(tmp_path_factory):
     base = tmp_path_factory.mktemp("sglang")
-    sdist = mp.ensure_artifact("sglang", "sdist")
-    clean = mp.extract_release("sglang", "sdist", sdist, base / "clean", only=SGLANG_FILES)
+    sdist = ensure_artifact("sglang", "sdist")
+    clean = extract_release("sglang", "sdist", sdist, base / "clean", only=SGLANG_FILES)
     work = base / "work"
     shutil.copytree(clean, work)
     edit(work / TOPK, 10, "# moe-routes: record top-k routing\n")
@@ -389,8 +462,21 @@ def sglang_env(tmp_path_factory):
     pdir = base / "patches"
     pdir.mkdir()
     (pdir / "series").write_text("")
-    r = run("refresh", "--engine", "sglang", "--tree", work, "--patches-dir", pdir, "--new", "0001-topk.patch",
-            "--files", TOPK, "--description", "Record top-k routing")
+    r = run(
+        "refresh",
+        "--engine",
+        "sglang",
+        "--tree",
+        work,
+        "--patches-dir",
+        pdir,
+        "--new",
+        "0001-topk.patch",
+        "--files",
+        TOPK,
+        "--description",
+        "Record top-k routing",
+    )
     assert r.returncode == 0, r.out
     assert f"--- a/{TOPK}\n+++ b/{TOPK}\n" in (pdir / "0001-topk.patch").read_text()
     return {"clean": clean, "work": work, "pdir": pdir, "sdist": sdist}
@@ -398,10 +484,13 @@ def sglang_env(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["wheel", "sdist", "git"])
 def test_sglang_layouts(tmp_path, sglang_env, layout):
-    art = mp.ensure_artifact("sglang", "sdist" if layout != "wheel" else "wheel")
-    root = mp.extract_release("sglang", layout, art, tmp_path / "tree", only=SGLANG_FILES)
-    expect_root = {"wheel": tmp_path / "tree", "sdist": tmp_path / "tree" / f"sglang-{SGLANG_PIN}",
-                   "git": tmp_path / "tree" / "python"}[layout]
+    art = ensure_artifact("sglang", "sdist" if layout != "wheel" else "wheel")
+    root = extract_release("sglang", layout, art, tmp_path / "tree", only=SGLANG_FILES)
+    expect_root = {
+        "wheel": tmp_path / "tree",
+        "sdist": tmp_path / "tree" / f"sglang-{SGLANG_PIN}",
+        "git": tmp_path / "tree" / "python",
+    }[layout]
     assert root == expect_root
     tree_arg = tmp_path / "tree" if layout == "git" else root  # a git checkout is given by its top dir
     clean = tree_hash(tmp_path / "tree")
@@ -425,14 +514,21 @@ def test_verify_real_series():
     and reverses to a byte-identical tree."""
     counts = {}
     for name in ("vllm", "sglang"):
-        series = mp.series_dir(name) / "series"
+        series = series_dir(name) / "series"
         counts[name] = len([ln for ln in series.read_text().splitlines() if ln.strip() and not ln.startswith("#")])
         assert counts[name] > 0, f"{series} is empty"
-    r = run("verify", "--offline")
+    r = subprocess.run(
+        [sys.executable, "-m", "moe_routes", "verify", "--offline"], capture_output=True, text=True, cwd=REPO
+    )  # the top-level `moe-routes verify`
+    r.out = r.stdout + r.stderr
     assert r.returncode == 0, r.out
     lines = r.out.splitlines()
-    vllm_ok = [ln for ln in lines if ln.startswith("moe_patch: vllm wheel") and f": OK: {counts['vllm']} patches" in ln]
-    sglang_ok = [ln for ln in lines if ln.startswith("moe_patch: sglang ") and f": OK: {counts['sglang']} patches" in ln]
+    vllm_ok = [
+        ln for ln in lines if ln.startswith("moe-routes patch: vllm wheel") and f": OK: {counts['vllm']} patches" in ln
+    ]
+    sglang_ok = [
+        ln for ln in lines if ln.startswith("moe-routes patch: sglang ") and f": OK: {counts['sglang']} patches" in ln
+    ]
     assert len(vllm_ok) == 1 and len(sglang_ok) == 3, r.out  # sglang: wheel, sdist, git layout
     assert all("byte-identical" in ln for ln in vllm_ok + sglang_ok)
     r = run("lint")
@@ -456,11 +552,159 @@ def test_offline_missing_cache_is_clear(tmp_path, monkeypatch):
     empty = tmp_path / "empty-series"
     empty.mkdir()
     (empty / "series").write_text("# nothing yet\n")
-    r = run("verify", "--engine", "sglang", "--patches-dir", empty, "--offline",
-            env={"MOE_ROUTES_CACHE": str(tmp_path / "cache")})
+    r = run(
+        "verify",
+        "--engine",
+        "sglang",
+        "--patches-dir",
+        empty,
+        "--offline",
+        env={"MOE_ROUTES_CACHE": str(tmp_path / "cache")},
+    )
     assert r.returncode == 0 and "no patches" in r.out  # an empty series never needs the cache
     r = run("verify", "--engine", "sglang", "--offline", env={"MOE_ROUTES_CACHE": str(tmp_path / "cache")})
     assert r.returncode != 0 and "run without --offline to download it" in r.out, r.out
     monkeypatch.setenv("MOE_ROUTES_CACHE", str(tmp_path))
-    with pytest.raises(mp.PatchError, match="not in the cache"):
-        mp.ensure_artifact("sglang", "sdist", offline=True)
+    with pytest.raises(PatchError, match="not in the cache"):
+        ensure_artifact("sglang", "sdist", offline=True)
+
+
+# --------------------------------------------------------------------------- new files as real sources
+
+
+def copy_series(engine: str, tmp_path: Path) -> Path:
+    """The shipped series, copied under its own name (the name tells lint and refresh the engine)."""
+    dest = tmp_path / series_dir(engine).name
+    shutil.copytree(series_dir(engine), dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.mark.parametrize(("engine", "module"), [("vllm", VLLM_MODULE), ("sglang", SGLANG_MODULE)])
+def test_shipped_series_is_what_its_sources_generate(tmp_path, engine, module):
+    """files/ holds the one copy of each new module; regenerating the series from it changes no byte."""
+    shipped = series_dir(engine)
+    source = shipped / "files" / module
+    assert source.is_file()
+    owner = next(
+        p
+        for p in (shipped / "series").read_text().split()
+        if p.endswith(".patch") and f"+++ b/{module}" in (shipped / p).read_text()
+    )
+    fp = next(f for f in parse_patch((shipped / owner).read_bytes(), owner).files if f.path == module)
+    assert fp.op == "new" and fp.new_content == source.read_bytes()
+    assert not source.read_bytes().endswith(b"\n\n")  # git apply would warn "new blank line at EOF"
+    copy = copy_series(engine, tmp_path)
+    before = tree_hash(copy)
+    r = run("refresh", "--engine", engine, "--patches-dir", copy)
+    assert r.returncode == 0 and f"{owner}: unchanged" in r.out, r.out
+    assert tree_hash(copy) == before
+    shutil.rmtree(copy / "files")
+    r = run("refresh", "--engine", engine, "--patches-dir", copy, "--extract-new-files")
+    assert r.returncode == 0 and "created (from the committed patch)" in r.out, r.out
+    assert tree_hash(copy) == before
+
+
+def test_edited_source_fails_lint_until_refreshed(tmp_path):
+    copy = copy_series("vllm", tmp_path)
+    owner = "0001-add-moe-routes-module.patch"
+    committed = {p.name: p.read_bytes() for p in copy.glob("*.patch")}
+    source = copy / "files" / VLLM_MODULE
+    original = source.read_bytes()
+    source.write_bytes(original + b"\n\ndef added_by_the_test() -> int:\n    return 1\n")
+    r = run("lint", "--dir", copy)
+    assert r.returncode == 1, r.out
+    assert f"{owner}: its new-file hunk for {VLLM_MODULE} differs from what" in r.out, r.out
+    assert f"files/{VLLM_MODULE}" in r.out
+    assert f"run `moe-routes patch refresh --engine vllm --patches-dir {copy}`" in r.out, r.out
+    assert run("verify", "--engine", "vllm", "--patches-dir", copy, "--offline").returncode == 1  # lint first
+    # the one command the message names regenerates the patch, bumps its Last-Update, touches nothing else
+    r = run("refresh", "--engine", "vllm", "--patches-dir", copy)
+    assert r.returncode == 0 and f"{owner}: regenerated" in r.out, r.out
+    assert run("lint", "--dir", copy).returncode == 0
+    regenerated = (copy / owner).read_bytes()
+    assert f"Last-Update: {datetime.date.today().isoformat()}\n".encode() in regenerated
+    fp = next(f for f in parse_patch(regenerated, owner).files if f.path == VLLM_MODULE)
+    assert fp.new_content == source.read_bytes()
+    assert {p.name: p.read_bytes() for p in copy.glob("*.patch") if p.name != owner} == {
+        k: v for k, v in committed.items() if k != owner
+    }
+    again = run("refresh", "--engine", "vllm", "--patches-dir", copy)
+    assert again.returncode == 0 and f"{owner}: unchanged" in again.out and (copy / owner).read_bytes() == regenerated
+    # the regenerated series is a self-contained, strict series: it applies and reverses on the clean release
+    r = run("verify", "--engine", "vllm", "--patches-dir", copy, "--offline")
+    assert r.returncode == 0 and ": OK: 4 patches" in r.out, r.out
+    # the edit undone: the body is the committed one again, byte for byte
+    source.write_bytes(original)
+    assert run("refresh", "--engine", "vllm", "--patches-dir", copy).returncode == 0
+    assert parse_patch((copy / owner).read_bytes(), owner).body == parse_patch(committed[owner], owner).body
+
+
+def test_lint_names_sources_without_patch_and_patches_without_source(tmp_path):
+    copy = copy_series("sglang", tmp_path)
+    stray = copy / "files" / "sglang" / "srt" / "stray.py"
+    stray.write_text("X = 1\n")
+    upstream = copy / "files" / "sglang" / "srt" / "layers" / "moe" / "topk.py"
+    upstream.write_text("# an upstream file the series modifies\n")
+    (copy / "files" / SGLANG_MODULE).unlink()
+    r = run("lint", "--dir", copy)
+    assert r.returncode == 1, r.out
+    assert "no patch of the series adds sglang/srt/stray.py" in r.out, r.out
+    assert "sglang/srt/layers/moe/topk.py is an upstream file that 0001-expert-routing-capture.patch modifies" in r.out
+    assert f"new file {SGLANG_MODULE} has no source" in r.out and "--extract-new-files" in r.out, r.out
+    r = run("refresh", "--engine", "sglang", "--patches-dir", copy)
+    assert r.returncode == 1 and SGLANG_MODULE in r.out and "--extract-new-files" in r.out, r.out
+    stray.unlink()
+    upstream.unlink()
+    r = run("refresh", "--engine", "sglang", "--patches-dir", copy, "--extract-new-files")
+    assert r.returncode == 0, r.out
+    assert (copy / "files" / SGLANG_MODULE).read_bytes() == (
+        series_dir("sglang") / "files" / SGLANG_MODULE
+    ).read_bytes()
+    assert run("lint", "--dir", copy).returncode == 0
+    # a source ending in a blank line is refused at the source, where it is fixed
+    with open(copy / "files" / SGLANG_MODULE, "ab") as f:
+        f.write(b"\n")
+    assert run("refresh", "--engine", "sglang", "--patches-dir", copy).returncode == 0
+    r = run("lint", "--dir", copy)
+    assert r.returncode == 1 and "ends with a blank line" in r.out and SGLANG_MODULE in r.out, r.out
+
+
+def test_tree_refresh_takes_new_files_from_their_source(tmp_path, vllm_env):
+    pdir = tmp_path / "p"
+    shutil.copytree(vllm_env["pdir"], pdir)
+    assert (pdir / "files" / HOOK).read_bytes() == (vllm_env["work"] / HOOK).read_bytes()  # made by --new
+    work = tmp_path / "work"
+    shutil.copytree(vllm_env["work"], work)
+    common = ["refresh", "--engine", "vllm", "--tree", work, "--patches-dir", pdir, "--clean", vllm_env["clean"]]
+    # an edit to the tree's copy of a new file is refused: files/ is the only copy
+    (work / HOOK).write_text("ROUTES = ()\n")
+    snap = tree_hash(pdir)
+    r = run(*common)
+    assert r.returncode == 1 and f"{work / HOOK} differs from its source" in r.out and "nothing written" in r.out
+    assert tree_hash(pdir) == snap
+    # edited at the source, the tree's copy need not exist
+    (work / HOOK).unlink()
+    (pdir / "files" / HOOK).write_text("ROUTES = ()\n")
+    r = run(*common)
+    assert r.returncode == 0 and "0003-hook.patch: refreshed" in r.out and "0001-layer.patch: unchanged" in r.out, r.out
+    assert (pdir / "0003-hook.patch").read_text().endswith("+ROUTES = ()\n")
+    assert run("lint", "--dir", pdir, "--engine", "vllm").returncode == 0
+    # a second new file joins a patch: its source is created from the tree once; dropping it removes the source
+    hook2 = f"{MOE}/moe_routes_hook2.py"
+    (work / hook2).write_text("LIMIT = 4\n")
+    r = run(*common, "--add-file", hook2, "--to", "0003-hook.patch")
+    assert r.returncode == 0 and f"files/{hook2}: created from" in r.out, r.out
+    assert (pdir / "files" / hook2).read_text() == "LIMIT = 4\n" and run("lint", "--dir", pdir).returncode == 0
+    r = run(*common, "--drop-file", hook2)
+    assert r.returncode == 0 and f"files/{hook2}: removed" in r.out, r.out
+    assert not (pdir / "files" / hook2).exists() and hook2 not in (pdir / "0003-hook.patch").read_text()
+    assert run("lint", "--dir", pdir).returncode == 0
+    r = run(*common, "--drop-file", HOOK)
+    assert r.returncode == 1 and "0003-hook.patch: no changes left" in r.out  # its only file: remove the patch
+
+
+def test_refresh_usage_errors():
+    r = run("refresh", "--engine", "vllm", "--new", "0009-x.patch")
+    assert r.returncode == 2 and "--new" in r.stderr and "--tree DIR" in r.stderr, r.out
+    r = run("refresh", "--engine", "vllm", "--tree", REPO, "--extract-new-files")
+    assert r.returncode == 2 and "--extract-new-files" in r.stderr, r.out

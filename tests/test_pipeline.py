@@ -103,7 +103,7 @@ def test_run_generate_errors_are_clear(tmp_path):
         assert proc.returncode != 0 and needle in (proc.stderr + proc.stdout), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("command", [["run_generate.py"], ["plot_hist.py"], ["scripts/moe_patch.py"],
+@pytest.mark.parametrize("command", [["run_generate.py"], ["plot_hist.py"], ["-m", "moe_routes", "patch"],
                                      ["-m", "moe_routes"], ["-m", "moe_routes", "bench"],
                                      ["-m", "moe_routes", "bench", "overhead"], ["-m", "moe_routes", "bench", "imports"],
                                      ["-m", "moe_routes", "bench", "writer"], ["-m", "moe_routes", "tiny-model"]])

@@ -1,6 +1,6 @@
 """Import cost of the patched vLLM with VLLM_LOG_MOE unset, against the same install with the series reversed.
 
-Copies the installed `vllm` package to a temp dir, reverses the patch series there (scripts/moe_patch.py), then
+Copies the installed `vllm` package to a temp dir, reverses the patch series there (moe-routes patch reverse), then
 times `python -c "from vllm import LLM"` for both, alternating (clean, patched, patched, clean, ...) so that
 drift on the machine hits both alike, and prints the medians and the ratio patched / clean.
 
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="moe-bench-import-") as tmp:
         shutil.copytree(Path(site) / "vllm", Path(tmp) / "vllm")
         shutil.copy2(Path(site) / ".moe-routes-vllm.json", Path(tmp) / ".moe-routes-vllm.json")
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "moe_patch.py"), "reverse", "--engine", "vllm",
-                        "--tree", tmp], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "moe_routes", "patch", "reverse", "--engine", "vllm",
+                        "--tree", tmp], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
         variants = {"clean": dict(env, PYTHONPATH=tmp), "patched": env}
         times: dict[str, list[float]] = {"clean": [], "patched": []}
         for name in ("clean", "patched"):  # warm the page cache and the bytecode caches, untimed
