@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("moe_routes.plot", "expert histogram and statistics from a moe_routes.jsonl"),
     "pins": ("moe_routes.pins", "print pinned versions from PINS"),
     "tiny-model": ("moe_routes.tinymoe", "build a tiny random-weight MoE checkpoint + tokenizer (no hub)"),
+    "sglang-validate": ("moe_routes.sglang_validate", "GPU box: check the SGLang series end to end on a real model"),
+    "sglang-decode": ("moe_routes.sglang_routing", "SGLang expert_routing payload (JSON file) -> JSONL route records"),
     "bench": ("moe_routes.bench", "benchmarks: overhead, imports, writer (ratios measured side by side)"),
 }
 

@@ -106,7 +106,9 @@ def test_run_generate_errors_are_clear(tmp_path):
 @pytest.mark.parametrize("command", [["run_generate.py"], ["plot_hist.py"], ["-m", "moe_routes", "patch"],
                                      ["-m", "moe_routes"], ["-m", "moe_routes", "bench"],
                                      ["-m", "moe_routes", "bench", "overhead"], ["-m", "moe_routes", "bench", "imports"],
-                                     ["-m", "moe_routes", "bench", "writer"], ["-m", "moe_routes", "tiny-model"]])
+                                     ["-m", "moe_routes", "bench", "writer"], ["-m", "moe_routes", "tiny-model"],
+                                     ["-m", "moe_routes", "generate"], ["-m", "moe_routes", "plot"],
+                                     ["-m", "moe_routes", "sglang-validate"], ["-m", "moe_routes", "sglang-decode"]])
 def test_cli_help_has_examples(command):
     proc = subprocess.run([PY, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "examples" in proc.stdout.lower(), proc.stderr[-2000:]

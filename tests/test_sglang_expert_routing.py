@@ -44,13 +44,13 @@ if not INNER:
         assert r.returncode == 0, f"inner sglang test run failed (rc={r.returncode})"
 
     def test_gpu_validate_help_without_sglang():
-        r = subprocess.run([sys.executable, "-I", str(ROOT / "scripts" / "sglang_gpu_validate.py"), "--help"],
+        r = subprocess.run([sys.executable, "-m", "moe_routes", "sglang-validate", "--help"], cwd=str(ROOT),
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert "return_expert_routing" in r.stdout
 
     def test_decode_helper_imports_without_sglang():
-        code = ("import sys; sys.path.insert(0, 'scripts'); import sglang_routing; "
+        code = ("import sys; from moe_routes import sglang_routing; "
                 "assert 'sglang' not in sys.modules; print('ok')")
         r = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True)
         assert r.returncode == 0 and "ok" in r.stdout, r.stderr
@@ -100,8 +100,7 @@ else:
     from sglang.srt.layers.moe.topk import TopK
     from sglang.srt.managers.io_struct import GenerateReqInput
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import sglang_routing  # noqa: E402
+    from moe_routes import sglang_routing
 
     SCHEMA = json.loads((ROOT / "schemas" / "moe_routes.schema.json").read_text())
 
@@ -136,7 +135,7 @@ else:
         json.dumps(p)  # JSON-able
         assert p["ids_dtype"] == er.ids_dtype_for(e).name and p["shape"] == [T, L, K]
         assert len(base64.b64decode(p["ids"])) == T * L * K * er.ids_dtype_for(e).itemsize
-        assert not hasattr(er, "decode_routing")  # one decoder: scripts/sglang_routing.py
+        assert not hasattr(er, "decode_routing")  # one decoder: moe_routes/sglang_routing.py
         for d in (sglang_routing.decode_expert_routing(p),
                   sglang_routing.decode_expert_routing({"meta_info": {"expert_routing": p}})):
             np.testing.assert_array_equal(d["topk_ids"], ids)
@@ -946,8 +945,7 @@ else:
     def test_run_generate_sglang_runs_engines_one_after_the_other(monkeypatch, tmp_path):
         import transformers
 
-        sys.path.insert(0, str(ROOT))
-        import run_generate
+        from moe_routes import generate as run_generate
 
         alive, events = [], []
 

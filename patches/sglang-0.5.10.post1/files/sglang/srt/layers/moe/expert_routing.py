@@ -39,7 +39,7 @@ int32; the dtype's max value means "missing"), ``weights_dtype`` (float32, or fl
 with ``--expert-routing-weights-dtype float16``), ``ids`` / ``weights`` (base64 of the
 C-order arrays), ``num_cached_tokens`` (positions [0, n) came from the prefix cache),
 ``missing`` ([start, end) ranges without capture), ``weights_include_routed_scaling_factor``
-and ``routed_scaling_factor`` (see ``_scaling_meta``). Decoder: scripts/sglang_routing.py
+and ``routed_scaling_factor`` (see ``_scaling_meta``). Decoder: moe_routes/sglang_routing.py in the moe-routes repository
 of the moe-routes repository.
 """
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Decode SGLang ``meta_info["expert_routing"]`` (moe-routes patch series) to numpy.
 
 stdlib + numpy only; importable without sglang.
@@ -122,7 +121,11 @@ def to_jsonl_records(req_id: str, decoded: dict[str, Any]) -> list[dict[str, Any
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Examples:\n  moe-routes sglang-decode response.json > routes.jsonl\n"
+               "  moe-routes sglang-decode meta_info.json --req-id r7",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="JSON file: a generate() output, a list of them, or a meta_info dict")
     ap.add_argument("--req-id", default=None)
     a = ap.parse_args(argv)

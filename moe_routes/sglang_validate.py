@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """GPU validation of the SGLang return_expert_routing patch series (needs a CUDA box).
 
 Runs a real MoE model through the patched sglang==0.5.10.post1 Engine with
@@ -34,10 +33,17 @@ import os
 import sys
 
 
+class RawDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, the examples epilog kept as written."""
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="Validate return_expert_routing (moe-routes SGLang patches) on a GPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Examples (a CUDA box with the patched SGLang venv, from the repository root):\n"
+               "  python -m moe_routes sglang-validate\n"
+               "  python -m moe_routes sglang-validate --model Qwen/Qwen3-30B-A3B --tp-size 2 --num-requests 128",
+        formatter_class=RawDefaultsFormatter)
     ap.add_argument("--model", default="Qwen/Qwen1.5-MoE-A2.7B-Chat")
     ap.add_argument("--num-requests", type=int, default=64, help="concurrent requests per run")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -74,8 +80,7 @@ def main(argv=None):
     import numpy as np
     import sglang as sgl
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from sglang_routing import decode_expert_routing
+    from moe_routes.sglang_routing import decode_expert_routing
 
     fails, report = [], {"model": args.model, "checks": {}}
 
@@ -193,7 +198,7 @@ def main(argv=None):
 
 def bound_check(args, check):
     import sglang as sgl
-    from sglang_routing import decode_expert_routing
+    from moe_routes.sglang_routing import decode_expert_routing
 
     engine = sgl.Engine(model_path=args.model, tp_size=args.tp_size, enable_return_expert_routing=True,
                         mem_fraction_static=args.mem_fraction_static, chunked_prefill_size=-1,
@@ -222,7 +227,7 @@ def openai_checks(args, prompt, engine_decoded, check):
     import urllib.request
 
     import numpy as np
-    from sglang_routing import decode_expert_routing
+    from moe_routes.sglang_routing import decode_expert_routing
 
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--port", str(args.port),
            "--tp-size", str(args.tp_size), "--mem-fraction-static", str(args.mem_fraction_static),
