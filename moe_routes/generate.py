@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from moe_routes import REPO_ROOT as ROOT
+from moe_routes.schema import schema_version
 
 DEFAULT_MODEL = "Qwen/Qwen1.5-MoE-A2.7B-Chat"
 
@@ -292,7 +293,7 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     with open(out_dir / "moe_routes.jsonl", "w") as f:
         decoded = [decode_expert_routing(o["meta_info"]["expert_routing"]) for o in first]
         series = series_info("sglang")
-        meta = {"type": "meta", "schema_version": 2, "engine": "sglang", "engine_version": sglang.__version__,
+        meta = {"type": "meta", "schema_version": schema_version(), "engine": "sglang", "engine_version": sglang.__version__,
                 "sglang_version": sglang.__version__, "torch_version": __import__("torch").__version__,
                 "model_id": args.model, "device": device_info(), "seed": args.seed,
                 "num_experts": int(decoded[0]["num_experts"]), "top_k": int(decoded[0]["top_k"]),

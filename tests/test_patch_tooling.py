@@ -708,3 +708,19 @@ def test_refresh_usage_errors():
     assert r.returncode == 2 and "--new" in r.stderr and "--tree DIR" in r.stderr, r.out
     r = run("refresh", "--engine", "vllm", "--tree", REPO, "--extract-new-files")
     assert r.returncode == 2 and "--extract-new-files" in r.stderr, r.out
+
+
+@pytest.mark.fast
+def test_lint_catches_an_engine_schema_version_that_disagrees_with_the_schema_file(tmp_path):
+    from moe_routes import schema
+
+    pdir = tmp_path / "vllm-0.15.1"
+    shutil.copytree(REPO / "patches" / "vllm-0.15.1", pdir)
+    sources = [p for p in (pdir / "files").rglob("*.py") if b"\nSCHEMA_VERSION = " in p.read_bytes()]
+    assert sources, "the vLLM module carries SCHEMA_VERSION as a literal"
+    want = schema.schema_version()
+    src = sources[0]
+    src.write_bytes(src.read_bytes().replace(b"\nSCHEMA_VERSION = %d\n" % want, b"\nSCHEMA_VERSION = %d\n" % (want + 1)))
+    r = run("lint", "--dir", str(pdir))
+    assert r.returncode == 1
+    assert f"SCHEMA_VERSION = {want + 1} but moe_routes.schema.json says schema_version {want}" in r.stdout

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 import moe_routes.plot as plot_hist
+from moe_routes.schema import schema_version
 
 pytestmark = pytest.mark.fast
 
@@ -27,7 +28,7 @@ SCRIPT = os.path.join(ROOT, "plot_hist.py")
 def meta(**kw):
     m = {
         "type": "meta",
-        "schema_version": 2,
+        "schema_version": schema_version(),
         "engine": "vllm",
         "engine_version": "0.15.1",
         "torch_version": "2.9.1",

@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from moe_routes import plot as plot_hist
+from moe_routes.schema import schema_version
 
 E, K, LAYERS = 60, 4, 24
 TOKENS_PER_REQUEST = 512
@@ -54,7 +55,7 @@ def generate(path: str, n_lines: int, seed: int = 0) -> None:
     layers = list(range(LAYERS))
     meta = {
         "type": "meta",
-        "schema_version": 2,
+        "schema_version": schema_version(),
         "engine": "vllm",
         "engine_version": "bench",
         "torch_version": "bench",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moe_routes import schema
 from moe_routes.patching.engines import engine_of_dir, new_files_dir, series_dir
 from moe_routes.patching.errors import PatchError
 from moe_routes.patching.gendiff import diff_file
@@ -80,6 +81,7 @@ def stale_problems(pdir: Path, patches: list[Patch]) -> list[str]:
                 f"newer one, e.g. after a merge, `{refresh_command(pdir, '--extract-new-files')}` to update the source)"
             )
     for path, src in sources.items():
+        problems += schema.engine_literal_problems(src)
         if src.read_bytes().endswith(b"\n\n"):
             problems.append(
                 f"{shown(pdir, path)} ends with a blank line (git apply warns 'new blank line at EOF'); "
