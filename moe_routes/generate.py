@@ -17,6 +17,7 @@ Examples:
   # SGLang (patched with patches/sglang-*/): routing returned per request, written in the same schema
   python run_generate.py --engine sglang --model Qwen/Qwen1.5-MoE-A2.7B-Chat
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def load_questions(args) -> list[str]:
                 try:
                     q = json.loads(line)["question"]
                 except (ValueError, KeyError, TypeError):
-                    raise SystemExit(f"run_generate: {path}:{lineno}: expected a JSON object with a "
-                                     f"'question' field") from None
+                    raise SystemExit(
+                        f"run_generate: {path}:{lineno}: expected a JSON object with a 'question' field"
+                    ) from None
                 out.append(q)
                 if len(out) == args.num_prompts:
                     break
@@ -61,13 +63,16 @@ def load_questions(args) -> list[str]:
         try:
             import datasets
         except ImportError:
-            raise SystemExit("run_generate: the 'datasets' package is needed to load openai/gsm8k; "
-                             "install it or pass --prompts-file") from None
+            raise SystemExit(
+                "run_generate: the 'datasets' package is needed to load openai/gsm8k; install it or pass --prompts-file"
+            ) from None
         try:
             ds = datasets.load_dataset(args.dataset, args.dataset_config, split="test")
         except Exception as exc:
-            raise SystemExit(f"run_generate: could not load {args.dataset} ({exc.__class__.__name__}: {exc}); "
-                             "without network access pass --prompts-file ../shared/data/gsm8k/test.jsonl") from None
+            raise SystemExit(
+                f"run_generate: could not load {args.dataset} ({exc.__class__.__name__}: {exc}); "
+                "without network access pass --prompts-file ../shared/data/gsm8k/test.jsonl"
+            ) from None
         out = [row["question"] for row in ds.select(range(min(args.num_prompts, len(ds))))]
     if len(out) < args.num_prompts:
         raise SystemExit(f"run_generate: asked for {args.num_prompts} prompts, found {len(out)}")
@@ -76,8 +81,10 @@ def load_questions(args) -> list[str]:
 
 def build_prompts(questions: list[str], tokenizer, use_chat_template: bool) -> list[str]:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                              add_generation_prompt=True) for q in questions]
+        return [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions
+        ]
     return list(questions)
 
 
@@ -119,9 +126,13 @@ def device_info() -> str:
 
 
 def run_stats(wall: float, prompt_tokens: int, generated_tokens: int) -> dict:
-    return {"wall_s": wall, "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
-            "tokens_per_s": (prompt_tokens + generated_tokens) / wall,
-            "generated_tokens_per_s": generated_tokens / wall}
+    return {
+        "wall_s": wall,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated_tokens,
+        "tokens_per_s": (prompt_tokens + generated_tokens) / wall,
+        "generated_tokens_per_s": generated_tokens / wall,
+    }
 
 
 def measure_alternating(one, repeats: int, progress=None) -> tuple[dict, dict, dict]:
@@ -133,7 +144,7 @@ def measure_alternating(one, repeats: int, progress=None) -> tuple[dict, dict, d
     for r in range(repeats):
         order += ["log", "nolog"] if r % 2 == 0 else ["nolog", "log"]
     runs, outputs = {"log": [], "nolog": []}, {"log": [], "nolog": []}
-    for mode in (progress(order) if progress else order):
+    for mode in progress(order) if progress else order:
         outs, stats = one(mode)
         runs[mode].append(stats)
         outputs[mode].append(outs)
@@ -161,8 +172,14 @@ def start_vllm(args, log_path: str | None):
         os.environ["VLLM_LOG_MOE"] = log_path
     else:
         os.environ.pop("VLLM_LOG_MOE", None)
-    kwargs = dict(model=args.model, seed=args.seed, dtype=args.dtype, enforce_eager=args.enforce_eager,
-                  tensor_parallel_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code)
+    kwargs = dict(
+        model=args.model,
+        seed=args.seed,
+        dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        trust_remote_code=args.trust_remote_code,
+    )
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
     if args.gpu_memory_utilization:
@@ -188,20 +205,22 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
         engines[mode], startup[mode] = start_vllm(args, str(scratch) if mode == "log" else None)
     tokenizer = engines["log"].get_tokenizer()
     prompts = build_prompts(questions, tokenizer, not args.no_chat_template)
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, seed=args.seed,
-                        ignore_eos=args.ignore_eos)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
 
     def one(mode):
         t0 = time.perf_counter()
         outs = engines[mode].generate(prompts, sp, use_tqdm=False)
         wall = time.perf_counter() - t0
-        return outs, run_stats(wall, sum(len(o.prompt_token_ids) for o in outs),
-                               sum(len(o.outputs[0].token_ids) for o in outs))
+        return outs, run_stats(
+            wall, sum(len(o.prompt_token_ids) for o in outs), sum(len(o.outputs[0].token_ids) for o in outs)
+        )
 
     warmup, runs, outputs = measure_alternating(
-        one, args.repeats, lambda order: tqdm(order, desc="measured runs (alternating log / no-log)", unit="run"))
-    identical = all_identical({m: [[list(o.outputs[0].token_ids) for o in outs] for outs in outputs[m]]
-                               for m in outputs})
+        one, args.repeats, lambda order: tqdm(order, desc="measured runs (alternating log / no-log)", unit="run")
+    )
+    identical = all_identical(
+        {m: [[list(o.outputs[0].token_ids) for o in outs] for outs in outputs[m]] for m in outputs}
+    )
 
     # keep the routing of the first measured log run; the scratch file holds warm-up and repeats too
     keep = {o.request_id for o in outputs["log"][0]}
@@ -218,7 +237,7 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
                 continue
             # route lines start '{"type":"route","req_id":"ID"' (the writer's fixed layout); gaps go via json
             if line.startswith('{"type":"route","req_id":"'):
-                rid = line[26:line.index('"', 26)]
+                rid = line[26 : line.index('"', 26)]
             else:
                 rid = json.loads(line)["req_id"]
             if rid in keep:
@@ -227,9 +246,19 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     if not args.keep_all_runs_log:
         scratch.unlink()
     with open(out_dir / "generations.jsonl", "w") as f:
-        for q, o in zip(questions, outputs["log"][0]):
-            f.write(json.dumps({"req_id": o.request_id, "question": q, "prompt_tokens": len(o.prompt_token_ids),
-                                "text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids)}) + "\n")
+        for q, o in zip(questions, outputs["log"][0], strict=True):
+            f.write(
+                json.dumps(
+                    {
+                        "req_id": o.request_id,
+                        "question": q,
+                        "prompt_tokens": len(o.prompt_token_ids),
+                        "text": o.outputs[0].text,
+                        "token_ids": list(o.outputs[0].token_ids),
+                    }
+                )
+                + "\n"
+            )
     import torch
     import vllm
 
@@ -238,9 +267,17 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
             llm.llm_engine.engine_core.shutdown()
         except Exception:
             pass
-    return {"engine": "vllm", "engine_version": vllm.__version__, "torch_version": torch.__version__,
-            "startup_s": startup, "warmup": warmup, "runs": runs, "tokens_identical": identical,
-            "route_records": n_records, "routed_request_ids": sorted(keep, key=lambda x: int(x) if x.isdigit() else 0)}
+    return {
+        "engine": "vllm",
+        "engine_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "startup_s": startup,
+        "warmup": warmup,
+        "runs": runs,
+        "tokens_identical": identical,
+        "route_records": n_records,
+        "routed_request_ids": sorted(keep, key=lambda x: int(x) if x.isdigit() else 0),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,19 +287,23 @@ def _sglang_run(engine, prompts, sampling, log: bool):
     t0 = time.perf_counter()
     outs = engine.generate(prompt=prompts, sampling_params=sampling, return_expert_routing=log)
     wall = time.perf_counter() - t0
-    return outs, run_stats(wall, sum(o["meta_info"]["prompt_tokens"] for o in outs),
-                           sum(o["meta_info"]["completion_tokens"] for o in outs))
+    return outs, run_stats(
+        wall, sum(o["meta_info"]["prompt_tokens"] for o in outs), sum(o["meta_info"]["completion_tokens"] for o in outs)
+    )
 
 
 def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     try:
         import sglang
     except ImportError:
-        raise SystemExit("run_generate: --engine sglang needs SGLang installed and patched: create its "
-                         "environment from requirements-sglang-lock.txt and apply patches/sglang-* with "
-                         "moe-routes patch apply --engine sglang --python <venv>/bin/python") from None
-    from moe_routes.sglang_routing import decode_expert_routing, to_jsonl_records
+        raise SystemExit(
+            "run_generate: --engine sglang needs SGLang installed and patched: create its "
+            "environment from requirements-sglang-lock.txt and apply patches/sglang-* with "
+            "moe-routes patch apply --engine sglang --python <venv>/bin/python"
+        ) from None
     from transformers import AutoConfig, AutoTokenizer
+
+    from moe_routes.sglang_routing import decode_expert_routing, to_jsonl_records
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     hf_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -276,9 +317,15 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
         print(f"run_generate: starting the {mode} engine ...", flush=True)
         t0 = time.perf_counter()
         kw = {} if args.gpu_memory_utilization is None else {"mem_fraction_static": args.gpu_memory_utilization}
-        engine = sglang.Engine(model_path=args.model, random_seed=args.seed, dtype=args.dtype,
-                               tp_size=args.tensor_parallel_size, trust_remote_code=args.trust_remote_code,
-                               enable_return_expert_routing=(mode == "log"), **kw)
+        engine = sglang.Engine(
+            model_path=args.model,
+            random_seed=args.seed,
+            dtype=args.dtype,
+            tp_size=args.tensor_parallel_size,
+            trust_remote_code=args.trust_remote_code,
+            enable_return_expert_routing=(mode == "log"),
+            **kw,
+        )
         startup[mode] = time.perf_counter() - t0
         warmup[mode] = _sglang_run(engine, prompts, sampling, mode == "log")[1]
         for _ in range(args.repeats):
@@ -293,46 +340,70 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     with open(out_dir / "moe_routes.jsonl", "w") as f:
         decoded = [decode_expert_routing(o["meta_info"]["expert_routing"]) for o in first]
         series = series_info("sglang")
-        meta = {"type": "meta", "schema_version": schema_version(), "engine": "sglang", "engine_version": sglang.__version__,
-                "sglang_version": sglang.__version__, "torch_version": __import__("torch").__version__,
-                "model_id": args.model, "device": device_info(), "seed": args.seed,
-                "num_experts": int(decoded[0]["num_experts"]), "top_k": int(decoded[0]["top_k"]),
-                "num_hidden_layers": int(getattr(hf_config, "num_hidden_layers", max(decoded[0]["layers"]) + 1)),
-                "moe_layers": [int(x) for x in decoded[0]["layers"]],
-                "layers_logged": [int(x) for x in decoded[0]["layers"]], "id_kind": "logical",
-                "routing_source": "kernel", "patch_series": series["series"],
-                # topk_weights hold the factor exactly when SGLang's top-k kernel applied it (payload says so)
-                "kernel_routed_scaling_factor": (decoded[0]["routed_scaling_factor"]
-                                                 if decoded[0]["weights_include_routed_scaling_factor"] else 1.0),
-                "config_routed_scaling_factor": decoded[0]["routed_scaling_factor"],
-                "patches": series["patches"], "writer": {"pid": os.getpid(), "host": socket.gethostname()},
-                "created_unix": time.time()}
+        meta = {
+            "type": "meta",
+            "schema_version": schema_version(),
+            "engine": "sglang",
+            "engine_version": sglang.__version__,
+            "sglang_version": sglang.__version__,
+            "torch_version": __import__("torch").__version__,
+            "model_id": args.model,
+            "device": device_info(),
+            "seed": args.seed,
+            "num_experts": int(decoded[0]["num_experts"]),
+            "top_k": int(decoded[0]["top_k"]),
+            "num_hidden_layers": int(getattr(hf_config, "num_hidden_layers", max(decoded[0]["layers"]) + 1)),
+            "moe_layers": [int(x) for x in decoded[0]["layers"]],
+            "layers_logged": [int(x) for x in decoded[0]["layers"]],
+            "id_kind": "logical",
+            "routing_source": "kernel",
+            "patch_series": series["series"],
+            # topk_weights hold the factor exactly when SGLang's top-k kernel applied it (payload says so)
+            "kernel_routed_scaling_factor": (
+                decoded[0]["routed_scaling_factor"] if decoded[0]["weights_include_routed_scaling_factor"] else 1.0
+            ),
+            "config_routed_scaling_factor": decoded[0]["routed_scaling_factor"],
+            "patches": series["patches"],
+            "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+            "created_unix": time.time(),
+        }
         f.write(json.dumps(meta, separators=(",", ":")) + "\n")
         for i, (o, dec) in enumerate(zip(first, decoded, strict=True)):
             for rec in to_jsonl_records(str(o["meta_info"].get("id", i)), dec):
                 f.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 n_records += 1
-    return {"engine": "sglang", "engine_version": sglang.__version__, "torch_version": __import__("torch").__version__,
-            "startup_s": startup, "warmup": warmup, "runs": runs, "tokens_identical": identical,
-            "route_records": n_records}
+    return {
+        "engine": "sglang",
+        "engine_version": sglang.__version__,
+        "torch_version": __import__("torch").__version__,
+        "startup_s": startup,
+        "warmup": warmup,
+        "runs": runs,
+        "tokens_identical": identical,
+        "route_records": n_records,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 def summarize(result: dict) -> dict:
     modes = {}
     for mode, runs in result["runs"].items():
-        modes[mode] = {"runs": runs,
-                       "median_wall_s": statistics.median(r["wall_s"] for r in runs),
-                       "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-                       "median_generated_tokens_per_s": statistics.median(r["generated_tokens_per_s"] for r in runs)}
+        modes[mode] = {
+            "runs": runs,
+            "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+            "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "median_generated_tokens_per_s": statistics.median(r["generated_tokens_per_s"] for r in runs),
+        }
     ratio = modes["log"]["median_tokens_per_s"] / modes["nolog"]["median_tokens_per_s"]
     return {"modes": modes, "throughput_ratio_log_over_nolog": ratio}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Examples:" + __doc__.split("Examples:")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:" + __doc__.split("Examples:")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id or local directory (default: %(default)s)")
     p.add_argument("--num-prompts", type=int, default=25)
@@ -348,13 +419,17 @@ def parse_args(argv=None):
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--gpu-memory-utilization", type=float,
-                   help="vLLM: per engine, two engines run side by side (default on GPU: 0.42); SGLang: "
-                        "mem_fraction_static of the one engine running at a time (default: SGLang's own)")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="vLLM: per engine, two engines run side by side (default on GPU: 0.42); SGLang: "
+        "mem_fraction_static of the one engine running at a time (default: SGLang's own)",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out-dir", default=".", help="where the artifacts go (default: current directory)")
-    p.add_argument("--keep-all-runs-log", action="store_true",
-                   help="keep moe_routes.all_runs.jsonl (warm-up and every repeat)")
+    p.add_argument(
+        "--keep-all-runs-log", action="store_true", help="keep moe_routes.all_runs.jsonl (warm-up and every repeat)"
+    )
     a = p.parse_args(argv)
     if a.repeats < 1 or a.num_prompts < 1 or a.max_tokens < 1:
         p.error("--repeats, --num-prompts and --max-tokens must be >= 1")
@@ -380,28 +455,44 @@ def main(argv=None) -> int:
     summary = summarize(result)
     timing = {
         "schema": "moe-routes timing v1",
-        "engine": result["engine"], "engine_version": result["engine_version"],
-        "torch_version": result["torch_version"], "model": args.model, "device": device_info(),
-        "num_prompts": len(questions), "max_tokens": args.max_tokens, "seed": args.seed, "repeats": args.repeats,
-        "engine_startup_s": result["startup_s"], "warmup": result["warmup"],
+        "engine": result["engine"],
+        "engine_version": result["engine_version"],
+        "torch_version": result["torch_version"],
+        "model": args.model,
+        "device": device_info(),
+        "num_prompts": len(questions),
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "engine_startup_s": result["startup_s"],
+        "warmup": result["warmup"],
         **summary,
         "tokens_identical_across_modes": result["tokens_identical"],
         "route_records": result["route_records"],
         "random_weights": is_random_weight_model(args.model),
-        "provenance": {"git": git_info(), **series_info(args.engine), "host": socket.gethostname(),
-                       "python": sys.version.split()[0], "args": vars(args),
-                       "created_unix": time.time()},
+        "provenance": {
+            "git": git_info(),
+            **series_info(args.engine),
+            "host": socket.gethostname(),
+            "python": sys.version.split()[0],
+            "args": vars(args),
+            "created_unix": time.time(),
+        },
     }
     (out_dir / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     m = summary["modes"]
     print("\n=== run_generate summary ===")
     print(f"engine {result['engine']} {result['engine_version']}, torch {result['torch_version']}, {timing['device']}")
-    print(f"model {args.model}: {len(questions)} prompts x {args.max_tokens} max new tokens, {args.repeats} repeats/mode")
+    print(
+        f"model {args.model}: {len(questions)} prompts x {args.max_tokens} max new tokens, {args.repeats} repeats/mode"
+    )
     print(f"startup: log {result['startup_s']['log']:.1f} s, no-log {result['startup_s']['nolog']:.1f} s")
     for mode in ("nolog", "log"):
-        print(f"{mode:>6}: median {m[mode]['median_wall_s']:.3f} s, {m[mode]['median_tokens_per_s']:.1f} tok/s "
-              f"({m[mode]['median_generated_tokens_per_s']:.1f} generated tok/s); runs "
-              + ", ".join(f"{r['wall_s']:.3f}" for r in m[mode]["runs"]))
+        print(
+            f"{mode:>6}: median {m[mode]['median_wall_s']:.3f} s, {m[mode]['median_tokens_per_s']:.1f} tok/s "
+            f"({m[mode]['median_generated_tokens_per_s']:.1f} generated tok/s); runs "
+            + ", ".join(f"{r['wall_s']:.3f}" for r in m[mode]["runs"])
+        )
     print(f"throughput ratio log/no-log: {summary['throughput_ratio_log_over_nolog']:.3f}")
     print(f"generated tokens identical across modes and repeats: {result['tokens_identical']}")
     print(f"route records: {result['route_records']}")

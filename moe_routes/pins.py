@@ -1,8 +1,9 @@
 """Load the repository's PINS file (KEY=VALUE lines, '#' comments) into a dict.
 
-    moe-routes pins VLLM_VERSION     # prints 0.15.1
-    moe-routes pins                  # prints every KEY=VALUE
+moe-routes pins VLLM_VERSION     # prints 0.15.1
+moe-routes pins                  # prints every KEY=VALUE
 """
+
 from __future__ import annotations
 
 import sys
@@ -49,4 +50,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(pins[argv[0]])
     return 0
-

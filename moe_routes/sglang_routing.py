@@ -100,14 +100,24 @@ def iter_jsonl_records(req_id: str, decoded: dict[str, Any]) -> Iterator[dict[st
     gaps = {a: b for a, b in missing}
     for t in range(ids.shape[0]):
         if t in gaps:
-            yield {"type": "gap", "req_id": req_id, "token_start": t, "token_end": gaps[t],
-                   "reason": "no routing captured for these KV slots"}
+            yield {
+                "type": "gap",
+                "req_id": req_id,
+                "token_start": t,
+                "token_end": gaps[t],
+                "reason": "no routing captured for these KV slots",
+            }
         if bad[t]:
             continue
         for li, layer in enumerate(layers.tolist()):
-            rec = {"type": "route", "req_id": req_id, "token_idx": t, "layer": int(layer),
-                   "topk_ids": [int(x) for x in ids[t, li]],
-                   "topk_weights": [float(x) for x in w[t, li]]}
+            rec = {
+                "type": "route",
+                "req_id": req_id,
+                "token_idx": t,
+                "layer": int(layer),
+                "topk_ids": [int(x) for x in ids[t, li]],
+                "topk_weights": [float(x) for x in w[t, li]],
+            }
             if t < n_cached:
                 rec["cached"] = True
             yield rec
@@ -124,8 +134,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Examples:\n  moe-routes sglang-decode response.json > routes.jsonl\n"
-               "  moe-routes sglang-decode meta_info.json --req-id r7",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  moe-routes sglang-decode meta_info.json --req-id r7",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("input", help="JSON file: a generate() output, a list of them, or a meta_info dict")
     ap.add_argument("--req-id", default=None)
     a = ap.parse_args(argv)

@@ -29,7 +29,6 @@ so --help works without sglang/torch installed.
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -41,21 +40,23 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="Validate return_expert_routing (moe-routes SGLang patches) on a GPU.",
         epilog="Examples (a CUDA box with the patched SGLang venv, from the repository root):\n"
-               "  python -m moe_routes sglang-validate\n"
-               "  python -m moe_routes sglang-validate --model Qwen/Qwen3-30B-A3B --tp-size 2 --num-requests 128",
-        formatter_class=RawDefaultsFormatter)
+        "  python -m moe_routes sglang-validate\n"
+        "  python -m moe_routes sglang-validate --model Qwen/Qwen3-30B-A3B --tp-size 2 --num-requests 128",
+        formatter_class=RawDefaultsFormatter,
+    )
     ap.add_argument("--model", default="Qwen/Qwen1.5-MoE-A2.7B-Chat")
     ap.add_argument("--num-requests", type=int, default=64, help="concurrent requests per run")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--tp-size", type=int, default=1)
-    ap.add_argument("--mem-fraction-static", type=float, default=0.55,
-                    help="leave room for the HF model used by the router check")
+    ap.add_argument(
+        "--mem-fraction-static", type=float, default=0.55, help="leave room for the HF model used by the router check"
+    )
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--disable-overlap-schedule", action="store_true")
-    ap.add_argument("--chunked-prefill-size", type=int, default=64,
-                    help="small value so long prompts are chunked")
-    ap.add_argument("--router-check-samples", type=int, default=4,
-                    help="sequences recomputed with the HF model (0 = skip)")
+    ap.add_argument("--chunked-prefill-size", type=int, default=64, help="small value so long prompts are chunked")
+    ap.add_argument(
+        "--router-check-samples", type=int, default=4, help="sequences recomputed with the HF model (0 = skip)"
+    )
     ap.add_argument("--weights-atol", type=float, default=2e-2, help="bf16 kernels vs HF eager")
     ap.add_argument("--port", type=int, default=30917, help="HTTP server port for the OpenAI checks")
     ap.add_argument("--skip-openai", action="store_true", help="skip check 6 (HTTP server)")
@@ -65,8 +66,18 @@ def parse_args(argv=None):
 
 
 def prompts(n):
-    topics = ["the ocean", "prime numbers", "a medieval castle", "quantum computing", "bread baking",
-              "the French revolution", "volcanoes", "jazz music", "graph theory", "honey bees"]
+    topics = [
+        "the ocean",
+        "prime numbers",
+        "a medieval castle",
+        "quantum computing",
+        "bread baking",
+        "the French revolution",
+        "volcanoes",
+        "jazz music",
+        "graph theory",
+        "honey bees",
+    ]
     out = []
     for i in range(n):
         t = topics[i % len(topics)]
@@ -91,17 +102,21 @@ def main(argv=None):
             fails.append(name)
 
     engine = sgl.Engine(
-        model_path=args.model, tp_size=args.tp_size, enable_return_expert_routing=True,
+        model_path=args.model,
+        tp_size=args.tp_size,
+        enable_return_expert_routing=True,
         enable_return_routed_experts=True,
-        mem_fraction_static=args.mem_fraction_static, disable_cuda_graph=args.disable_cuda_graph,
+        mem_fraction_static=args.mem_fraction_static,
+        disable_cuda_graph=args.disable_cuda_graph,
         disable_overlap_schedule=args.disable_overlap_schedule,
-        chunked_prefill_size=args.chunked_prefill_size, random_seed=0)
+        chunked_prefill_size=args.chunked_prefill_size,
+        random_seed=0,
+    )
     ps = prompts(args.num_requests)
     sp = {"temperature": 0.0, "max_new_tokens": args.max_new_tokens}
 
     def run():
-        return engine.generate(prompt=ps, sampling_params=sp, return_expert_routing=True,
-                               return_routed_experts=True)
+        return engine.generate(prompt=ps, sampling_params=sp, return_expert_routing=True, return_routed_experts=True)
 
     out1 = run()
     dec1, problems, native_bad = [], [], 0
@@ -135,11 +150,16 @@ def main(argv=None):
     for o, d1 in zip(out2, dec1, strict=True):
         d2 = decode_expert_routing(o["meta_info"])
         cached += d2["num_cached_tokens"] > 0
-        if d1 is None or not (np.array_equal(d1["topk_ids"], d2["topk_ids"])
-                              and np.allclose(d1["topk_weights"], d2["topk_weights"], atol=1e-6)):
+        if d1 is None or not (
+            np.array_equal(d1["topk_ids"], d2["topk_ids"])
+            and np.allclose(d1["topk_weights"], d2["topk_weights"], atol=1e-6)
+        ):
             nondet += 1
-    check("deterministic_across_runs_with_radix_hits", nondet == 0,
-          f"{nondet} requests differ; {cached} requests had prefix-cache hits")
+    check(
+        "deterministic_across_runs_with_radix_hits",
+        nondet == 0,
+        f"{nondet} requests differ; {cached} requests had prefix-cache hits",
+    )
 
     chunks = list(engine.generate(prompt=ps[0], sampling_params=sp, return_expert_routing=True, stream=True))
     with_payload = [i for i, c in enumerate(chunks) if "expert_routing" in c["meta_info"]]
@@ -178,8 +198,11 @@ def main(argv=None):
                     b = np.take_along_axis(d["topk_weights"][:, li], np.argsort(d["topk_ids"][:, li], 1), 1)[same]
                     wdiff = max(wdiff, float(np.abs(a - b).max()))
         rate = agree / max(total, 1)
-        check("weights_consistent_with_router", rate >= 0.95 and wdiff <= args.weights_atol,
-              f"id agreement {rate:.4f} over {total} token-layers, max |dw| {wdiff:.4g}")
+        check(
+            "weights_consistent_with_router",
+            rate >= 0.95 and wdiff <= args.weights_atol,
+            f"id agreement {rate:.4f} over {total} token-layers, max |dw| {wdiff:.4g}",
+        )
         del model, r  # the HTTP server and the bound engine below size their KV cache from free memory
         torch.cuda.empty_cache()
 
@@ -198,16 +221,27 @@ def main(argv=None):
 
 def bound_check(args, check):
     import sglang as sgl
+
     from moe_routes.sglang_routing import decode_expert_routing
 
-    engine = sgl.Engine(model_path=args.model, tp_size=args.tp_size, enable_return_expert_routing=True,
-                        mem_fraction_static=args.mem_fraction_static, chunked_prefill_size=-1,
-                        disable_radix_cache=True, max_prefill_tokens=256, random_seed=0)
+    engine = sgl.Engine(
+        model_path=args.model,
+        tp_size=args.tp_size,
+        enable_return_expert_routing=True,
+        mem_fraction_static=args.mem_fraction_static,
+        chunked_prefill_size=-1,
+        disable_radix_cache=True,
+        max_prefill_tokens=256,
+        random_seed=0,
+    )
     ps = [f"Request {i}. " + "Tell me everything about graph theory. " * 60 for i in range(16)]
     problems = []
     try:
-        outs = engine.generate(prompt=ps, sampling_params={"temperature": 0.0, "max_new_tokens": 8,
-                                                           "ignore_eos": True}, return_expert_routing=True)
+        outs = engine.generate(
+            prompt=ps,
+            sampling_params={"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True},
+            return_expert_routing=True,
+        )
         for i, o in enumerate(outs):
             d = decode_expert_routing(o["meta_info"])
             T = o["meta_info"]["prompt_tokens"] + o["meta_info"]["completion_tokens"] - 1
@@ -227,18 +261,36 @@ def openai_checks(args, prompt, engine_decoded, check):
     import urllib.request
 
     import numpy as np
+
     from moe_routes.sglang_routing import decode_expert_routing
 
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--port", str(args.port),
-           "--tp-size", str(args.tp_size), "--mem-fraction-static", str(args.mem_fraction_static),
-           "--chunked-prefill-size", str(args.chunked_prefill_size), "--random-seed", "0",
-           "--enable-return-expert-routing", "--tokenizer-worker-num", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        args.model,
+        "--port",
+        str(args.port),
+        "--tp-size",
+        str(args.tp_size),
+        "--mem-fraction-static",
+        str(args.mem_fraction_static),
+        "--chunked-prefill-size",
+        str(args.chunked_prefill_size),
+        "--random-seed",
+        "0",
+        "--enable-return-expert-routing",
+        "--tokenizer-worker-num",
+        "2",
+    ]
     srv = subprocess.Popen(cmd)
     base = f"http://127.0.0.1:{args.port}"
 
     def post(path, body):
-        req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=600) as r:
                 return r.status, json.loads(r.read())
@@ -246,8 +298,7 @@ def openai_checks(args, prompt, engine_decoded, check):
             return e.code, json.loads(e.read() or b"{}")
 
     def stream_payloads(url, body):
-        req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         got = {}
         with urllib.request.urlopen(req, timeout=600) as r:
             for line in r:
@@ -269,10 +320,17 @@ def openai_checks(args, prompt, engine_decoded, check):
                     check("openai_server_started", False, f"server exited with {srv.returncode}")
                     return
                 time.sleep(2)
-        common = {"model": args.model, "temperature": 0.0, "max_tokens": args.max_new_tokens, "n": 2,
-                  "return_expert_routing": True}
-        for path, body in (("/v1/completions", dict(common, prompt=prompt)),
-                           ("/v1/chat/completions", dict(common, messages=[{"role": "user", "content": prompt}]))):
+        common = {
+            "model": args.model,
+            "temperature": 0.0,
+            "max_tokens": args.max_new_tokens,
+            "n": 2,
+            "return_expert_routing": True,
+        }
+        for path, body in (
+            ("/v1/completions", dict(common, prompt=prompt)),
+            ("/v1/chat/completions", dict(common, messages=[{"role": "user", "content": prompt}])),
+        ):
             code, resp = post(path, body)
             problems = [] if code == 200 else [f"HTTP {code}: {resp}"]
             decs = []
@@ -294,12 +352,13 @@ def openai_checks(args, prompt, engine_decoded, check):
                     problems.append("payload differs from the Engine's for the same greedy prompt")
             check(f"openai{path.replace('/', '_')}_per_choice", not problems, "; ".join(problems[:5]))
             code, resp = post(path, dict(body, return_expert_routing=[True, False]))
-            check(f"openai{path.replace('/', '_')}_400_per_sample_list", code == 400,
-                  f"HTTP {code}: {str(resp)[:200]}")
+            check(f"openai{path.replace('/', '_')}_400_per_sample_list", code == 400, f"HTTP {code}: {str(resp)[:200]}")
             streamed = stream_payloads(base + path, dict(body, stream=True))
             ok = sorted(streamed) == [0, 1] and all(
                 np.array_equal(decode_expert_routing(streamed[i])["topk_ids"], decs[i]["topk_ids"])
-                for i in (0, 1) if i < len(decs))
+                for i in (0, 1)
+                if i < len(decs)
+            )
             check(f"openai{path.replace('/', '_')}_stream_final_chunk", ok, f"payloads for choices {sorted(streamed)}")
     finally:
         srv.terminate()

@@ -9,6 +9,7 @@ Examples:
   moe-routes tiny-model --arch mixtral --out /tmp/tiny-mixtral --hidden 256 --layers 4 --experts 16
   moe-routes tiny-model --arch qwen2_moe --out /tmp/bench --hidden 512 --layers 8 --experts 32 --top-k 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,75 +46,162 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
 
-def make_config(arch: str, *, vocab: int, hidden: int, layers: int, experts: int, top_k: int,
-                heads: int, moe_inter: int, max_pos: int):
+def make_config(
+    arch: str,
+    *,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    experts: int,
+    top_k: int,
+    heads: int,
+    moe_inter: int,
+    max_pos: int,
+):
     import transformers as tf
 
-    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                  max_position_embeddings=max_pos, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3, torch_dtype="float32")
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        torch_dtype="float32",
+    )
     if arch == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**common, intermediate_size=moe_inter * 2, moe_intermediate_size=moe_inter,
-                                 shared_expert_intermediate_size=moe_inter * 2, num_experts=experts,
-                                 num_experts_per_tok=top_k, norm_topk_prob=False, decoder_sparse_step=1,
-                                 mlp_only_layers=[])
+        return tf.Qwen2MoeConfig(
+            **common,
+            intermediate_size=moe_inter * 2,
+            moe_intermediate_size=moe_inter,
+            shared_expert_intermediate_size=moe_inter * 2,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**common, head_dim=hidden // heads, intermediate_size=moe_inter * 2,
-                                 moe_intermediate_size=moe_inter, num_experts=experts,
-                                 num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1,
-                                 mlp_only_layers=[])
+        return tf.Qwen3MoeConfig(
+            **common,
+            head_dim=hidden // heads,
+            intermediate_size=moe_inter * 2,
+            moe_intermediate_size=moe_inter,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     if arch == "mixtral":
-        return tf.MixtralConfig(**common, intermediate_size=moe_inter, num_local_experts=experts,
-                                num_experts_per_tok=top_k, sliding_window=None)
+        return tf.MixtralConfig(
+            **common,
+            intermediate_size=moe_inter,
+            num_local_experts=experts,
+            num_experts_per_tok=top_k,
+            sliding_window=None,
+        )
     if arch == "glm4_moe":
         # DeepSeek-V3-style routing (sigmoid scores, e_score_correction_bias, grouped top-k: the best
         # topk_group of n_group groups, renormalised, scaled) with plain GQA attention, which the vLLM CPU
         # backend runs (it has no MLA attention, so DeepSeek-V2/V3 themselves cannot run on CPU).
-        return tf.Glm4MoeConfig(**common, head_dim=hidden // heads, partial_rotary_factor=0.5,
-                                intermediate_size=moe_inter * 2, moe_intermediate_size=moe_inter,
-                                n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=top_k,
-                                n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
-                                routed_scaling_factor=2.5, use_qk_norm=False)
+        return tf.Glm4MoeConfig(
+            **common,
+            head_dim=hidden // heads,
+            partial_rotary_factor=0.5,
+            intermediate_size=moe_inter * 2,
+            moe_intermediate_size=moe_inter,
+            n_routed_experts=experts,
+            n_shared_experts=1,
+            num_experts_per_tok=top_k,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            use_qk_norm=False,
+        )
     if arch == "gpt_oss":
         # Sliding-window and full-attention layers alternate: a hybrid KV-cache layout (two KV-cache
         # groups). Router with bias, top-k on the logits, softmax over the k. vLLM keeps its attention
         # sinks in bfloat16, so the engine must run this model with dtype=bfloat16.
-        return tf.GptOssConfig(**common, head_dim=hidden // heads, intermediate_size=moe_inter,
-                               num_local_experts=experts, num_experts_per_tok=top_k, sliding_window=128,
-                               layer_types=["sliding_attention", "full_attention"] * (layers // 2)
-                               + ["sliding_attention"] * (layers % 2))
+        return tf.GptOssConfig(
+            **common,
+            head_dim=hidden // heads,
+            intermediate_size=moe_inter,
+            num_local_experts=experts,
+            num_experts_per_tok=top_k,
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2),
+        )
     raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-def build(arch: str, out: Path, *, prompts_file: Path = DEFAULT_GSM8K, hidden: int = 128, layers: int = 3,
-          experts: int = 8, top_k: int = 2, heads: int = 2, moe_inter: int = 64, vocab: int = 512,
-          max_pos: int = 4096, seed: int = 0) -> Path:
+def build(
+    arch: str,
+    out: Path,
+    *,
+    prompts_file: Path = DEFAULT_GSM8K,
+    hidden: int = 128,
+    layers: int = 3,
+    experts: int = 8,
+    top_k: int = 2,
+    heads: int = 2,
+    moe_inter: int = 64,
+    vocab: int = 512,
+    max_pos: int = 4096,
+    seed: int = 0,
+) -> Path:
     """Write a random-weight checkpoint + tokenizer to `out` (idempotent: reuses a complete directory)."""
     import torch
     import transformers as tf
 
     out = Path(out)
     stamp = out / "tinymoe.json"
-    spec = dict(arch=arch, hidden=hidden, layers=layers, experts=experts, top_k=top_k, heads=heads,
-                moe_inter=moe_inter, vocab=vocab, max_pos=max_pos, seed=seed)
+    spec = dict(
+        arch=arch,
+        hidden=hidden,
+        layers=layers,
+        experts=experts,
+        top_k=top_k,
+        heads=heads,
+        moe_inter=moe_inter,
+        vocab=vocab,
+        max_pos=max_pos,
+        seed=seed,
+    )
     if stamp.exists() and json.loads(stamp.read_text()) == spec:
         return out
     out.mkdir(parents=True, exist_ok=True)
     if not prompts_file.exists():
         raise FileNotFoundError(f"prompts file {prompts_file} not found (needed to train the tokenizer)")
     train_tokenizer(read_questions(prompts_file), out, vocab)
-    cfg = make_config(arch, vocab=vocab, hidden=hidden, layers=layers, experts=experts, top_k=top_k,
-                      heads=heads, moe_inter=moe_inter, max_pos=max_pos)
+    cfg = make_config(
+        arch,
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        experts=experts,
+        top_k=top_k,
+        heads=heads,
+        moe_inter=moe_inter,
+        max_pos=max_pos,
+    )
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     # Random init gives near-uniform router logits; scale the gates so routing is decisive (ties in top-k
@@ -131,20 +219,44 @@ def build(arch: str, out: Path, *, prompts_file: Path = DEFAULT_GSM8K, hidden: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("Examples:")[1] and "Examples:" + __doc__.split("Examples:")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("Examples:")[1] and "Examples:" + __doc__.split("Examples:")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--arch", choices=ARCHS, default="qwen2_moe")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--prompts-file", type=Path, default=DEFAULT_GSM8K,
-                   help="JSONL with a 'question' field, used to train the tokenizer (default: %(default)s)")
-    for name, default in (("hidden", 128), ("layers", 3), ("experts", 8), ("top-k", 2), ("heads", 2),
-                          ("moe-inter", 64), ("vocab", 512), ("seed", 0)):
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=DEFAULT_GSM8K,
+        help="JSONL with a 'question' field, used to train the tokenizer (default: %(default)s)",
+    )
+    for name, default in (
+        ("hidden", 128),
+        ("layers", 3),
+        ("experts", 8),
+        ("top-k", 2),
+        ("heads", 2),
+        ("moe-inter", 64),
+        ("vocab", 512),
+        ("seed", 0),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     a = p.parse_args(argv)
-    path = build(a.arch, a.out, prompts_file=a.prompts_file, hidden=a.hidden, layers=a.layers,
-                 experts=a.experts, top_k=a.top_k, heads=a.heads, moe_inter=a.moe_inter, vocab=a.vocab,
-                 seed=a.seed)
+    path = build(
+        a.arch,
+        a.out,
+        prompts_file=a.prompts_file,
+        hidden=a.hidden,
+        layers=a.layers,
+        experts=a.experts,
+        top_k=a.top_k,
+        heads=a.heads,
+        moe_inter=a.moe_inter,
+        vocab=a.vocab,
+        seed=a.seed,
+    )
     print(path)
     return 0
 

@@ -5,6 +5,7 @@ forward pre-hook on each router (`gate`) module captures its input, and the rout
 family is written out here from the model's published definition (softmax/sigmoid, top-k, groups,
 renormalisation, scaling).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,14 @@ def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900
     env.pop("VLLM_LOG_MOE", None)
     env.pop("VLLM_LOG_MOE_LAYERS", None)
     env.update(extra_env or {})
-    proc = subprocess.run([PY, str(DRIVER), "--spec", str(spec), "--out", str(out)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [PY, str(DRIVER), "--spec", str(spec), "--out", str(out)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     (workdir / "driver.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"driver failed rc={proc.returncode}\n{proc.stderr[-4000:]}")
@@ -88,13 +95,31 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
         spec, out = workdir / f"spec{rank}.json", workdir / f"result{rank}.json"
         spec.write_text(json.dumps({"model": str(model), "runs": [run]}))
         env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOG_MOE", "VLLM_LOG_MOE_LAYERS")}
-        env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_DP_SIZE=str(size), VLLM_DP_RANK=str(rank),
-                   VLLM_DP_RANK_LOCAL=str(rank), VLLM_DP_MASTER_IP="127.0.0.1", VLLM_DP_MASTER_PORT=str(port),
-                   # the CPU worker's automatic core binding wants a NUMA node per rank
-                   VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+        env.update(
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_DP_SIZE=str(size),
+            VLLM_DP_RANK=str(rank),
+            VLLM_DP_RANK_LOCAL=str(rank),
+            VLLM_DP_MASTER_IP="127.0.0.1",
+            VLLM_DP_MASTER_PORT=str(port),
+            # the CPU worker's automatic core binding wants a NUMA node per rank
+            VLLM_CPU_OMP_THREADS_BIND="nobind",
+            OMP_NUM_THREADS="1",
+        )
         log = open(workdir / f"driver{rank}.log", "w")
-        procs.append((subprocess.Popen([PY, str(DRIVER), "--spec", str(spec), "--out", str(out)], cwd=workdir,
-                                       env=env, stdout=log, stderr=subprocess.STDOUT), out, log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [PY, str(DRIVER), "--spec", str(spec), "--out", str(out)],
+                    cwd=workdir,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                out,
+                log,
+            )
+        )
     results = []
     try:
         for rank, (proc, out, log) in enumerate(procs):
@@ -112,8 +137,7 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
 
 
 @contextlib.contextmanager
-def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple[str, ...] = (),
-          timeout: int = 600):
+def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple[str, ...] = (), timeout: int = 600):
     """A real `vllm serve` on localhost (CPU, eager, fp32); yields an `openai` client. Stopping it with
     SIGINT shuts the engine down the way an operator does, which drains the routing log writer."""
     import signal
@@ -129,16 +153,37 @@ def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(workdir / "serve.log", "w")
     exe = str(Path(PY).parent / "vllm")
-    proc = subprocess.Popen([exe, "serve", str(model), "--port", str(port), "--host", "127.0.0.1",
-                             "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "1234",
-                             *args], cwd=workdir, env=run_env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--seed",
+            "1234",
+            *args,
+        ],
+        cwd=workdir,
+        env=run_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited rc={proc.returncode}:\n"
-                                     + (workdir / "serve.log").read_text()[-4000:])
+                raise AssertionError(
+                    f"vllm serve exited rc={proc.returncode}:\n" + (workdir / "serve.log").read_text()[-4000:]
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     if r.status == 200:
@@ -146,7 +191,9 @@ def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple
             except OSError:
                 pass
             if time.time() > deadline:
-                raise AssertionError("vllm serve did not become healthy:\n" + (workdir / "serve.log").read_text()[-4000:])
+                raise AssertionError(
+                    "vllm serve did not become healthy:\n" + (workdir / "serve.log").read_text()[-4000:]
+                )
             time.sleep(1)
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
     finally:
@@ -217,8 +264,8 @@ class RouteLog:
         assert not self.errors, f"error records: {self.errors[:3]}"
 
     def per_request(self, req_id: str, n_pos: int, layers: list[int]):
-        ids = np.array([[self.routes[(req_id, p, l)][0] for l in layers] for p in range(n_pos)])
-        w = np.array([[self.routes[(req_id, p, l)][1] for l in layers] for p in range(n_pos)], dtype=np.float64)
+        ids = np.array([[self.routes[(req_id, p, layer)][0] for layer in layers] for p in range(n_pos)])
+        w = np.array([[self.routes[(req_id, p, layer)][1] for layer in layers] for p in range(n_pos)], dtype=np.float64)
         return ids, w
 
 
@@ -231,21 +278,31 @@ def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[
     cfg = model.config
     gates = {}
     for name, mod in model.named_modules():
-        if name.endswith((".gate", ".router")) and ".layers." in name and getattr(mod, "weight", None) is not None \
-                and mod.weight.dim() == 2:
+        if (
+            name.endswith((".gate", ".router"))
+            and ".layers." in name
+            and getattr(mod, "weight", None) is not None
+            and mod.weight.dim() == 2
+        ):
             gates[int(name.split(".layers.")[1].split(".")[0])] = mod
     assert set(layers) <= set(gates), (layers, sorted(gates))
     captured: dict[int, torch.Tensor] = {}
-    hooks = [gates[l].register_forward_pre_hook(lambda m, args, l=l: captured.__setitem__(l, args[0].detach()))
-             for l in layers]
+    hooks = [
+        gates[layer].register_forward_pre_hook(
+            lambda m, args, layer=layer: captured.__setitem__(layer, args[0].detach())
+        )
+        for layer in layers
+    ]
     out = []
     try:
         with torch.no_grad():
             for seq in sequences:
                 captured.clear()
                 model(torch.tensor([seq]))
-                per_layer = [route_rule(cfg, captured[l].reshape(-1, captured[l].shape[-1]).float(), gates[l])
-                             for l in layers]
+                per_layer = [
+                    route_rule(cfg, captured[layer].reshape(-1, captured[layer].shape[-1]).float(), gates[layer])
+                    for layer in layers
+                ]
                 out.append((np.stack([p[0] for p in per_layer], 1), np.stack([p[1] for p in per_layer], 1)))
     finally:
         for h in hooks:
@@ -299,7 +356,7 @@ def compare_with_reference(log: RouteLog, model_dir: Path, outputs: list[dict], 
     refs = [(i, w * weight_scale) for i, w in reference_routing(model_dir, seqs, layers)]
     total = agree = 0
     max_w = 0.0
-    for o, seq, (ref_ids, ref_w) in zip(outputs, seqs, refs):
+    for o, seq, (ref_ids, ref_w) in zip(outputs, seqs, refs, strict=True):
         ids, w = log.per_request(output_key(o), len(seq), layers)
         order_log = np.argsort(ids, -1)
         order_ref = np.argsort(ref_ids, -1)

@@ -720,7 +720,9 @@ def test_lint_catches_an_engine_schema_version_that_disagrees_with_the_schema_fi
     assert sources, "the vLLM module carries SCHEMA_VERSION as a literal"
     want = schema.schema_version()
     src = sources[0]
-    src.write_bytes(src.read_bytes().replace(b"\nSCHEMA_VERSION = %d\n" % want, b"\nSCHEMA_VERSION = %d\n" % (want + 1)))
+    src.write_bytes(
+        src.read_bytes().replace(b"\nSCHEMA_VERSION = %d\n" % want, b"\nSCHEMA_VERSION = %d\n" % (want + 1))
+    )
     r = run("lint", "--dir", str(pdir))
     assert r.returncode == 1
     assert f"SCHEMA_VERSION = {want + 1} but moe_routes.schema.json says schema_version {want}" in r.stdout

@@ -1,15 +1,13 @@
 """The user-facing pipeline: ./test.sh (CPU, offline), run_generate.py and the artifacts it leaves."""
+
 from __future__ import annotations
 
 import json
 import os
 import statistics
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
 from routes_ref import GSM8K, PY, ROOT, RouteLog
 
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # discard port: connection refused at once
@@ -20,9 +18,27 @@ def test_sh_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("test_sh")
     # No --offline: a newcomer's plain ./test.sh on a machine without the hub must take the offline path itself.
     env = dict(os.environ, MOE_ROUTES_SKIP_DISK_CHECK="1", HF_ENDPOINT=UNREACHABLE_HUB)
-    proc = subprocess.run(["./test.sh", "--device", "cpu", "--num-prompts", "25", "--max-tokens", "16",
-                           "--repeats", "2", "--enforce-eager", "--out-dir", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [
+            "./test.sh",
+            "--device",
+            "cpu",
+            "--num-prompts",
+            "25",
+            "--max-tokens",
+            "16",
+            "--repeats",
+            "2",
+            "--enforce-eager",
+            "--out-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "is not reachable" in proc.stderr and "Taking the OFFLINE path" in proc.stderr, proc.stderr[-3000:]
     assert f"prompts from {GSM8K.resolve()}" in proc.stderr, proc.stderr[-3000:]
@@ -31,8 +47,14 @@ def test_sh_run(tmp_path_factory):
 
 def test_test_sh_leaves_all_artifacts(test_sh_run):
     out, stdout = test_sh_run
-    for name in ("moe_routes.jsonl", "timing.json", "generations.jsonl", "expert_hist.png",
-                 "expert_heatmap.png", "expert_stats.json"):
+    for name in (
+        "moe_routes.jsonl",
+        "timing.json",
+        "generations.jsonl",
+        "expert_hist.png",
+        "expert_heatmap.png",
+        "expert_stats.json",
+    ):
         assert (out / name).stat().st_size > 0, name
         assert str(out / name) in stdout
     assert "RANDOM weights" in stdout
@@ -45,8 +67,10 @@ def test_artifact_log_is_schema_valid_and_complete(test_sh_run):
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 25
     # every generated request's positions 0..P+G-2, once per layer: the artifact holds exactly one run
-    outputs = [{"request_id": g["req_id"], "prompt_token_ids": [0] * g["prompt_tokens"], "token_ids": g["token_ids"]}
-               for g in gens]
+    outputs = [
+        {"request_id": g["req_id"], "prompt_token_ids": [0] * g["prompt_tokens"], "token_ids": g["token_ids"]}
+        for g in gens
+    ]
     log.check_exact_coverage(outputs)
 
 
@@ -96,19 +120,33 @@ def test_stats_match_the_log(test_sh_run):
 def test_run_generate_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": 1}\n')
-    for args, needle in ((["--prompts-file", str(tmp_path / "none.jsonl")], "does not exist"),
-                         (["--prompts-file", str(bad)], "bad.jsonl:1: expected a JSON object with a 'question' field"),
-                         (["--engine", "sglang", "--prompts-file", str(GSM8K)], "--engine sglang needs SGLang")):
+    for args, needle in (
+        (["--prompts-file", str(tmp_path / "none.jsonl")], "does not exist"),
+        (["--prompts-file", str(bad)], "bad.jsonl:1: expected a JSON object with a 'question' field"),
+        (["--engine", "sglang", "--prompts-file", str(GSM8K)], "--engine sglang needs SGLang"),
+    ):
         proc = subprocess.run([PY, str(ROOT / "run_generate.py"), *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and needle in (proc.stderr + proc.stdout), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("command", [["run_generate.py"], ["plot_hist.py"], ["-m", "moe_routes", "patch"],
-                                     ["-m", "moe_routes"], ["-m", "moe_routes", "bench"],
-                                     ["-m", "moe_routes", "bench", "overhead"], ["-m", "moe_routes", "bench", "imports"],
-                                     ["-m", "moe_routes", "bench", "writer"], ["-m", "moe_routes", "tiny-model"],
-                                     ["-m", "moe_routes", "generate"], ["-m", "moe_routes", "plot"],
-                                     ["-m", "moe_routes", "sglang-validate"], ["-m", "moe_routes", "sglang-decode"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run_generate.py"],
+        ["plot_hist.py"],
+        ["-m", "moe_routes", "patch"],
+        ["-m", "moe_routes"],
+        ["-m", "moe_routes", "bench"],
+        ["-m", "moe_routes", "bench", "overhead"],
+        ["-m", "moe_routes", "bench", "imports"],
+        ["-m", "moe_routes", "bench", "writer"],
+        ["-m", "moe_routes", "tiny-model"],
+        ["-m", "moe_routes", "generate"],
+        ["-m", "moe_routes", "plot"],
+        ["-m", "moe_routes", "sglang-validate"],
+        ["-m", "moe_routes", "sglang-decode"],
+    ],
+)
 def test_cli_help_has_examples(command):
     proc = subprocess.run([PY, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "examples" in proc.stdout.lower(), proc.stderr[-2000:]
@@ -116,8 +154,11 @@ def test_cli_help_has_examples(command):
 
 def test_test_sh_fails_early_and_clearly():
     env = dict(os.environ, HF_ENDPOINT=UNREACHABLE_HUB)
-    for args, needle in ((["--device", "gpu"], "finds no GPU"), (["--offline"], "--offline needs --prompts-file"),
-                         (["--bogus"], "unknown option"),
-                         (["--device", "cpu", "--model", "org/some-hub-model"], "is not reachable")):
+    for args, needle in (
+        (["--device", "gpu"], "finds no GPU"),
+        (["--offline"], "--offline needs --prompts-file"),
+        (["--bogus"], "unknown option"),
+        (["--device", "cpu", "--model", "org/some-hub-model"], "is not reachable"),
+    ):
         proc = subprocess.run(["./test.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and needle in proc.stderr

@@ -32,26 +32,35 @@ if not INNER:
 
     def test_inner_suite_in_sglang_venv():
         if not VENV_PY.exists():
-            pytest.fail(f"SGLang test venv missing ({VENV}): run scripts/setup_sglang_test_env.sh "
-                        "(scripts/run_tests.sh does)")
+            pytest.fail(
+                f"SGLang test venv missing ({VENV}): run scripts/setup_sglang_test_env.sh (scripts/run_tests.sh does)"
+            )
         env = dict(os.environ, MOE_ROUTES_SGLANG_INNER="1", PYTHONDONTWRITEBYTECODE="1")
         r = subprocess.run(
             [str(VENV_PY), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-            cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=900,
+            cwd=str(ROOT),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         sys.stdout.write(r.stdout[-20000:])
         sys.stderr.write(r.stderr[-5000:])
         assert r.returncode == 0, f"inner sglang test run failed (rc={r.returncode})"
 
     def test_gpu_validate_help_without_sglang():
-        r = subprocess.run([sys.executable, "-m", "moe_routes", "sglang-validate", "--help"], cwd=str(ROOT),
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "moe_routes", "sglang-validate", "--help"],
+            cwd=str(ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr
         assert "return_expert_routing" in r.stdout
 
     def test_decode_helper_imports_without_sglang():
-        code = ("import sys; from moe_routes import sglang_routing; "
-                "assert 'sglang' not in sys.modules; print('ok')")
+        code = "import sys; from moe_routes import sglang_routing; assert 'sglang' not in sys.modules; print('ok')"
         r = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True)
         assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
@@ -112,15 +121,28 @@ else:
         assert "_expert_routing.on_forward_end(forward_batch)" in (pkg / "model_executor/model_runner.py").read_text()
         mixin = (pkg / "managers/scheduler_output_processor_mixin.py").read_text()
         assert "_expert_routing.collect_for_request" in mixin
-        assert "req.return_expert_routing = recv_req.return_expert_routing" in (
-            pkg / "managers/scheduler.py").read_text()
+        assert (
+            "req.return_expert_routing = recv_req.return_expert_routing" in (pkg / "managers/scheduler.py").read_text()
+        )
         assert "_expert_routing.check_server_args(self)" in (pkg / "server_args.py").read_text()
-        assert "return_expert_routing=request.return_expert_routing" in (
-            pkg / "entrypoints/openai/serving_chat.py").read_text()
+        assert (
+            "return_expert_routing=request.return_expert_routing"
+            in (pkg / "entrypoints/openai/serving_chat.py").read_text()
+        )
 
     # ------------------------------------------------------------------ dtypes/encoding
-    @pytest.mark.parametrize("e,dt", [(8, "uint8"), (128, "uint8"), (255, "uint8"), (256, "int16"),
-                                      (300, "int16"), (32767, "int16"), (40000, "int32")])
+    @pytest.mark.parametrize(
+        "e,dt",
+        [
+            (8, "uint8"),
+            (128, "uint8"),
+            (255, "uint8"),
+            (256, "int16"),
+            (300, "int16"),
+            (32767, "int16"),
+            (40000, "int32"),
+        ],
+    )
     def test_ids_dtype(e, dt):
         assert er.ids_dtype_for(e).name == dt
         assert np.iinfo(er.ids_dtype_for(e)).max >= e  # fill value is never a valid id
@@ -136,8 +158,10 @@ else:
         assert p["ids_dtype"] == er.ids_dtype_for(e).name and p["shape"] == [T, L, K]
         assert len(base64.b64decode(p["ids"])) == T * L * K * er.ids_dtype_for(e).itemsize
         assert not hasattr(er, "decode_routing")  # one decoder: moe_routes/sglang_routing.py
-        for d in (sglang_routing.decode_expert_routing(p),
-                  sglang_routing.decode_expert_routing({"meta_info": {"expert_routing": p}})):
+        for d in (
+            sglang_routing.decode_expert_routing(p),
+            sglang_routing.decode_expert_routing({"meta_info": {"expert_routing": p}}),
+        ):
             np.testing.assert_array_equal(d["topk_ids"], ids)
             assert d["topk_weights"].dtype == np.float32
             np.testing.assert_array_equal(d["topk_weights"], w)
@@ -158,8 +182,15 @@ else:
         assert p["missing"] == [[1, 3]]
         recs = sglang_routing.to_jsonl_records("x", sglang_routing.decode_expert_routing(p))
         gaps = [r for r in recs if r["type"] == "gap"]
-        assert gaps == [{"type": "gap", "req_id": "x", "token_start": 1, "token_end": 3,
-                         "reason": "no routing captured for these KV slots"}]
+        assert gaps == [
+            {
+                "type": "gap",
+                "req_id": "x",
+                "token_start": 1,
+                "token_end": 3,
+                "reason": "no routing captured for these KV slots",
+            }
+        ]
         assert sorted({r["token_idx"] for r in recs if r["type"] == "route"}) == [0, 3, 4]
 
     def test_error_payload_raises():
@@ -223,8 +254,7 @@ else:
             self.lin = torch.nn.Linear(H, H)
             if moe:
                 self.gate = torch.nn.Linear(H, E, bias=False)
-                self.topk = TopK(top_k=k + shared, renormalize=True, layer_id=layer_id,
-                                 num_fused_shared_experts=shared)
+                self.topk = TopK(top_k=k + shared, renormalize=True, layer_id=layer_id, num_fused_shared_experts=shared)
             self.moe = moe
 
         def forward(self, x):
@@ -240,7 +270,8 @@ else:
             torch.manual_seed(0)
             self.embed = torch.nn.Embedding(1000, H)
             self.layers = torch.nn.ModuleList(
-                [Block(i in moe, E, k, layer_id=(i if i == 3 else None), shared=shared) for i in range(5)])
+                [Block(i in moe, E, k, layer_id=(i if i == 3 else None), shared=shared) for i in range(5)]
+            )
 
         def forward(self, token_ids):
             x = self.embed(token_ids)
@@ -248,8 +279,15 @@ else:
                 x = layer(x)
 
     def _cap(model, E=8, slots=512, rows=64, **kw):
-        cap = er.build_capturer_for_model(model, types.SimpleNamespace(num_experts=E), num_kv_slots=slots,
-                                          max_rows=rows, device="cpu", topk_cls=TopK, **kw)
+        cap = er.build_capturer_for_model(
+            model,
+            types.SimpleNamespace(num_experts=E),
+            num_kv_slots=slots,
+            max_rows=rows,
+            device="cpu",
+            topk_cls=TopK,
+            **kw,
+        )
         er.set_capturer(cap)
         return cap
 
@@ -310,7 +348,7 @@ else:
         def __init__(self, rid, tokens, pool_idx, gen):
             self.rid, self.tokens, self.req_pool_idx = rid, tokens, pool_idx
             self.origin_input_ids = tokens[: len(tokens) - gen]
-            self.output_ids = tokens[len(tokens) - gen:]
+            self.output_ids = tokens[len(tokens) - gen :]
             self.return_expert_routing = True
             self.cached_tokens = 0
             self._finished = False
@@ -330,8 +368,11 @@ else:
         """The ForwardBatch fields on_forward_end reads."""
         return types.SimpleNamespace(
             out_cache_loc=torch.tensor(loc, dtype=torch.int64),
-            forward_mode=types.SimpleNamespace(is_extend=lambda: extend), rids=rids,
-            seq_lens_cpu=None if seq_lens is None else torch.tensor(seq_lens), extend_seq_lens_cpu=new)
+            forward_mode=types.SimpleNamespace(is_extend=lambda: extend),
+            rids=rids,
+            seq_lens_cpu=None if seq_lens is None else torch.tensor(seq_lens),
+            extend_seq_lens_cpu=new,
+        )
 
     def _run(model, cap, batches):
         """batches: list of (tokens, out_cache_loc, pad_rows) in ForwardBatch order."""
@@ -347,13 +388,15 @@ else:
         pool = Pool(8, 64)
         free = iter(range(1, 400))  # slot 0 is the padding slot in SGLang
         rng = np.random.default_rng(1)
-        A = Req("A", [int(x) for x in rng.integers(0, 900, 30)], 0, gen=4)   # prompt 26, gen 4
+        A = Req("A", [int(x) for x in rng.integers(0, 900, 30)], 0, gen=4)  # prompt 26, gen 4
         B = Req("B", A.tokens[:20] + [int(x) for x in rng.integers(0, 900, 8)], 1, gen=3)  # shares 20-token prefix
         C = Req("C", [int(x) for x in rng.integers(0, 900, 11)], 2, gen=6)  # prompt 5, gen 6
+
         def alloc(req, a, b):
             locs = [next(free) for _ in range(a, b)]
             pool.req_to_token[req.req_pool_idx, a:b] = torch.tensor(locs, dtype=torch.int32)
             return locs
+
         batches = []
         # forward 1: extend A chunk 1 (chunked prefill, 16 tokens) + extend C (5 tokens)
         batches.append((A.tokens[0:16] + C.tokens[0:5], alloc(A, 0, 16) + alloc(C, 0, 5), 0))
@@ -368,8 +411,15 @@ else:
         # B: radix hit on A's first 20 slots, extend 20..24, then decode 25 and 26
         pool.req_to_token[1, :20] = pool.req_to_token[0, :20]
         B.cached_tokens = 20
-        _run(m, cap, [(B.tokens[20:25], alloc(B, 20, 25), 0), ([B.tokens[25]], alloc(B, 25, 26), 1),
-                      ([B.tokens[26]], alloc(B, 26, 27), 3)])
+        _run(
+            m,
+            cap,
+            [
+                (B.tokens[20:25], alloc(B, 20, 25), 0),
+                ([B.tokens[25]], alloc(B, 25, 26), 1),
+                ([B.tokens[26]], alloc(B, 26, 27), 3),
+            ],
+        )
         for r in (A, B, C):
             er.collect_for_request(r, pool)
             r._finished = True
@@ -472,8 +522,11 @@ else:
     def test_own_server_flag_independent_of_native():
         p = argparse.ArgumentParser()
         ServerArgs.add_cli_args(p)
-        a = ServerArgs.from_cli_args(p.parse_args(
-            ["--model-path", "dummy", "--enable-return-expert-routing", "--expert-routing-weights-dtype", "float16"]))
+        a = ServerArgs.from_cli_args(
+            p.parse_args(
+                ["--model-path", "dummy", "--enable-return-expert-routing", "--expert-routing-weights-dtype", "float16"]
+            )
+        )
         assert a.enable_return_expert_routing and not a.enable_return_routed_experts
         assert a.expert_routing_weights_dtype == "float16"
         er.check_server_args(a)  # an allowed configuration passes our check
@@ -485,30 +538,33 @@ else:
         assert er.get_capturer() is None
 
     # ---- 2. refused modes (start-up, through the real ServerArgs.check_server_args)
-    @pytest.mark.parametrize("kw,names", [
-        (dict(pp_size=2), "--pp-size"),
-        (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm"),
-        (dict(enable_dp_attention=True), "--enable-dp-attention"),
-        (dict(moe_a2a_backend="deepep"), "--moe-a2a-backend none"),
-        (dict(moe_a2a_backend="mooncake"), "--moe-a2a-backend none"),
-        (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
-        (dict(enable_single_batch_overlap=True), "--enable-single-batch-overlap"),
-        (dict(attn_cp_size=2), "--attn-cp-size 1"),
-        (dict(enable_prefill_context_parallel=True), "prefill-context-parallel"),
-        (dict(enable_pdmux=True), "--enable-pdmux"),
-        (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
-        (dict(hicache_storage_backend="file"), "--hicache-storage-backend"),
-        (dict(enable_lmcache=True), "--enable-lmcache"),
-        (dict(disaggregation_mode="prefill"), "--disaggregation-mode null"),
-        (dict(disaggregation_mode="decode"), "--disaggregation-mode null"),
-        (dict(enable_hisparse=True), "--enable-hisparse"),
-        (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm"),
-        (dict(enable_attn_tp_input_scattered=True, tp_size=2), "--enable-attn-tp-input-scattered"),
-        (dict(moe_runner_backend="triton_kernel"), "--moe-runner-backend triton_kernel"),
-        (dict(moe_runner_backend="flashinfer_trtllm"), "--moe-runner-backend flashinfer_trtllm"),
-        (dict(moe_runner_backend="flashinfer_mxfp4"), "--moe-runner-backend flashinfer_mxfp4"),
-        (dict(expert_routing_weights_dtype="bfloat16"), "--expert-routing-weights-dtype"),
-    ])
+    @pytest.mark.parametrize(
+        "kw,names",
+        [
+            (dict(pp_size=2), "--pp-size"),
+            (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm"),
+            (dict(enable_dp_attention=True), "--enable-dp-attention"),
+            (dict(moe_a2a_backend="deepep"), "--moe-a2a-backend none"),
+            (dict(moe_a2a_backend="mooncake"), "--moe-a2a-backend none"),
+            (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
+            (dict(enable_single_batch_overlap=True), "--enable-single-batch-overlap"),
+            (dict(attn_cp_size=2), "--attn-cp-size 1"),
+            (dict(enable_prefill_context_parallel=True), "prefill-context-parallel"),
+            (dict(enable_pdmux=True), "--enable-pdmux"),
+            (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
+            (dict(hicache_storage_backend="file"), "--hicache-storage-backend"),
+            (dict(enable_lmcache=True), "--enable-lmcache"),
+            (dict(disaggregation_mode="prefill"), "--disaggregation-mode null"),
+            (dict(disaggregation_mode="decode"), "--disaggregation-mode null"),
+            (dict(enable_hisparse=True), "--enable-hisparse"),
+            (dict(dllm_algorithm="LowConfidence"), "--dllm-algorithm"),
+            (dict(enable_attn_tp_input_scattered=True, tp_size=2), "--enable-attn-tp-input-scattered"),
+            (dict(moe_runner_backend="triton_kernel"), "--moe-runner-backend triton_kernel"),
+            (dict(moe_runner_backend="flashinfer_trtllm"), "--moe-runner-backend flashinfer_trtllm"),
+            (dict(moe_runner_backend="flashinfer_mxfp4"), "--moe-runner-backend flashinfer_mxfp4"),
+            (dict(expert_routing_weights_dtype="bfloat16"), "--expert-routing-weights-dtype"),
+        ],
+    )
     def test_refused_modes_at_startup(kw, names):
         with pytest.raises(ValueError) as e:
             _sa(enable_return_expert_routing=True, **kw).check_server_args()
@@ -528,11 +584,21 @@ else:
         from sglang.srt.managers.session_controller import Session
         from sglang.srt.sampling.sampling_params import SamplingParams
 
-        req_fields = [f.name for f in dataclasses.fields(TokenizedGenerateReqInput)
-                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        req_fields = [
+            f.name
+            for f in dataclasses.fields(TokenizedGenerateReqInput)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         kw = dict.fromkeys(req_fields)
-        kw.update(input_text="hi", input_ids=[1, 2, 3], sampling_params=SamplingParams(max_new_tokens=4),
-                  return_logprob=False, logprob_start_len=-1, top_logprobs_num=0, stream=False)
+        kw.update(
+            input_text="hi",
+            input_ids=[1, 2, 3],
+            sampling_params=SamplingParams(max_new_tokens=4),
+            return_logprob=False,
+            logprob_start_len=-1,
+            top_logprobs_num=0,
+            stream=False,
+        )
         for flag in (True, False):
             t = TokenizedGenerateReqInput(**kw)
             t.session_params = SessionParams(id="s1")
@@ -542,8 +608,11 @@ else:
 
     # ---- 3. own output field, split per index by the real multi-tokenizer mixin
     def _batch_out(cls, n, **extra):
-        req = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        req = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         kw = {k: [None] * n for k in req}
         kw.update(rids=[f"r{i}" for i in range(n)], **extra)
         return cls(**kw)
@@ -562,8 +631,14 @@ else:
         from sglang.srt.managers.tokenizer_manager import TokenizerManager
 
         raw = [cap.assemble("a", torch.tensor([5, 6])), None, cap.assemble("c", torch.tensor([7]))]
-        out = _batch_out(getattr(io_struct, cls_name), 3, expert_routing=raw, output_strs=["x"] * 3,
-                         output_ids=[[1]] * 3, retraction_counts=[0] * 3)
+        out = _batch_out(
+            getattr(io_struct, cls_name),
+            3,
+            expert_routing=raw,
+            output_strs=["x"] * 3,
+            output_ids=[[1]] * 3,
+            retraction_counts=[0] * 3,
+        )
         for i in range(3):
             part = _handle_output_by_index(out, i)  # what the detokenizer sends to tokenizer worker i
             assert part.rids == [f"r{i}"]
@@ -572,9 +647,15 @@ else:
             tm.server_args = _sa()
             tm.enable_metrics = False
             tm.dump_requests_folder = tm.crash_dump_folder = None
-            state = types.SimpleNamespace(obj=types.SimpleNamespace(stream=False), text="", output_ids=[],
-                                          finished=False, time_stats=types.SimpleNamespace(first_token_time=1.0),
-                                          out_list=[], event=types.SimpleNamespace(set=lambda: None))
+            state = types.SimpleNamespace(
+                obj=types.SimpleNamespace(stream=False),
+                text="",
+                output_ids=[],
+                finished=False,
+                time_stats=types.SimpleNamespace(first_token_time=1.0),
+                out_list=[],
+                event=types.SimpleNamespace(set=lambda: None),
+            )
             tm.rid_to_state = {f"r{i}": state}
             tm._handle_batch_output(part)
             meta = state.out_list[0]["meta_info"]
@@ -626,11 +707,13 @@ else:
         ctx, max_prefill = 32768, 16384
         kv = int(rng.choice([20000, 200000]))
         page = int(rng.choice([1, 16]))
-        sa = _sa(chunked_prefill_size=chunk, max_prefill_tokens=max_prefill, cuda_graph_max_bs=256,
-                 disable_radix_cache=True)
+        sa = _sa(
+            chunked_prefill_size=chunk, max_prefill_tokens=max_prefill, cuda_graph_max_bs=256, disable_radix_cache=True
+        )
         set_global_server_args_for_scheduler(sa)
-        bound = er.max_tokens_per_forward(sa, max_running_requests=512, context_len=ctx, num_kv_slots=kv,
-                                          page_size=page)
+        bound = er.max_tokens_per_forward(
+            sa, max_running_requests=512, context_len=ctx, num_kv_slots=kv, page_size=page
+        )
         worst = 0
         for _ in range(30):
             adder = PrefillAdder(page, _NoCache(), _Alloc(kv), None, 0.5, max_prefill, chunk if chunk > 0 else None)
@@ -696,8 +779,13 @@ else:
 
     def test_init_for_model_runner_sizes_from_the_bound_and_fp16():
         class MR:
-            server_args = _sa(enable_return_expert_routing=True, chunked_prefill_size=-1, max_prefill_tokens=300,
-                              cuda_graph_max_bs=8, expert_routing_weights_dtype="float16")
+            server_args = _sa(
+                enable_return_expert_routing=True,
+                chunked_prefill_size=-1,
+                max_prefill_tokens=300,
+                cuda_graph_max_bs=8,
+                expert_routing_weights_dtype="float16",
+            )
             tp_rank = 0
             max_total_num_tokens = 4000
             page_size = 1
@@ -705,6 +793,7 @@ else:
             model_config = types.SimpleNamespace(context_len=200, hf_text_config=types.SimpleNamespace(num_experts=8))
             device = "cpu"
             model = Tiny()
+
         er.init_for_model_runner(MR())
         cap = er.get_capturer()
         assert cap.max_rows == 500 and cap.num_kv_slots == 4001
@@ -718,9 +807,9 @@ else:
 
     def test_footprint_qwen3_235b_at_1m_slots():
         f = er.footprint(num_layers=94, top_k=8, num_experts=128, rows=8192, num_kv_slots=1_000_000)
-        assert f["host_kv_store"] == 1_000_000 * 94 * 8 * 5          # 3.50 GiB
-        assert f["device"] == 8192 * 94 * 8 * 5                       # 29.4 MiB
-        assert f["pinned_staging"] == 2 * 8192 * (94 * 8 * 5 + 8)     # 58.9 MiB
+        assert f["host_kv_store"] == 1_000_000 * 94 * 8 * 5  # 3.50 GiB
+        assert f["device"] == 8192 * 94 * 8 * 5  # 29.4 MiB
+        assert f["pinned_staging"] == 2 * 8192 * (94 * 8 * 5 + 8)  # 58.9 MiB
         assert er.footprint(94, 8, 128, 8192, 1_000_000, "float16")["host_kv_store"] == 1_000_000 * 94 * 8 * 3
 
     def test_num_experts_from_model_and_config_variants():
@@ -768,8 +857,10 @@ else:
             self.request_logger = types.SimpleNamespace(log_requests=False, log_requests_level=0)
             self.served_model_name = "m"
             self.model_config = types.SimpleNamespace(
-                is_multimodal=False, get_default_sampling_params=lambda: {},
-                hf_config=types.SimpleNamespace(architectures=["Qwen3MoeForCausalLM"]))
+                is_multimodal=False,
+                get_default_sampling_params=lambda: {},
+                hf_config=types.SimpleNamespace(architectures=["Qwen3MoeForCausalLM"]),
+            )
             self.tokenizer = types.SimpleNamespace(chat_template=None, apply_chat_template=lambda *a, **k: [1, 2, 3])
             self.seen = []
 
@@ -784,15 +875,26 @@ else:
             n = 1 if obj.is_single else len(obj.rid)
             items = []
             for i in range(n):
-                meta = {"id": f"r{i}", "finish_reason": {"type": "length"}, "prompt_tokens": 3,
-                        "completion_tokens": 1, "cached_tokens": 0, "weight_version": "default"}
+                meta = {
+                    "id": f"r{i}",
+                    "finish_reason": {"type": "length"},
+                    "prompt_tokens": 3,
+                    "completion_tokens": 1,
+                    "cached_tokens": 0,
+                    "weight_version": "default",
+                }
                 if er.request_item(obj.return_expert_routing, i):
                     meta["expert_routing"] = er.encode_routing(np.full((2, 1, 2), i), np.ones((2, 1, 2)), [0], 8)
                 items.append({"text": f"t{i}", "output_ids": [5], "meta_info": meta, "index": i})
             if obj.stream:
                 for it in items:
-                    first = dict(it, text="t", meta_info={k: v for k, v in it["meta_info"].items()
-                                                          if k not in ("expert_routing", "finish_reason")})
+                    first = dict(
+                        it,
+                        text="t",
+                        meta_info={
+                            k: v for k, v in it["meta_info"].items() if k not in ("expert_routing", "finish_reason")
+                        },
+                    )
                     yield first
                 for it in items:
                     yield it
@@ -804,8 +906,12 @@ else:
         from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 
         tm = _TM(flag)
-        tmpl = types.SimpleNamespace(completion_template_name=None, chat_template_name=None,
-                                     jinja_template_content_format="string", force_reasoning=False)
+        tmpl = types.SimpleNamespace(
+            completion_template_name=None,
+            chat_template_name=None,
+            jinja_template_content_format="string",
+            force_reasoning=False,
+        )
         return tm, (OpenAIServingChat if kind == "chat" else OpenAIServingCompletion)(tm, tmpl)
 
     def _openai_call(kind, flag, **body):
@@ -820,8 +926,10 @@ else:
 
         def handler(http_req):
             req = cls.model_validate(json.loads(http_req.content))
-            raw = Request({"type": "http", "headers": [], "method": "POST", "path": http_req.url.path,
-                           "query_string": b""})
+            raw = Request(
+                {"type": "http", "headers": [], "method": "POST", "path": http_req.url.path, "query_string": b""}
+            )
+
             async def serve():  # one event loop for the handler and the streamed body
                 r = await srv.handle_request(req, raw)
                 if hasattr(r, "body_iterator"):  # StreamingResponse: server-sent events
@@ -835,8 +943,12 @@ else:
                 return httpx.Response(200, content=r.model_dump_json(), headers={"content-type": "application/json"})
             return httpx.Response(r.status_code, content=r.body, headers={"content-type": "application/json"})
 
-        client = openai.OpenAI(api_key="x", base_url="http://t/v1", max_retries=0,
-                               http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+        client = openai.OpenAI(
+            api_key="x",
+            base_url="http://t/v1",
+            max_retries=0,
+            http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+        )
         if kind == "chat":
             return tm, client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], **body)
         return tm, client.completions.create(model="m", prompt="hi", **body)
@@ -867,10 +979,13 @@ else:
             assert (d["topk_ids"] == i).all()
 
     @pytest.mark.parametrize("kind", ["completions", "chat"])
-    @pytest.mark.parametrize("flag,body,match", [
-        (False, {"extra_body": {"return_expert_routing": True}}, "--enable-return-expert-routing"),
-        (True, {"n": 2, "extra_body": {"return_expert_routing": [True, False]}}, "per-sample lists"),
-    ])
+    @pytest.mark.parametrize(
+        "flag,body,match",
+        [
+            (False, {"extra_body": {"return_expert_routing": True}}, "--enable-return-expert-routing"),
+            (True, {"n": 2, "extra_body": {"return_expert_routing": [True, False]}}, "per-sample lists"),
+        ],
+    )
     def test_openai_refusals_are_http_400(kind, flag, body, match):
         import openai
 
@@ -886,28 +1001,40 @@ else:
         from sglang.srt.managers.tokenizer_manager import TokenizerManager
         from sglang.srt.sampling.sampling_params import SamplingParams
 
-        req_fields = [f.name for f in dataclasses.fields(TokenizedGenerateReqInput)
-                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        req_fields = [
+            f.name
+            for f in dataclasses.fields(TokenizedGenerateReqInput)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         tm = object.__new__(TokenizerManager)
         sent = []
 
         async def tokenize(o):
             kw = dict.fromkeys(req_fields)
-            kw.update(input_text=o.text, input_ids=[1, 2, 3], sampling_params=SamplingParams(max_new_tokens=4),
-                      return_logprob=False, logprob_start_len=-1, top_logprobs_num=0, stream=False,
-                      return_expert_routing=o.return_expert_routing)
+            kw.update(
+                input_text=o.text,
+                input_ids=[1, 2, 3],
+                sampling_params=SamplingParams(max_new_tokens=4),
+                return_logprob=False,
+                logprob_start_len=-1,
+                top_logprobs_num=0,
+                stream=False,
+                return_expert_routing=o.return_expert_routing,
+            )
             return TokenizedGenerateReqInput(**kw)
 
         async def wait(o, state, request):
             yield {"meta_info": {"id": o.rid}}
 
         tm._tokenize_one_request = tokenize
-        tm._send_one_request = lambda t: sent.append((t.input_text, t.sampling_params.max_new_tokens,
-                                                      t.return_expert_routing))
+        tm._send_one_request = lambda t: sent.append(
+            (t.input_text, t.sampling_params.max_new_tokens, t.return_expert_routing)
+        )
         tm._wait_one_response = wait
         tm._req_stats_init = lambda o: None
         tm.rid_to_state = collections.defaultdict(
-            lambda: types.SimpleNamespace(obj=None, time_stats=types.SimpleNamespace(set_finished_time=lambda: None)))
+            lambda: types.SimpleNamespace(obj=None, time_stats=types.SimpleNamespace(set_finished_time=lambda: None))
+        )
         obj = GenerateReqInput(text=["a", "b"], sampling_params={"n": 2}, return_expert_routing=[True, False])
         obj.normalize_batch_and_arguments()
 
@@ -925,8 +1052,15 @@ else:
 
         torch.manual_seed(0)
         E, k, f = 8, 2, 2.5
-        cfg = TopKConfig(top_k=k, use_grouped_topk=True, topk_group=2, num_expert_group=4, renormalize=True,
-                         routed_scaling_factor=f, apply_routed_scaling_factor_on_output=on_output)
+        cfg = TopKConfig(
+            top_k=k,
+            use_grouped_topk=True,
+            topk_group=2,
+            num_expert_group=4,
+            renormalize=True,
+            routed_scaling_factor=f,
+            apply_routed_scaling_factor_on_output=on_output,
+        )
         m = Tiny(E=E, k=k)
         for i in (1, 3, 4):
             m.layers[i].topk.topk_config = cfg
@@ -966,8 +1100,12 @@ else:
                     meta = {"id": str(i), "prompt_tokens": 3, "completion_tokens": 2}
                     if self.log:
                         meta["expert_routing"] = er.encode_routing(
-                            np.zeros((4, 2, 2)), np.ones((4, 2, 2)), [1, 3], 8,
-                            scaling={"weights_include_routed_scaling_factor": False, "routed_scaling_factor": 2.5})
+                            np.zeros((4, 2, 2)),
+                            np.ones((4, 2, 2)),
+                            [1, 3],
+                            8,
+                            scaling={"weights_include_routed_scaling_factor": False, "routed_scaling_factor": 2.5},
+                        )
                     outs.append({"output_ids": [7, 8], "meta_info": meta})
                 return outs
 
@@ -978,13 +1116,30 @@ else:
         tok = types.SimpleNamespace(apply_chat_template=lambda m, **k: "p")
         monkeypatch.setattr(sglang, "Engine", FakeEngine)
         monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
-        monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
-                            lambda *a, **k: types.SimpleNamespace(num_hidden_layers=4))
-        args = run_generate.parse_args(["--engine", "sglang", "--model", str(tmp_path), "--repeats", "3",
-                                        "--num-prompts", "2", "--out-dir", str(tmp_path)])
+        monkeypatch.setattr(
+            transformers.AutoConfig, "from_pretrained", lambda *a, **k: types.SimpleNamespace(num_hidden_layers=4)
+        )
+        args = run_generate.parse_args(
+            [
+                "--engine",
+                "sglang",
+                "--model",
+                str(tmp_path),
+                "--repeats",
+                "3",
+                "--num-prompts",
+                "2",
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
         res = run_generate.run_sglang(args, ["q1", "q2"], tmp_path)
-        assert [e for e in events if e[0] != "gen"] == [("start", False), ("stop", False),
-                                                        ("start", True), ("stop", True)]
+        assert [e for e in events if e[0] != "gen"] == [
+            ("start", False),
+            ("stop", False),
+            ("start", True),
+            ("stop", True),
+        ]
         assert len(res["runs"]["log"]) == len(res["runs"]["nolog"]) == 3 and res["tokens_identical"]
         lines = [json.loads(x) for x in (tmp_path / "moe_routes.jsonl").read_text().splitlines()]
         assert lines[0]["kernel_routed_scaling_factor"] == 1.0 and lines[0]["config_routed_scaling_factor"] == 2.5

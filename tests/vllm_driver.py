@@ -17,6 +17,7 @@ write past the limit fails with EFBIG like one on a full disk), and restores it 
 written. Every completion of every request is reported ("completion_index" = CompletionOutput.index
 when the request has n > 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,22 @@ def run_one(model: str, run: dict) -> dict:
 
             stats = moe_routes.flush_engine(llm.llm_engine)
         multi = sp.n > 1
-        return {"ok": True, "startup_s": startup, "generate_s": gen, "writer_stats": stats,
-                "outputs": [{"request_id": o.request_id, "completion_index": c.index if multi else None,
-                             "prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(c.token_ids)}
-                            for o in outs for c in o.outputs]}
+        return {
+            "ok": True,
+            "startup_s": startup,
+            "generate_s": gen,
+            "writer_stats": stats,
+            "outputs": [
+                {
+                    "request_id": o.request_id,
+                    "completion_index": c.index if multi else None,
+                    "prompt_token_ids": list(o.prompt_token_ids),
+                    "token_ids": list(c.token_ids),
+                }
+                for o in outs
+                for c in o.outputs
+            ],
+        }
     except Exception as exc:  # the tests assert on the message
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     finally:

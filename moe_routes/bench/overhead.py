@@ -9,6 +9,7 @@ Examples:
   moe-routes bench overhead --compiled            # torch.compile (slow start-up on CPU)
   moe-routes bench overhead --model Qwen/Qwen1.5-MoE-A2.7B-Chat --max-tokens 256   # GPU box
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,11 @@ GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Examples:" + __doc__.split("Examples:")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:" + __doc__.split("Examples:")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", help="model id/dir (default: the CPU bench model, built on first use)")
     ap.add_argument("--prompts-file", default=str(GSM8K) if GSM8K.exists() else None)
     ap.add_argument("--num-prompts", type=int, default=25)
@@ -40,13 +44,37 @@ def main(argv=None) -> int:
     model, extra = a.model, []
     if model is None:
         cache = Path(os.environ.get("MOE_ROUTES_CACHE", Path.home() / ".cache" / "moe-routes"))
-        model = str(tinymoe.build("qwen2_moe", cache / "bench-qwen2moe-h512", hidden=512, layers=8, experts=32,
-                                  top_k=4, heads=8, moe_inter=256, vocab=2048,
-                                  prompts_file=Path(a.prompts_file)))
+        model = str(
+            tinymoe.build(
+                "qwen2_moe",
+                cache / "bench-qwen2moe-h512",
+                hidden=512,
+                layers=8,
+                experts=32,
+                top_k=4,
+                heads=8,
+                moe_inter=256,
+                vocab=2048,
+                prompts_file=Path(a.prompts_file),
+            )
+        )
         extra = ["--dtype", "float32", "--ignore-eos"]
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    cmd = [sys.executable, str(ROOT / "run_generate.py"), "--model", model, "--num-prompts", str(a.num_prompts),
-           "--max-tokens", str(a.max_tokens), "--repeats", str(a.repeats), "--out-dir", str(out), *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "run_generate.py"),
+        "--model",
+        model,
+        "--num-prompts",
+        str(a.num_prompts),
+        "--max-tokens",
+        str(a.max_tokens),
+        "--repeats",
+        str(a.repeats),
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
     if a.prompts_file:
         cmd += ["--prompts-file", a.prompts_file]
     if not a.compiled:
@@ -57,13 +85,19 @@ def main(argv=None) -> int:
         return proc.returncode
     t = json.loads((out / "timing.json").read_text())
     m = t["modes"]
-    print(f"bench: {model} on {t['device']}, {'compiled' if a.compiled else 'eager'}, "
-          f"{t['num_prompts']} prompts x {t['max_tokens']} tokens, {t['repeats']} alternating repeats per mode")
+    print(
+        f"bench: {model} on {t['device']}, {'compiled' if a.compiled else 'eager'}, "
+        f"{t['num_prompts']} prompts x {t['max_tokens']} tokens, {t['repeats']} alternating repeats per mode"
+    )
     for mode in ("nolog", "log"):
-        print(f"  {mode:>5}: median {m[mode]['median_tokens_per_s']:.1f} tok/s  runs "
-              + " ".join(f"{r['tokens_per_s']:.1f}" for r in m[mode]["runs"]))
-    print(f"throughput ratio log/no-log (medians): {t['throughput_ratio_log_over_nolog']:.3f}  "
-          f"(tokens identical: {t['tokens_identical_across_modes']}; route records {t['route_records']:,})")
+        print(
+            f"  {mode:>5}: median {m[mode]['median_tokens_per_s']:.1f} tok/s  runs "
+            + " ".join(f"{r['tokens_per_s']:.1f}" for r in m[mode]["runs"])
+        )
+    print(
+        f"throughput ratio log/no-log (medians): {t['throughput_ratio_log_over_nolog']:.3f}  "
+        f"(tokens identical: {t['tokens_identical_across_modes']}; route records {t['route_records']:,})"
+    )
     print(f"artifacts: {out}")
     return 0
 

@@ -39,7 +39,7 @@ int32; the dtype's max value means "missing"), ``weights_dtype`` (float32, or fl
 with ``--expert-routing-weights-dtype float16``), ``ids`` / ``weights`` (base64 of the
 C-order arrays), ``num_cached_tokens`` (positions [0, n) came from the prefix cache),
 ``missing`` ([start, end) ranges without capture), ``weights_include_routed_scaling_factor``
-and ``routed_scaling_factor`` (see ``_scaling_meta``). Decoder: moe_routes/sglang_routing.py in the moe-routes repository
+and ``routed_scaling_factor`` (see ``_scaling_meta``). Decoder: moe_routes/sglang_routing.py
 of the moe-routes repository.
 """
 
@@ -49,7 +49,8 @@ import base64
 import collections
 import logging
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,45 +74,95 @@ _NUM_EXPERTS_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "mo
 
 def add_cli_args(parser) -> None:
     parser.add_argument(
-        SERVER_FLAG, action="store_true",
+        SERVER_FLAG,
+        action="store_true",
         help="Allow requests to ask for return_expert_routing: top-k expert ids and weights per token and MoE "
-             "layer (moe-routes). Independent of --enable-return-routed-experts.")
+        "layer (moe-routes). Independent of --enable-return-routed-experts.",
+    )
     parser.add_argument(
-        WEIGHTS_FLAG, type=str, choices=list(WEIGHTS_DTYPES), default="float32",
-        help="dtype of the returned expert routing weights (float16 halves the KV-slot host store).")
+        WEIGHTS_FLAG,
+        type=str,
+        choices=list(WEIGHTS_DTYPES),
+        default="float32",
+        help="dtype of the returned expert routing weights (float16 halves the KV-slot host store).",
+    )
 
 
 # (condition on ServerArgs, what is on, the flag to change, why the routing would be wrong)
 _REFUSED = (
-    (lambda a: a.pp_size > 1, "pipeline parallelism", "--pp-size 1",
-     "each stage runs only its own layers"),
-    (lambda a: a.speculative_algorithm is not None, "speculative decoding", "no --speculative-algorithm",
-     "draft and rejected tokens go through the MoE layers"),
-    (lambda a: a.enable_dp_attention, "DP attention", "no --enable-dp-attention",
-     "the MoE layers see the tokens of every DP rank"),
-    (lambda a: str(a.moe_a2a_backend) != "none", "an MoE all-to-all backend", "--moe-a2a-backend none",
-     "each rank routes only its share of the tokens"),
-    (lambda a: a.enable_two_batch_overlap or getattr(a, "enable_single_batch_overlap", False),
-     "two/single-batch overlap", "no --enable-two-batch-overlap / --enable-single-batch-overlap",
-     "a micro-batch's TopK call overwrites the other's rows"),
-    (lambda a: a.attn_cp_size > 1 or a.enable_prefill_context_parallel or a.enable_nsa_prefill_context_parallel,
-     "context parallelism", "--attn-cp-size 1 and no --enable-(nsa-)prefill-context-parallel",
-     "each rank computes a part of the sequence"),
-    (lambda a: a.enable_pdmux, "PD-multiplexing", "no --enable-pdmux",
-     "prefill and decode run as separate concurrent forwards"),
-    (lambda a: a.enable_hierarchical_cache or a.hicache_storage_backend is not None,
-     "the hierarchical cache / storage prefetch", "no --enable-hierarchical-cache / --hicache-storage-backend",
-     "KV loaded back from host or storage fills slots without a forward"),
-    (lambda a: a.enable_lmcache, "LMCache", "no --enable-lmcache",
-     "KV loaded from LMCache fills slots without a forward"),
-    (lambda a: a.disaggregation_mode != "null", "P/D disaggregation", "--disaggregation-mode null",
-     "prefill and decode run on different servers; transferred KV slots were never routed here"),
-    (lambda a: a.enable_hisparse, "HiSparse", "no --enable-hisparse",
-     "KV slots are swapped between host and device without a forward"),
-    (lambda a: a.dllm_algorithm is not None, "diffusion LLM decoding", "no --dllm-algorithm",
-     "blocks are recomputed many times per position"),
-    (lambda a: a.enable_attn_tp_input_scattered and a.tp_size > 1, "scattered attention-TP input",
-     "no --enable-attn-tp-input-scattered", "each TP rank may route only its scattered share of the tokens"),
+    (lambda a: a.pp_size > 1, "pipeline parallelism", "--pp-size 1", "each stage runs only its own layers"),
+    (
+        lambda a: a.speculative_algorithm is not None,
+        "speculative decoding",
+        "no --speculative-algorithm",
+        "draft and rejected tokens go through the MoE layers",
+    ),
+    (
+        lambda a: a.enable_dp_attention,
+        "DP attention",
+        "no --enable-dp-attention",
+        "the MoE layers see the tokens of every DP rank",
+    ),
+    (
+        lambda a: str(a.moe_a2a_backend) != "none",
+        "an MoE all-to-all backend",
+        "--moe-a2a-backend none",
+        "each rank routes only its share of the tokens",
+    ),
+    (
+        lambda a: a.enable_two_batch_overlap or getattr(a, "enable_single_batch_overlap", False),
+        "two/single-batch overlap",
+        "no --enable-two-batch-overlap / --enable-single-batch-overlap",
+        "a micro-batch's TopK call overwrites the other's rows",
+    ),
+    (
+        lambda a: a.attn_cp_size > 1 or a.enable_prefill_context_parallel or a.enable_nsa_prefill_context_parallel,
+        "context parallelism",
+        "--attn-cp-size 1 and no --enable-(nsa-)prefill-context-parallel",
+        "each rank computes a part of the sequence",
+    ),
+    (
+        lambda a: a.enable_pdmux,
+        "PD-multiplexing",
+        "no --enable-pdmux",
+        "prefill and decode run as separate concurrent forwards",
+    ),
+    (
+        lambda a: a.enable_hierarchical_cache or a.hicache_storage_backend is not None,
+        "the hierarchical cache / storage prefetch",
+        "no --enable-hierarchical-cache / --hicache-storage-backend",
+        "KV loaded back from host or storage fills slots without a forward",
+    ),
+    (
+        lambda a: a.enable_lmcache,
+        "LMCache",
+        "no --enable-lmcache",
+        "KV loaded from LMCache fills slots without a forward",
+    ),
+    (
+        lambda a: a.disaggregation_mode != "null",
+        "P/D disaggregation",
+        "--disaggregation-mode null",
+        "prefill and decode run on different servers; transferred KV slots were never routed here",
+    ),
+    (
+        lambda a: a.enable_hisparse,
+        "HiSparse",
+        "no --enable-hisparse",
+        "KV slots are swapped between host and device without a forward",
+    ),
+    (
+        lambda a: a.dllm_algorithm is not None,
+        "diffusion LLM decoding",
+        "no --dllm-algorithm",
+        "blocks are recomputed many times per position",
+    ),
+    (
+        lambda a: a.enable_attn_tp_input_scattered and a.tp_size > 1,
+        "scattered attention-TP input",
+        "no --enable-attn-tp-input-scattered",
+        "each TP rank may route only its scattered share of the tokens",
+    ),
 )
 
 # MoE runner backends whose TopK never calls select_experts (topk.TopK.forward_cuda:
@@ -125,13 +176,16 @@ def check_server_args(server_args) -> None:
         return
     for cond, what, fix, why in _REFUSED:
         if cond(server_args):
-            raise ValueError(f"{SERVER_FLAG} is not supported with {what} ({why}): use {fix}, "
-                             f"or start without {SERVER_FLAG}")
+            raise ValueError(
+                f"{SERVER_FLAG} is not supported with {what} ({why}): use {fix}, or start without {SERVER_FLAG}"
+            )
     backend = str(getattr(server_args, "moe_runner_backend", "auto"))
     if backend in _BYPASSING_BACKENDS:
-        raise ValueError(f"{SERVER_FLAG} is not supported with --moe-runner-backend {backend} (the kernel routes "
-                         f"internally, select_experts never runs): use another --moe-runner-backend, or start "
-                         f"without {SERVER_FLAG}")
+        raise ValueError(
+            f"{SERVER_FLAG} is not supported with --moe-runner-backend {backend} (the kernel routes "
+            f"internally, select_experts never runs): use another --moe-runner-backend, or start "
+            f"without {SERVER_FLAG}"
+        )
     wdt = getattr(server_args, "expert_routing_weights_dtype", "float32")
     if wdt not in WEIGHTS_DTYPES:
         raise ValueError(f"{WEIGHTS_FLAG} must be one of {WEIGHTS_DTYPES} (used with {SERVER_FLAG}), got {wdt!r}")
@@ -153,19 +207,25 @@ def _b64(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()).decode("ascii")
 
 
-def _missing_ranges(bad: np.ndarray) -> List[List[int]]:
+def _missing_ranges(bad: np.ndarray) -> list[list[int]]:
     idx = np.flatnonzero(bad)
     if idx.size == 0:
         return []
     breaks = np.flatnonzero(np.diff(idx) != 1)
     starts = np.concatenate(([idx[0]], idx[breaks + 1]))
     ends = np.concatenate((idx[breaks], [idx[-1]])) + 1
-    return [[int(s), int(e)] for s, e in zip(starts, ends)]
+    return [[int(s), int(e)] for s, e in zip(starts, ends, strict=True)]
 
 
-def encode_routing(ids: np.ndarray, weights: np.ndarray, layers: Sequence[int], num_experts: int,
-                   num_cached_tokens: int = 0, weights_dtype: str = "float32",
-                   scaling: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def encode_routing(
+    ids: np.ndarray,
+    weights: np.ndarray,
+    layers: Sequence[int],
+    num_experts: int,
+    num_cached_tokens: int = 0,
+    weights_dtype: str = "float32",
+    scaling: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """JSON-able payload of ``meta_info["expert_routing"]`` (runs on the tokenizer side)."""
     ids = np.asarray(ids)
     weights = np.asarray(weights)
@@ -193,19 +253,26 @@ def encode_routing(ids: np.ndarray, weights: np.ndarray, layers: Sequence[int], 
     return out
 
 
-def error_payload(reason: str) -> Dict[str, Any]:
+def error_payload(reason: str) -> dict[str, Any]:
     return {"format": FORMAT, "error": reason}
 
 
-def encode_output(raw: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def encode_output(raw: dict[str, Any] | None) -> dict[str, Any] | None:
     """Scheduler-side raw arrays -> meta_info payload; the base64 work stays off the scheduler."""
     if raw is None or "error" in raw:
         return raw
-    return encode_routing(raw["ids"], raw["weights"], raw["layers"], raw["num_experts"],
-                          raw["num_cached_tokens"], raw["weights_dtype"], raw.get("scaling"))
+    return encode_routing(
+        raw["ids"],
+        raw["weights"],
+        raw["layers"],
+        raw["num_experts"],
+        raw["num_cached_tokens"],
+        raw["weights_dtype"],
+        raw.get("scaling"),
+    )
 
 
-def add_to_meta_info(meta_info: Dict[str, Any], recv_obj, i: int) -> None:
+def add_to_meta_info(meta_info: dict[str, Any], recv_obj, i: int) -> None:
     """Called by TokenizerManager._handle_batch_output for output index ``i``."""
     per_req = getattr(recv_obj, "expert_routing", None)
     if per_req and per_req[i] is not None:
@@ -249,19 +316,20 @@ def request_item(value: Any, i: int) -> bool:
     return bool(value[i]) if isinstance(value, (list, tuple)) else bool(value)
 
 
-def _as_count(v) -> Optional[int]:
+def _as_count(v) -> int | None:
     # Hunyuan / ERNIE-VL give one count per layer or modality: the id range is the largest
     if isinstance(v, (list, tuple)):
         v = max((x for x in v if isinstance(x, int)), default=None)
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 1 else None
 
 
-def config_num_experts(hf_text_config) -> Optional[int]:
+def config_num_experts(hf_text_config) -> int | None:
     found = [_as_count(getattr(hf_text_config, k, None)) for k in _NUM_EXPERTS_KEYS]
     ffn = getattr(hf_text_config, "ffn_config", None)  # DBRX
     if ffn is not None:
-        found.append(_as_count(ffn.get("moe_num_experts") if isinstance(ffn, dict)
-                               else getattr(ffn, "moe_num_experts", None)))
+        found.append(
+            _as_count(ffn.get("moe_num_experts") if isinstance(ffn, dict) else getattr(ffn, "moe_num_experts", None))
+        )
     found = [x for x in found if x is not None]
     return max(found) if found else None
 
@@ -271,8 +339,10 @@ def _asked(value) -> bool:
 
 
 def flag_off_message() -> str:
-    return (f"return_expert_routing was requested but the server was started without {SERVER_FLAG}: "
-            f"restart it with {SERVER_FLAG} (see also {WEIGHTS_FLAG})")
+    return (
+        f"return_expert_routing was requested but the server was started without {SERVER_FLAG}: "
+        f"restart it with {SERVER_FLAG} (see also {WEIGHTS_FLAG})"
+    )
 
 
 def validate_request(obj, server_args, model_config) -> None:
@@ -289,18 +359,20 @@ def validate_request(obj, server_args, model_config) -> None:
 # --------------------------------------------------------------------------- OpenAI endpoints
 
 
-def openai_validate(request, server_args) -> Optional[str]:
+def openai_validate(request, server_args) -> str | None:
     """Error message (-> HTTP 400) for a /v1/completions or /v1/chat/completions request, or None."""
     value = getattr(request, REQ_ATTR, False)
     if isinstance(value, (list, tuple)):
-        return ("return_expert_routing must be true or false: it applies to every choice of the request "
-                f"(all n={getattr(request, 'n', 1)} samples); per-sample lists are not supported")
+        return (
+            "return_expert_routing must be true or false: it applies to every choice of the request "
+            f"(all n={getattr(request, 'n', 1)} samples); per-sample lists are not supported"
+        )
     if value and not getattr(server_args, "enable_return_expert_routing", False):
         return flag_off_message()
     return None
 
 
-def openai_sglext(request, payload: Optional[Dict[str, Any]]):
+def openai_sglext(request, payload: dict[str, Any] | None):
     """``choices[i].sglext`` carrying that choice's own payload, or None.
 
     Per choice, unlike the native ``routed_experts`` (response level, first choice only): every
@@ -313,11 +385,11 @@ def openai_sglext(request, payload: Optional[Dict[str, Any]]):
     return SglExt(expert_routing=payload)
 
 
-def openai_choice_sglext(request, ret_item: Dict[str, Any]):
+def openai_choice_sglext(request, ret_item: dict[str, Any]):
     return openai_sglext(request, ret_item.get("meta_info", {}).get(META_KEY))
 
 
-def openai_stream_stash(stash: Dict[int, Any], index: int, content: Dict[str, Any]) -> None:
+def openai_stream_stash(stash: dict[int, Any], index: int, content: dict[str, Any]) -> None:
     """Chat streaming sends finish chunks after the loop: keep each index's payload until then."""
     payload = content.get("meta_info", {}).get(META_KEY)
     if payload is not None:
@@ -354,7 +426,7 @@ class _Staged:
         self.end_pos = None
         self.num_new = None
 
-    def first_pos(self, rid) -> Optional[int]:
+    def first_pos(self, rid) -> int | None:
         """Lowest position of ``rid`` this forward computed; 0 when unknown (then it must be waited for)."""
         if self.rids is None:
             return 0
@@ -368,29 +440,47 @@ class _Staged:
         return int(self.end_pos[j]) - new
 
 
-_TORCH_DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
-                 "float32": torch.float32, "float16": torch.float16}
+_TORCH_DTYPES = {
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "float32": torch.float32,
+    "float16": torch.float16,
+}
 
 
-def footprint(num_layers: int, top_k: int, num_experts: int, rows: int, num_kv_slots: int,
-              weights_dtype: str = "float32") -> Dict[str, int]:
+def footprint(
+    num_layers: int, top_k: int, num_experts: int, rows: int, num_kv_slots: int, weights_dtype: str = "float32"
+) -> dict[str, int]:
     """Bytes each buffer takes (the formula the start-up log line and APPENDIX.md report)."""
     per_entry = ids_dtype_for(num_experts).itemsize + np.dtype(weights_dtype).itemsize
     per_row = num_layers * top_k * per_entry
-    return {"device": rows * per_row,
-            "pinned_staging": STAGING_DEPTH * rows * (per_row + 8),
-            "host_kv_store": num_kv_slots * per_row}
+    return {
+        "device": rows * per_row,
+        "pinned_staging": STAGING_DEPTH * rows * (per_row + 8),
+        "host_kv_store": num_kv_slots * per_row,
+    }
 
 
 class ExpertRoutingCapturer:
-    def __init__(self, layer_ids: Sequence[int], decoder_layers: Sequence[int], top_k: int, num_experts: int,
-                 num_kv_slots: int, max_rows: int, device="cpu", weights_dtype: str = "float32",
-                 event_factory: Optional[Callable[[], Any]] = None, scaling: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        layer_ids: Sequence[int],
+        decoder_layers: Sequence[int],
+        top_k: int,
+        num_experts: int,
+        num_kv_slots: int,
+        max_rows: int,
+        device="cpu",
+        weights_dtype: str = "float32",
+        event_factory: Callable[[], Any] | None = None,
+        scaling: dict[str, Any] | None = None,
+    ):
         if len(set(layer_ids)) != len(layer_ids):
             raise ValueError(f"duplicate MoE layer ids {list(layer_ids)}")
         if weights_dtype not in WEIGHTS_DTYPES:
             raise ValueError(f"{WEIGHTS_FLAG} must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
-        self.layer_to_slot = {int(l): i for i, l in enumerate(layer_ids)}
+        self.layer_to_slot = {int(layer): i for i, layer in enumerate(layer_ids)}
         self.layers = [int(x) for x in decoder_layers]
         self.top_k = int(top_k)
         self.num_experts = int(num_experts)
@@ -408,8 +498,9 @@ class ExpertRoutingCapturer:
         self.dev_ids = torch.full((self.max_rows, L, K), self.fill, dtype=self.ids_dtype, device=self.device)
         self.dev_weights = torch.zeros((self.max_rows, L, K), dtype=self.w_dtype, device=self.device)
         pin = self.device.type == "cuda"
-        self._free = collections.deque(_Staged(self.max_rows, L, K, self.ids_dtype, self.w_dtype, pin)
-                                       for _ in range(STAGING_DEPTH))
+        self._free = collections.deque(
+            _Staged(self.max_rows, L, K, self.ids_dtype, self.w_dtype, pin) for _ in range(STAGING_DEPTH)
+        )
         self._pending: collections.deque = collections.deque()
         # KV-slot store: pageable numpy from calloc, so the OS maps pages only for slots that
         # get written; ids are stored +1 so that the zero page means "missing".
@@ -419,16 +510,26 @@ class ExpertRoutingCapturer:
         if event_factory is None:
             event_factory = torch.cuda.Event if self.device.type == "cuda" else _DoneEvent
         self._event_factory = event_factory
-        self.fid = 0           # forwards queued so far
-        self.drained_fid = 0   # every forward <= this one is in the host store
+        self.fid = 0  # forwards queued so far
+        self.drained_fid = 0  # every forward <= this one is in the host store
         sizes = footprint(L, K, num_experts, self.max_rows, self.num_kv_slots, weights_dtype)
         self.sizes = sizes
         logger.info(
             "expert routing: %d MoE layers %s, top_k=%d, num_experts=%d (ids %s, weights %s), rows/forward %d, "
             "KV slots %d: device %.1f MiB, pinned staging %.1f MiB, KV-slot host store up to %.2f GiB "
             "(pageable, touched as slots fill)",
-            L, self.layers, K, num_experts, self.np_ids_dtype.name, weights_dtype, self.max_rows, self.num_kv_slots,
-            sizes["device"] / 2**20, sizes["pinned_staging"] / 2**20, sizes["host_kv_store"] / 2**30)
+            L,
+            self.layers,
+            K,
+            num_experts,
+            self.np_ids_dtype.name,
+            weights_dtype,
+            self.max_rows,
+            self.num_kv_slots,
+            sizes["device"] / 2**20,
+            sizes["pinned_staging"] / 2**20,
+            sizes["host_kv_store"] / 2**30,
+        )
 
     # ---- forward side (device only) ----
     def capture(self, layer_id, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
@@ -440,12 +541,13 @@ class ExpertRoutingCapturer:
             raise RuntimeError(
                 f"{SERVER_FLAG}: a forward routed {n} tokens, more than the {self.max_rows} rows sized at start-up "
                 f"(from --chunked-prefill-size / --max-prefill-tokens / --cuda-graph-max-bs / "
-                f"--max-running-requests); please report this, or start without {SERVER_FLAG}")
+                f"--max-running-requests); please report this, or start without {SERVER_FLAG}"
+            )
         k = self.top_k
         self.dev_ids[:n, slot].copy_(topk_ids[:, :k], non_blocking=True)
         self.dev_weights[:n, slot].copy_(topk_weights[:, :k].detach(), non_blocking=True)
 
-    def on_forward_end(self, out_cache_loc: Optional[torch.Tensor], rids=None, end_pos=None, num_new=None) -> None:
+    def on_forward_end(self, out_cache_loc: torch.Tensor | None, rids=None, end_pos=None, num_new=None) -> None:
         """Queue the copy of rows [0, len(out_cache_loc)) to the host (async on CUDA)."""
         if out_cache_loc is None:
             return
@@ -453,8 +555,9 @@ class ExpertRoutingCapturer:
         if n == 0:
             return
         if n > self.max_rows:
-            raise RuntimeError(f"{SERVER_FLAG}: forward of {n} tokens exceeds the {self.max_rows} rows sized "
-                               "at start-up")
+            raise RuntimeError(
+                f"{SERVER_FLAG}: forward of {n} tokens exceeds the {self.max_rows} rows sized at start-up"
+            )
         self.drain(block=False)
         if not self._free:
             self._drain_one(block=True)
@@ -527,32 +630,40 @@ class ExpertRoutingCapturer:
         slots = np.asarray(torch.as_tensor(slots, dtype=torch.int64).cpu().numpy())
         L, K = len(self.layers), self.top_k
         if self._store_ids is None:
-            return (np.full((len(slots), L, K), self.fill, self.np_ids_dtype),
-                    np.full((len(slots), L, K), np.nan, np.dtype(self.weights_dtype_name)))
+            return (
+                np.full((len(slots), L, K), self.fill, self.np_ids_dtype),
+                np.full((len(slots), L, K), np.nan, np.dtype(self.weights_dtype_name)),
+            )
         raw = self._store_ids[slots].astype(np.int64) - 1
         ids = np.where(raw < 0, self.fill, raw).astype(self.np_ids_dtype)
         w = self._store_weights[slots]
         w[raw < 0] = np.nan
         return ids, w
 
-    def assemble(self, rid, slots, num_cached_tokens: int = 0) -> Dict[str, Any]:
+    def assemble(self, rid, slots, num_cached_tokens: int = 0) -> dict[str, Any]:
         self.wait_for(rid, len(slots))
         ids, w = self.gather(slots)
-        return {"ids": ids, "weights": w, "layers": list(self.layers), "num_experts": self.num_experts,
-                "num_cached_tokens": int(num_cached_tokens), "weights_dtype": self.weights_dtype_name,
-                "scaling": self.scaling}
+        return {
+            "ids": ids,
+            "weights": w,
+            "layers": list(self.layers),
+            "num_experts": self.num_experts,
+            "num_cached_tokens": int(num_cached_tokens),
+            "weights_dtype": self.weights_dtype_name,
+            "scaling": self.scaling,
+        }
 
 
-_CAPTURER: Optional[ExpertRoutingCapturer] = None
+_CAPTURER: ExpertRoutingCapturer | None = None
 _UNAVAILABLE_REASON = "expert routing capture is not enabled in this process"
 _SENDER = True
 
 
-def get_capturer() -> Optional[ExpertRoutingCapturer]:
+def get_capturer() -> ExpertRoutingCapturer | None:
     return _CAPTURER
 
 
-def set_capturer(capturer: Optional[ExpertRoutingCapturer], reason: str = "", sender: bool = True) -> None:
+def set_capturer(capturer: ExpertRoutingCapturer | None, reason: str = "", sender: bool = True) -> None:
     global _CAPTURER, _UNAVAILABLE_REASON, _SENDER
     _CAPTURER = capturer
     _SENDER = sender
@@ -563,7 +674,7 @@ def set_capturer(capturer: Optional[ExpertRoutingCapturer], reason: str = "", se
 # --------------------------------------------------------------------------- model load
 
 
-def find_moe_topk_modules(model: torch.nn.Module, topk_cls=None) -> List[tuple]:
+def find_moe_topk_modules(model: torch.nn.Module, topk_cls=None) -> list[tuple]:
     """[(decoder_layer_index, module_name, TopK module)] sorted by layer index."""
     if topk_cls is None:
         from sglang.srt.layers.moe.topk import TopK as topk_cls  # noqa: N813
@@ -583,7 +694,7 @@ def find_moe_topk_modules(model: torch.nn.Module, topk_cls=None) -> List[tuple]:
     return found
 
 
-def _model_num_experts(model, topk_name: str, num_redundant: int) -> Optional[int]:
+def _model_num_experts(model, topk_name: str, num_redundant: int) -> int | None:
     """Logical routed experts of the FusedMoE beside a TopK (its num_experts counts fused shared and
     redundant EPLB experts too)."""
     parent = topk_name.rsplit(".", 1)[0] if "." in topk_name else ""
@@ -598,7 +709,7 @@ def _model_num_experts(model, topk_name: str, num_redundant: int) -> Optional[in
     return n - int(getattr(experts, "num_fused_shared_experts", 0) or 0) - int(num_redundant or 0)
 
 
-def _scaling_meta(cfgs) -> Dict[str, Any]:
+def _scaling_meta(cfgs) -> dict[str, Any]:
     """Whether the returned weights contain routed_scaling_factor (topk.py: the grouped/biased top-k
     kernels multiply topk_weights by it when apply_routed_scaling_factor_on_output is set; otherwise
     the model scales the MoE output after the experts)."""
@@ -607,12 +718,15 @@ def _scaling_meta(cfgs) -> Dict[str, Any]:
     if len(applied) != 1 or len(factors) != 1:
         raise ValueError("return_expert_routing: MoE layers disagree on routed_scaling_factor handling")
     f = factors.pop()
-    return {"weights_include_routed_scaling_factor": applied.pop() and f is not None,
-            "routed_scaling_factor": None if f is None else float(f)}
+    return {
+        "weights_include_routed_scaling_factor": applied.pop() and f is not None,
+        "routed_scaling_factor": None if f is None else float(f),
+    }
 
 
-def build_capturer_for_model(model, hf_text_config, num_kv_slots: int, max_rows: int, device,
-                             topk_cls=None, num_redundant_experts: int = 0, **kw) -> Optional[ExpertRoutingCapturer]:
+def build_capturer_for_model(
+    model, hf_text_config, num_kv_slots: int, max_rows: int, device, topk_cls=None, num_redundant_experts: int = 0, **kw
+) -> ExpertRoutingCapturer | None:
     found = find_moe_topk_modules(model, topk_cls)
     if not found:
         return None
@@ -621,8 +735,10 @@ def build_capturer_for_model(model, hf_text_config, num_kv_slots: int, max_rows:
         cfg = mod.topk_config
         fmt = getattr(cfg, "output_format", None)
         if fmt is not None and getattr(fmt, "name", str(fmt)) != "STANDARD":
-            raise ValueError(f"{SERVER_FLAG}: {name} uses top-k output format {fmt}, which bypasses "
-                             f"select_experts; use another --moe-runner-backend or start without {SERVER_FLAG}")
+            raise ValueError(
+                f"{SERVER_FLAG}: {name} uses top-k output format {fmt}, which bypasses "
+                f"select_experts; use another --moe-runner-backend or start without {SERVER_FLAG}"
+            )
         if mod.layer_id is None:
             mod.layer_id = layer  # models built without layer_id (mixtral, olmoe, granitemoe, ...)
         layers.append(layer)
@@ -637,19 +753,31 @@ def build_capturer_for_model(model, hf_text_config, num_kv_slots: int, max_rows:
     # the id dtype and its "missing" value must cover the largest id any layer can return
     candidates = model_e + [x for x in (config_num_experts(hf_text_config),) if x is not None]
     if not candidates:
-        raise ValueError("return_expert_routing: cannot find the number of routed experts in the model "
-                         "(no FusedMoE 'experts' beside TopK, no n_routed_experts/num_experts/"
-                         "num_local_experts/moe_num_experts/ffn_config.moe_num_experts in the config)")
-    return ExpertRoutingCapturer(layer_ids, layers, top_ks.pop(), max(candidates), num_kv_slots, max_rows, device,
-                                 scaling=_scaling_meta(cfgs), **kw)
+        raise ValueError(
+            "return_expert_routing: cannot find the number of routed experts in the model "
+            "(no FusedMoE 'experts' beside TopK, no n_routed_experts/num_experts/"
+            "num_local_experts/moe_num_experts/ffn_config.moe_num_experts in the config)"
+        )
+    return ExpertRoutingCapturer(
+        layer_ids,
+        layers,
+        top_ks.pop(),
+        max(candidates),
+        num_kv_slots,
+        max_rows,
+        device,
+        scaling=_scaling_meta(cfgs),
+        **kw,
+    )
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // max(m, 1)) * max(m, 1)
 
 
-def max_tokens_per_forward(server_args, max_running_requests: int, context_len: int, num_kv_slots: int,
-                           page_size: int) -> int:
+def max_tokens_per_forward(
+    server_args, max_running_requests: int, context_len: int, num_kv_slots: int, page_size: int
+) -> int:
     """Upper bound of the rows one forward routes (scheduler + graph runners of 0.5.10.post1).
 
     * Chunked prefill on: PrefillAdder caps a prefill batch at chunked_prefill_size tokens
@@ -698,16 +826,27 @@ def init_for_model_runner(model_runner) -> None:
     backend = get_moe_runner_backend()
     for probe in ("is_triton_kernels", "is_flashinfer_trtllm", "is_flashinfer_mxfp4"):
         if getattr(backend, probe, lambda: False)():
-            raise ValueError(f"{SERVER_FLAG}: not supported with MoE runner backend {backend} (its TopK never calls "
-                             f"select_experts); choose another --moe-runner-backend or start without {SERVER_FLAG}")
+            raise ValueError(
+                f"{SERVER_FLAG}: not supported with MoE runner backend {backend} (its TopK never calls "
+                f"select_experts); choose another --moe-runner-backend or start without {SERVER_FLAG}"
+            )
     num_kv_slots = model_runner.max_total_num_tokens + model_runner.page_size
-    rows = max_tokens_per_forward(sa, model_runner.max_running_requests, model_runner.model_config.context_len,
-                                  num_kv_slots, model_runner.page_size)
+    rows = max_tokens_per_forward(
+        sa,
+        model_runner.max_running_requests,
+        model_runner.model_config.context_len,
+        num_kv_slots,
+        model_runner.page_size,
+    )
     cap = build_capturer_for_model(
-        model_runner.model, model_runner.model_config.hf_text_config, num_kv_slots=num_kv_slots,
-        max_rows=rows, device=model_runner.device,
+        model_runner.model,
+        model_runner.model_config.hf_text_config,
+        num_kv_slots=num_kv_slots,
+        max_rows=rows,
+        device=model_runner.device,
         weights_dtype=getattr(sa, "expert_routing_weights_dtype", "float32"),
-        num_redundant_experts=getattr(sa, "ep_num_redundant_experts", 0))
+        num_redundant_experts=getattr(sa, "ep_num_redundant_experts", 0),
+    )
     set_capturer(cap, "" if cap is not None else "the model has no MoE (TopK) layers")
 
 
@@ -729,8 +868,12 @@ def on_forward_end(forward_batch) -> None:
     num_new = None
     if forward_batch.forward_mode.is_extend():
         num_new = getattr(forward_batch, "extend_seq_lens_cpu", None)
-    cap.on_forward_end(forward_batch.out_cache_loc, getattr(forward_batch, "rids", None),
-                       getattr(forward_batch, "seq_lens_cpu", None), num_new)
+    cap.on_forward_end(
+        forward_batch.out_cache_loc,
+        getattr(forward_batch, "rids", None),
+        getattr(forward_batch, "seq_lens_cpu", None),
+        num_new,
+    )
 
 
 def collect_for_request(req, req_to_token_pool) -> None:
@@ -746,7 +889,7 @@ def collect_for_request(req, req_to_token_pool) -> None:
     setattr(req, _PAYLOAD_ATTR, cap.assemble(req.rid, slots, getattr(req, "cached_tokens", 0) or 0))
 
 
-def stream_outputs(rids: List[str], reqs) -> Optional[List[Optional[Dict[str, Any]]]]:
+def stream_outputs(rids: list[str], reqs) -> list[dict[str, Any] | None] | None:
     """The ``expert_routing`` field of BatchTokenIDOutput: one entry per sent rid, None if nobody asked."""
     payloads = {}
     for req in reqs:
