@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from moe_routes import REPO_ROOT as ROOT
+from moe_routes.prompts import PromptsFileError, read_questions
 from moe_routes.schema import schema_version
 
 DEFAULT_MODEL = "Qwen/Qwen1.5-MoE-A2.7B-Chat"
@@ -42,23 +43,10 @@ DEFAULT_MODEL = "Qwen/Qwen1.5-MoE-A2.7B-Chat"
 # ------------------------------------------------------------------------------------------------
 def load_questions(args) -> list[str]:
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.exists():
-            raise SystemExit(f"run_generate: --prompts-file {path} does not exist")
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    q = json.loads(line)["question"]
-                except (ValueError, KeyError, TypeError):
-                    raise SystemExit(
-                        f"run_generate: {path}:{lineno}: expected a JSON object with a 'question' field"
-                    ) from None
-                out.append(q)
-                if len(out) == args.num_prompts:
-                    break
+        try:
+            out = read_questions(args.prompts_file, args.num_prompts)
+        except PromptsFileError as exc:
+            raise SystemExit(f"run_generate: --prompts-file {exc}") from None
     else:
         try:
             import datasets

@@ -17,25 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-from moe_routes import REPO_ROOT
+from moe_routes.prompts import SHARED_GSM8K, read_questions
 
 ARCHS = ("qwen2_moe", "mixtral", "qwen3_moe", "glm4_moe", "gpt_oss")
-DEFAULT_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def read_questions(path: Path, limit: int | None = None) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["question"])
-                if limit and len(out) >= limit:
-                    break
-    return out
 
 
 def train_tokenizer(texts: list[str], out: Path, vocab_size: int) -> None:
@@ -156,7 +144,7 @@ def build(
     arch: str,
     out: Path,
     *,
-    prompts_file: Path = DEFAULT_GSM8K,
+    prompts_file: Path = SHARED_GSM8K,
     hidden: int = 128,
     layers: int = 3,
     experts: int = 8,
@@ -229,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--prompts-file",
         type=Path,
-        default=DEFAULT_GSM8K,
+        default=SHARED_GSM8K,
         help="JSONL with a 'question' field, used to train the tokenizer (default: %(default)s)",
     )
     for name, default in (

@@ -18,21 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_routes.prompts import SHARED_GSM8K, read_questions
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schemas" / "moe_routes.schema.json"
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = SHARED_GSM8K
 DRIVER = ROOT / "tests" / "vllm_driver.py"
 PY = os.environ.get("MOE_ROUTES_TEST_PYTHON") or sys.executable
 
 
 def gsm8k_questions(n: int) -> list[str]:
-    out = []
-    with open(GSM8K, encoding="utf-8") as f:
-        for line in f:
-            out.append(json.loads(line)["question"])
-            if len(out) == n:
-                break
-    return out
+    return read_questions(GSM8K, n)
 
 
 def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900, extra_env: dict | None = None):

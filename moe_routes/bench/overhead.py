@@ -22,8 +22,9 @@ from pathlib import Path
 
 from moe_routes import REPO_ROOT as ROOT
 from moe_routes import tinymoe
+from moe_routes.prompts import SHARED_GSM8K
 
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = SHARED_GSM8K
 
 
 def main(argv=None) -> int:
