@@ -852,7 +852,7 @@ else:
     class _TM:
         """Stand-in TokenizerManager: what the OpenAI serving classes read, generate_request yields ret items."""
 
-        def __init__(self, flag):
+        def __init__(self, flag, num_experts=8):
             self.server_args = _sa(enable_return_expert_routing=flag)
             self.request_logger = types.SimpleNamespace(log_requests=False, log_requests_level=0)
             self.served_model_name = "m"
@@ -860,6 +860,7 @@ else:
                 is_multimodal=False,
                 get_default_sampling_params=lambda: {},
                 hf_config=types.SimpleNamespace(architectures=["Qwen3MoeForCausalLM"]),
+                hf_text_config=types.SimpleNamespace(num_experts=num_experts),
             )
             self.tokenizer = types.SimpleNamespace(chat_template=None, apply_chat_template=lambda *a, **k: [1, 2, 3])
             self.seen = []
@@ -872,6 +873,7 @@ else:
             request carries meta_info["expert_routing"]; otherwise one ret item per choice."""
             self.seen.append(obj)
             obj.normalize_batch_and_arguments()
+            er.validate_request(obj, self.server_args, self.model_config)  # before the first yield, as upstream
             n = 1 if obj.is_single else len(obj.rid)
             items = []
             for i in range(n):
@@ -901,11 +903,11 @@ else:
                 return
             yield items[0] if obj.is_single else items
 
-    def _serving(kind, flag):
+    def _serving(kind, flag, num_experts=8):
         from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
         from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 
-        tm = _TM(flag)
+        tm = _TM(flag, num_experts)
         tmpl = types.SimpleNamespace(
             completion_template_name=None,
             chat_template_name=None,
@@ -914,14 +916,14 @@ else:
         )
         return tm, (OpenAIServingChat if kind == "chat" else OpenAIServingCompletion)(tm, tmpl)
 
-    def _openai_call(kind, flag, **body):
+    def _openai_call(kind, flag, num_experts=8, **body):
         """The real openai client builds the body (extra_body merged), the real serving class answers."""
         import httpx
         import openai
         from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
         from starlette.requests import Request
 
-        tm, srv = _serving(kind, flag)
+        tm, srv = _serving(kind, flag, num_experts)
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
 
         def handler(http_req):
@@ -992,6 +994,18 @@ else:
         with pytest.raises(openai.BadRequestError) as e:
             _openai_call(kind, flag, **body)
         assert e.value.status_code == 400 and match in str(e.value)
+
+    @pytest.mark.parametrize("stream", [False, True])
+    @pytest.mark.parametrize("kind", ["completions", "chat"])
+    def test_openai_request_to_a_dense_model_is_http_400_streamed_or_not(kind, stream):
+        """The "not a MoE model" check is the tokenizer manager's; the serving classes kick-start the stream
+        generator before sending 200, so a streamed request gets 400 too (native /generate streams: 200 + SSE
+        error event, http_server.generate_request)."""
+        import openai
+
+        with pytest.raises(openai.BadRequestError) as e:
+            _openai_call(kind, True, num_experts=None, stream=stream, extra_body={"return_expert_routing": True})
+        assert e.value.status_code == 400 and "not a MoE model" in str(e.value)
 
     def test_prefix_warmup_requests_for_n_gt_1_carry_no_flag():
         """The real TokenizerManager._handle_batch_request (n > 1 path) with its I/O stubbed."""
