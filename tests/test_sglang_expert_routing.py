@@ -852,7 +852,7 @@ else:
     class _TM:
         """Stand-in TokenizerManager: what the OpenAI serving classes read, generate_request yields ret items."""
 
-        def __init__(self, flag):
+        def __init__(self, flag, num_experts=8):
             self.server_args = _sa(enable_return_expert_routing=flag)
             self.request_logger = types.SimpleNamespace(log_requests=False, log_requests_level=0)
             self.served_model_name = "m"
@@ -860,6 +860,7 @@ else:
                 is_multimodal=False,
                 get_default_sampling_params=lambda: {},
                 hf_config=types.SimpleNamespace(architectures=["Qwen3MoeForCausalLM"]),
+                hf_text_config=types.SimpleNamespace(num_experts=num_experts),
             )
             self.tokenizer = types.SimpleNamespace(chat_template=None, apply_chat_template=lambda *a, **k: [1, 2, 3])
             self.seen = []
@@ -872,6 +873,7 @@ else:
             request carries meta_info["expert_routing"]; otherwise one ret item per choice."""
             self.seen.append(obj)
             obj.normalize_batch_and_arguments()
+            er.validate_request(obj, self.server_args, self.model_config)  # before the first yield, as upstream
             n = 1 if obj.is_single else len(obj.rid)
             items = []
             for i in range(n):
@@ -901,11 +903,11 @@ else:
                 return
             yield items[0] if obj.is_single else items
 
-    def _serving(kind, flag):
+    def _serving(kind, flag, num_experts=8):
         from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
         from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 
-        tm = _TM(flag)
+        tm = _TM(flag, num_experts)
         tmpl = types.SimpleNamespace(
             completion_template_name=None,
             chat_template_name=None,
@@ -914,14 +916,14 @@ else:
         )
         return tm, (OpenAIServingChat if kind == "chat" else OpenAIServingCompletion)(tm, tmpl)
 
-    def _openai_call(kind, flag, **body):
+    def _openai_call(kind, flag, num_experts=8, **body):
         """The real openai client builds the body (extra_body merged), the real serving class answers."""
         import httpx
         import openai
         from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
         from starlette.requests import Request
 
-        tm, srv = _serving(kind, flag)
+        tm, srv = _serving(kind, flag, num_experts)
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
 
         def handler(http_req):
@@ -993,6 +995,18 @@ else:
             _openai_call(kind, flag, **body)
         assert e.value.status_code == 400 and match in str(e.value)
 
+    @pytest.mark.parametrize("stream", [False, True])
+    @pytest.mark.parametrize("kind", ["completions", "chat"])
+    def test_openai_request_to_a_dense_model_is_http_400_streamed_or_not(kind, stream):
+        """The "not a MoE model" check is the tokenizer manager's; the serving classes kick-start the stream
+        generator before sending 200, so a streamed request gets 400 too (native /generate streams: 200 + SSE
+        error event, http_server.generate_request)."""
+        import openai
+
+        with pytest.raises(openai.BadRequestError) as e:
+            _openai_call(kind, True, num_experts=None, stream=stream, extra_body={"return_expert_routing": True})
+        assert e.value.status_code == 400 and "not a MoE model" in str(e.value)
+
     def test_prefix_warmup_requests_for_n_gt_1_carry_no_flag():
         """The real TokenizerManager._handle_batch_request (n > 1 path) with its I/O stubbed."""
         import collections
@@ -1046,34 +1060,139 @@ else:
         assert sent[2:] == [("a", 4, True), ("a", 4, True), ("b", 4, False), ("b", 4, False)]
 
     # ---- 8. routed scaling factor: in the weights exactly when the kernel applies it
-    @pytest.mark.parametrize("on_output", [True, False])
-    def test_scaling_factor_meta_matches_select_experts(on_output):
-        from sglang.srt.layers.moe.topk import TopKConfig, select_experts
+    def _grouped_cfg(on_output, renormalize, bias=None, f=2.5):
+        from sglang.srt.layers.moe.topk import TopKConfig
 
-        torch.manual_seed(0)
-        E, k, f = 8, 2, 2.5
-        cfg = TopKConfig(
-            top_k=k,
+        return TopKConfig(
+            top_k=2,
             use_grouped_topk=True,
             topk_group=2,
             num_expert_group=4,
-            renormalize=True,
+            renormalize=renormalize,
+            correction_bias=bias,
             routed_scaling_factor=f,
             apply_routed_scaling_factor_on_output=on_output,
         )
-        m = Tiny(E=E, k=k)
+
+    @pytest.mark.parametrize("biased", [False, True])
+    @pytest.mark.parametrize("renormalize", [True, False])
+    @pytest.mark.parametrize("on_output", [True, False])
+    def test_scaling_factor_meta_matches_select_experts(on_output, renormalize, biased):
+        """Real select_experts (the torch grouped / biased-grouped code the CPU runs): the meta says true
+        only when these weights are the unscaled ones times f; biased + no renormalize is null because
+        the CUDA fused kernels (flashinfer, moe_fused_gate) scale regardless of renormalize."""
+        from sglang.srt.layers.moe.topk import select_experts
+
+        torch.manual_seed(0)
+        E, f = 8, 2.5
+        bias = torch.randn(E) * 0.1 if biased else None
+        cfg = _grouped_cfg(on_output, renormalize, bias, f)
+        m = Tiny(E=E, k=2)
         for i in (1, 3, 4):
             m.layers[i].topk.topk_config = cfg
         cap = _cap(m, E=E)
-        assert cap.scaling == {"weights_include_routed_scaling_factor": on_output, "routed_scaling_factor": f}
+        want = (on_output and renormalize) if not (biased and on_output and not renormalize) else None
+        assert cap.scaling == {"weights_include_routed_scaling_factor": want, "routed_scaling_factor": f}
         logits = torch.randn(5, E)
         out = select_experts(torch.zeros(5, 4), logits, cfg, layer_id=1)
+        # layer_id None: not captured, so the rows above stay the ones of ``out``
+        plain = select_experts(torch.zeros(5, 4), logits, _grouped_cfg(False, renormalize, bias, f), layer_id=None)
         cap.on_forward_end(torch.arange(5))
         ids, w = cap.gather(torch.arange(5))
         np.testing.assert_array_equal(w[:, 0], out.topk_weights.numpy())
-        np.testing.assert_allclose(w[:, 0].sum(1), f if on_output else 1.0, rtol=1e-5)
+        # the CPU runs the torch code: scaled exactly when on_output and renormalize
+        scale = f if (on_output and renormalize) else 1.0
+        np.testing.assert_allclose(w[:, 0], plain.topk_weights.numpy() * scale, rtol=1e-5)
+        if want is not None:
+            assert want == (scale == f)
+        if renormalize:
+            np.testing.assert_allclose(w[:, 0].sum(1), scale, rtol=1e-5)
         p = er.encode_output(cap.assemble("s", torch.arange(5)))
-        assert p["weights_include_routed_scaling_factor"] is on_output and p["routed_scaling_factor"] == f
+        assert p["weights_include_routed_scaling_factor"] is want and p["routed_scaling_factor"] == f
+
+    def test_scaling_meta_null_for_aiter_biased_and_when_layers_disagree(monkeypatch):
+        import sglang.srt.layers.moe.topk as topk_mod
+
+        bias = torch.zeros(8)
+        assert er._weights_scaled(_grouped_cfg(False, True, bias)) is False
+        monkeypatch.setattr(topk_mod, "_use_aiter", True, raising=False)
+        assert er._weights_scaled(_grouped_cfg(False, True, bias)) is None  # aiter's kernel receives f anyway
+        assert er._weights_scaled(_grouped_cfg(False, True, None)) is False
+        assert er._weights_scaled(_grouped_cfg(True, True, None, f=None)) is False
+        meta = er._scaling_meta([_grouped_cfg(True, True), _grouped_cfg(True, False)])
+        assert meta == {"weights_include_routed_scaling_factor": None, "routed_scaling_factor": 2.5}
+
+    # ---- 9. review fixes: two routers per layer, no TopK on a MoE config, piecewise bound, gather
+    def _mr(model, hf_cfg, **sa_kw):
+        return types.SimpleNamespace(
+            server_args=_sa(enable_return_expert_routing=True, **sa_kw),
+            tp_rank=0,
+            max_total_num_tokens=1000,
+            page_size=1,
+            max_running_requests=8,
+            model_config=types.SimpleNamespace(context_len=200, hf_text_config=hf_cfg),
+            device="cpu",
+            model=model,
+        )
+
+    def test_two_topk_in_one_decoder_layer_refused_at_load():
+        """ERNIE-4.5-VL: text_experts_topk and vision_experts_topk in one decoder layer, no layer_id."""
+
+        class ErnieVLLike(Tiny):
+            def __init__(self):
+                super().__init__()
+                for i in (1, 3):
+                    self.layers[i].text_experts_topk = self.layers[i].topk
+                    self.layers[i].vision_experts_topk = TopK(top_k=2, renormalize=True)
+                    del self.layers[i].topk
+
+        er.set_capturer(None)
+        with pytest.raises(ValueError) as e:
+            er.init_for_model_runner(_mr(ErnieVLLike(), types.SimpleNamespace(moe_num_experts=[8, 8])))
+        msg = str(e.value)
+        assert "decoder layer 1 of ErnieVLLike has 2 MoE TopK modules" in msg
+        assert "layers.1.text_experts_topk, layers.1.vision_experts_topk" in msg
+        assert "keys routing by decoder layer" in msg and "--enable-return-expert-routing" in msg
+        assert er.get_capturer() is None
+
+    def test_moe_config_without_topk_modules_refused_at_load():
+        """--model-impl transformers: MoE layers route without sglang's TopK, so nothing could be captured."""
+
+        class Dense(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+        er.set_capturer(None)
+        with pytest.raises(ValueError) as e:
+            er.init_for_model_runner(_mr(Dense(), types.SimpleNamespace(num_experts=8), model_impl="transformers"))
+        assert "--model-impl transformers" in str(e.value) and "--enable-return-expert-routing" in str(e.value)
+        er.init_for_model_runner(_mr(Dense(), types.SimpleNamespace(hidden_size=4)))  # dense config: no capture
+        assert er.get_capturer() is None
+
+    def test_row_bound_covers_explicit_piecewise_tokens_above_the_max():
+        f = er.max_tokens_per_forward
+        kw = dict(chunked_prefill_size=64, disable_piecewise_cuda_graph=False, piecewise_cuda_graph_max_tokens=256)
+        assert f(_sa(**kw), 8, 4096, 10**6, 1) == 256
+        assert f(_sa(**kw, piecewise_cuda_graph_tokens=[16, 128]), 8, 4096, 10**6, 1) == 256
+        assert f(_sa(**kw, piecewise_cuda_graph_tokens=[16, 1024]), 8, 4096, 10**6, 1) == 1024
+        kw["disable_piecewise_cuda_graph"] = True
+        assert f(_sa(**kw, piecewise_cuda_graph_tokens=[16, 1024]), 8, 4096, 10**6, 1) == 64
+
+    @pytest.mark.parametrize("E", [255, 300])
+    def test_gather_in_storage_dtype_keeps_values_and_store(E):
+        cap = er.ExpertRoutingCapturer([0, 1], [0, 1], 2, E, num_kv_slots=8, max_rows=4)
+        ids = torch.tensor([[[0, E - 1], [5, 7]], [[E - 1, 1], [2, 3]]]).to(cap.ids_dtype)
+        w = torch.rand(2, 2, 2)
+        cap.dev_ids[:2].copy_(ids)
+        cap.dev_weights[:2].copy_(w)
+        cap.on_forward_end(torch.tensor([3, 5]))
+        for _ in range(2):  # the store is not modified by a gather
+            gi, gw = cap.gather(torch.tensor([3, 4, 5]))
+            assert gi.dtype == cap.np_ids_dtype and gw.dtype == np.float32
+            np.testing.assert_array_equal(gi[[0, 2]], ids.numpy())
+            assert (gi[1] == cap.fill).all() and np.isnan(gw[1]).all()
+            np.testing.assert_array_equal(gw[[0, 2]], w.numpy())
 
     # ---- 7. run_generate.py --engine sglang: one engine at a time
     def test_run_generate_sglang_runs_engines_one_after_the_other(monkeypatch, tmp_path):

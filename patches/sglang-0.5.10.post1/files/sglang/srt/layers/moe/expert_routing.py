@@ -168,6 +168,9 @@ _REFUSED = (
 # MoE runner backends whose TopK never calls select_experts (topk.TopK.forward_cuda:
 # TRITON_KERNEL and BYPASSED output formats): no routing reaches the capture hook.
 _BYPASSING_BACKENDS = ("triton_kernel", "flashinfer_trtllm", "flashinfer_mxfp4")
+# --moe-runner-backend auto resolves to one of them for FP8/FP4 DeepSeek/Qwen3/Llama4 on sm100 and for
+# GPT-OSS, so the refusal says what to pass instead
+_BACKEND_FIX = "pass --moe-runner-backend triton or flashinfer_cutlass"
 
 
 def check_server_args(server_args) -> None:
@@ -183,8 +186,7 @@ def check_server_args(server_args) -> None:
     if backend in _BYPASSING_BACKENDS:
         raise ValueError(
             f"{SERVER_FLAG} is not supported with --moe-runner-backend {backend} (the kernel routes "
-            f"internally, select_experts never runs): use another --moe-runner-backend, or start "
-            f"without {SERVER_FLAG}"
+            f"internally, select_experts never runs): {_BACKEND_FIX}, or start without {SERVER_FLAG}"
         )
     wdt = getattr(server_args, "expert_routing_weights_dtype", "float32")
     if wdt not in WEIGHTS_DTYPES:
@@ -634,10 +636,13 @@ class ExpertRoutingCapturer:
                 np.full((len(slots), L, K), self.fill, self.np_ids_dtype),
                 np.full((len(slots), L, K), np.nan, np.dtype(self.weights_dtype_name)),
             )
-        raw = self._store_ids[slots].astype(np.int64) - 1
-        ids = np.where(raw < 0, self.fill, raw).astype(self.np_ids_dtype)
+        # in the storage dtype (= the id dtype): no T x L x K int64 temporaries, only a bool mask
+        ids = self._store_ids[slots]
+        missing = ids == 0
+        ids -= 1
+        ids[missing] = self.fill
         w = self._store_weights[slots]
-        w[raw < 0] = np.nan
+        w[missing] = np.nan
         return ids, w
 
     def assemble(self, rid, slots, num_cached_tokens: int = 0) -> dict[str, Any]:
@@ -709,19 +714,58 @@ def _model_num_experts(model, topk_name: str, num_redundant: int) -> int | None:
     return n - int(getattr(experts, "num_fused_shared_experts", 0) or 0) - int(num_redundant or 0)
 
 
+def _weights_scaled(cfg) -> bool | None:
+    """Whether select_experts leaves routed_scaling_factor inside topk_weights for this TopKConfig; None
+    when that depends on which kernel runs, which is only decided per call (device, expert count).
+
+    topk.select_experts in 0.5.10.post1: only the grouped paths accept apply_routed_scaling_factor_on_output
+    (the others assert it off). grouped_topk_gpu and biased_grouped_topk_impl / kimi_k2 multiply only
+    inside ``if renormalize``; the CUDA fused kernels of biased_grouped_topk_gpu (flashinfer
+    fused_topk_deepseek, moe_fused_gate) multiply regardless of renormalize. ROCm aiter's biased kernel
+    receives the factor even with the flag off."""
+    if cfg.routed_scaling_factor is None:
+        return False
+    biased = bool(cfg.use_grouped_topk) and cfg.correction_bias is not None
+    if not cfg.apply_routed_scaling_factor_on_output:
+        if biased:
+            from sglang.srt.layers.moe import topk
+
+            if getattr(topk, "_use_aiter", False):
+                return None
+        return False
+    if cfg.renormalize:
+        return True  # every path that accepts the flag applies it under renormalize
+    return None if biased else False  # non-biased grouped: torch code only, inside ``if renormalize``
+
+
 def _scaling_meta(cfgs) -> dict[str, Any]:
-    """Whether the returned weights contain routed_scaling_factor (topk.py: the grouped/biased top-k
-    kernels multiply topk_weights by it when apply_routed_scaling_factor_on_output is set; otherwise
-    the model scales the MoE output after the experts)."""
-    applied = {bool(c.apply_routed_scaling_factor_on_output) for c in cfgs}
+    """``weights_include_routed_scaling_factor``: true / false when known at load, null when the kernel
+    chosen per forward decides (otherwise the model scales the MoE output after the experts)."""
+    applied = {_weights_scaled(c) for c in cfgs}
     factors = {c.routed_scaling_factor for c in cfgs}
-    if len(applied) != 1 or len(factors) != 1:
-        raise ValueError("return_expert_routing: MoE layers disagree on routed_scaling_factor handling")
+    if len(factors) != 1:
+        raise ValueError("return_expert_routing: MoE layers disagree on routed_scaling_factor")
     f = factors.pop()
     return {
-        "weights_include_routed_scaling_factor": applied.pop() and f is not None,
+        "weights_include_routed_scaling_factor": applied.pop() if len(applied) == 1 else None,
         "routed_scaling_factor": None if f is None else float(f),
     }
+
+
+def check_one_topk_per_layer(found, model) -> None:
+    """Records are keyed by decoder layer: a layer with two routers (ERNIE-4.5-VL's text/vision experts,
+    each routing a subset of the tokens) would share one index and rows that no longer match
+    out_cache_loc."""
+    by_layer: dict[int, list[str]] = {}
+    for layer, name, _ in found:
+        by_layer.setdefault(layer, []).append(name)
+    for layer, names in sorted(by_layer.items()):
+        if len(names) > 1:
+            raise ValueError(
+                f"{SERVER_FLAG}: decoder layer {layer} of {type(model).__name__} has {len(names)} MoE TopK "
+                f"modules ({', '.join(names)}), e.g. experts for different token types; the routing log keys "
+                f"routing by decoder layer and cannot tell them apart; start without {SERVER_FLAG} for this model"
+            )
 
 
 def build_capturer_for_model(
@@ -730,6 +774,7 @@ def build_capturer_for_model(
     found = find_moe_topk_modules(model, topk_cls)
     if not found:
         return None
+    check_one_topk_per_layer(found, model)
     layers, layer_ids, top_ks, cfgs, model_e = [], [], set(), [], []
     for layer, name, mod in found:
         cfg = mod.topk_config
@@ -737,7 +782,7 @@ def build_capturer_for_model(
         if fmt is not None and getattr(fmt, "name", str(fmt)) != "STANDARD":
             raise ValueError(
                 f"{SERVER_FLAG}: {name} uses top-k output format {fmt}, which bypasses "
-                f"select_experts; use another --moe-runner-backend or start without {SERVER_FLAG}"
+                f"select_experts; {_BACKEND_FIX}, or start without {SERVER_FLAG}"
             )
         if mod.layer_id is None:
             mod.layer_id = layer  # models built without layer_id (mixtral, olmoe, granitemoe, ...)
@@ -786,7 +831,8 @@ def max_tokens_per_forward(
       once it is used up, so the last admitted request (at most context_len tokens, e.g. via
       add_one_req_ignore_eos) can overshoot it; and a batch never holds more tokens than KV slots.
     * Decode: one token per running request; CUDA graphs pad to the captured batch size.
-    * Piecewise CUDA graphs pad an extend to the captured token count.
+    * Piecewise CUDA graphs pad an extend to the captured token count (an explicit
+      --piecewise-cuda-graph-tokens list may go above --piecewise-cuda-graph-max-tokens).
     """
     cp = server_args.chunked_prefill_size
     if cp is not None and cp > 0:
@@ -798,7 +844,10 @@ def max_tokens_per_forward(
     graph_bs = max([server_args.cuda_graph_max_bs or 0] + list(server_args.cuda_graph_bs or []))
     piecewise = 0
     if not getattr(server_args, "disable_piecewise_cuda_graph", True):
-        piecewise = getattr(server_args, "piecewise_cuda_graph_max_tokens", None) or 0
+        piecewise = max(
+            [getattr(server_args, "piecewise_cuda_graph_max_tokens", None) or 0]
+            + list(getattr(server_args, "piecewise_cuda_graph_tokens", None) or [])
+        )
     return int(max(prefill, max_running_requests, graph_bs, piecewise, 1))
 
 
@@ -828,7 +877,8 @@ def init_for_model_runner(model_runner) -> None:
         if getattr(backend, probe, lambda: False)():
             raise ValueError(
                 f"{SERVER_FLAG}: not supported with MoE runner backend {backend} (its TopK never calls "
-                f"select_experts); choose another --moe-runner-backend or start without {SERVER_FLAG}"
+                f"select_experts; --moe-runner-backend auto picks it for some models and GPUs): "
+                f"{_BACKEND_FIX}, or start without {SERVER_FLAG}"
             )
     num_kv_slots = model_runner.max_total_num_tokens + model_runner.page_size
     rows = max_tokens_per_forward(
@@ -847,6 +897,13 @@ def init_for_model_runner(model_runner) -> None:
         weights_dtype=getattr(sa, "expert_routing_weights_dtype", "float32"),
         num_redundant_experts=getattr(sa, "ep_num_redundant_experts", 0),
     )
+    if cap is None and config_num_experts(model_runner.model_config.hf_text_config) is not None:
+        # e.g. --model-impl transformers: its MoE layers route without sglang's TopK, nothing would be captured
+        raise ValueError(
+            f"{SERVER_FLAG}: the model config is a MoE model but the loaded {type(model_runner.model).__name__} "
+            f"has no sglang TopK module to capture routing from (--model-impl "
+            f"{getattr(sa, 'model_impl', 'auto')}); use --model-impl sglang, or start without {SERVER_FLAG}"
+        )
     set_capturer(cap, "" if cap is not None else "the model has no MoE (TopK) layers")
 
 
