@@ -280,6 +280,15 @@ def _sglang_run(engine, prompts, sampling, log: bool):
     )
 
 
+def kernel_scaling_factor(decoded: dict) -> float | None:
+    """The factor inside SGLang's topk_weights: the payload says whether the top-k kernel applied it; None
+    (unknown) when the kernel that applies it is chosen per call (biased grouped top-k without renormalize)."""
+    included = decoded["weights_include_routed_scaling_factor"]
+    if included is None:
+        return None
+    return decoded["routed_scaling_factor"] if included else 1.0
+
+
 def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     try:
         import sglang
@@ -346,10 +355,7 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
             "id_kind": "logical",
             "routing_source": "kernel",
             "patch_series": series["series"],
-            # topk_weights hold the factor exactly when SGLang's top-k kernel applied it (payload says so)
-            "kernel_routed_scaling_factor": (
-                decoded[0]["routed_scaling_factor"] if decoded[0]["weights_include_routed_scaling_factor"] else 1.0
-            ),
+            "kernel_routed_scaling_factor": kernel_scaling_factor(decoded[0]),
             "config_routed_scaling_factor": decoded[0]["routed_scaling_factor"],
             "patches": series["patches"],
             "writer": {"pid": os.getpid(), "host": socket.gethostname()},

@@ -20,7 +20,8 @@ a JSON object with
   weights_include_routed_scaling_factor, routed_scaling_factor
                      true when the top-k kernel multiplied the weights by routed_scaling_factor
                      (TopK apply_routed_scaling_factor_on_output); when false and the factor is not
-                     null, the model multiplies the MoE output by it after the experts
+                     null, the model multiplies the MoE output by it after the experts; null when
+                     the kernel chosen per call decides (unknown at load: APPENDIX section 1)
 or {"format": ..., "error": "..."} when the server could not capture routing.
 """
 
