@@ -6,6 +6,7 @@ the series ships) and the source under patches/ in the light dev venv."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -263,6 +264,38 @@ def test_writer_failure_stops_the_log_with_an_error_record_and_releases_each_buf
     assert [r["type"] for r in recs] == ["meta"] + ["route"] * 4 + ["error"]
     assert "layer 1 did not capture routing" in recs[-1]["error"] and recs[-1]["policy"] == "stop"
     assert st.stopped and st.stats["steps_dropped"] == 1
+    st.thread.close()
+
+
+def test_full_disk_error_record_makes_room_by_cutting_whole_lines_off_its_own_last_write(tmp_path):
+    """On a full disk the final error record is written by cutting whole lines off the end of this writer's
+    own latest write; that reads the file back, so the writer's fd must be readable."""
+    st = _writer_state(tmp_path, layers=(0,), k=1)
+    real_write_all = st.thread._write_all
+    full = {"on": False}
+
+    def write_all(view):
+        if full["on"]:
+            full["on"] = False  # room is made once the writer cut its own lines
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(view)
+
+    st.thread._write_all = write_all
+    st.jobs.put(_job([_req("q")], [40], list(range(40)), [-1] * 40, [[[1]]] * 40))
+    done = threading.Event()
+    st.jobs.put(done)
+    assert done.wait(30)
+    full["on"] = True
+    st.jobs.put(_job([_req("q")], [1], [40], [-1], [[[-1]]]))  # an incomplete capture: the log stops
+    done = threading.Event()
+    st.jobs.put(done)
+    assert done.wait(30)
+    data = (tmp_path / "r.jsonl").read_bytes()
+    assert data.endswith(b"\n")
+    recs = _lines(tmp_path)
+    assert recs[-1]["type"] == "error" and recs[-1]["records_dropped"] > 0
+    assert [r["type"] for r in recs] == ["meta"] + ["route"] * (40 - recs[-1]["records_dropped"]) + ["error"]
+    assert st.thread.is_alive() and st.stopped
     st.thread.close()
 
 

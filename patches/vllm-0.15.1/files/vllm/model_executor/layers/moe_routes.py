@@ -98,9 +98,10 @@ def validate_engine_config(vllm_config: Any) -> None:
     if settings is None:
         return
     try:  # the real test of "can this work": root passes os.access() checks that open() then fails
-        os.close(os.open(settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        # O_RDWR as the writer opens it: it reads back the file's tail (partial-line repair, full-disk room)
+        os.close(os.open(settings.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644))
     except OSError as exc:
-        raise bad_env(ENV_PATH, f"cannot open {settings.path} for appending: {exc}") from None
+        raise bad_env(ENV_PATH, f"cannot open {settings.path} for reading and appending: {exc}") from None
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
     n_layers = model_config.get_total_num_hidden_layers() if model_config is not None else None

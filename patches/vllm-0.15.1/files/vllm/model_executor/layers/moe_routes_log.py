@@ -475,7 +475,10 @@ class Writer(threading.Thread):
                 self._write_all(memoryview(data)[start:end])
             except OSError:
                 os.ftruncate(self.fd, offset)
-                self._last_write = (begin, offset) if offset > begin else None
+                # A write that got nothing on disk leaves our previous write at the end of the file: keep it,
+                # so that _cut_own_tail can still make room for the error record there.
+                if offset > begin:
+                    self._last_write = (begin, offset)
                 raise
             offset += end - start
             start = end
