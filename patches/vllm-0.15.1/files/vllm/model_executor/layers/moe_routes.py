@@ -372,6 +372,9 @@ def _kernel_records_itself(layer: torch.nn.Module) -> bool:
     return cached
 
 
+# ----------------------------------------------------------------------------------------------------
+# Engine-side state, created when the KV cache exists (before warm-up and graph capture).
+# ----------------------------------------------------------------------------------------------------
 class _HostStaging:
     """Pinned host buffers the device buffers are copied into, one per step in flight. The copy of the
     first n tokens goes to buffer[:n] of a token-major buffer: a contiguous pinned region, so the
