@@ -860,6 +860,9 @@ class _Loader:
                 self._chunk(buf, self.lineno + 1, nlines)
                 self.lineno += nlines
             if rest:
+                # The writer ends every record with its newline in the same write(2), but a SIGKILL can cut
+                # that write at a page boundary: a last line without newline is a writer killed mid-write.
+                # Like an error record it is loud but not fatal: the lines before it are whole.
                 self.lineno += 1
                 slow = []
                 try:
@@ -868,11 +871,17 @@ class _Loader:
                     if str(exc).startswith("not valid JSON"):
                         self.truncated_line = self.lineno
                         self.warnings.append(
-                            f"{self.path}:{self.lineno}: truncated last line (no newline, not "
-                            f"parseable; writer killed?) - ignored, the other lines are used"
+                            f"{self.path}:{self.lineno}: truncated last line: incomplete last line (no newline, not "
+                            "parseable): the writer was killed mid-write - not counted, the other lines are used "
+                            "(the next writer to open this log cuts it off)"
                         )
                     else:
                         raise self.error(self.lineno, str(exc)) from None
+                else:
+                    self.warnings.append(
+                        f"{self.path}:{self.lineno}: incomplete last line (no newline): the writer was killed "
+                        "mid-write; the record itself is complete and counted"
+                    )
                 self._add_slow(slow)
         return self._result()
 
@@ -1060,6 +1069,14 @@ def format_summary(s: dict) -> str:
             "!! Records after it are missing; requests running then may lack positions.",
             bar,
         ]
+    if s["truncated_last_line"] is not None:
+        bar = "!" * 78
+        lines += [
+            bar,
+            f"!! INCOMPLETE LAST LINE {s['truncated_last_line']}: the writer was killed mid-write.",
+            "!! That line is not counted; records the writer had not written yet are missing.",
+            bar,
+        ]
     unit = "summed topk_weights" if s["weighted"] else "expert assignments"
     lines.append(f"{s['input']}: model {s['model_id']}, {E} experts, top-{s['top_k']}, counting {unit}")
     sel = []
@@ -1191,7 +1208,8 @@ examples:
   python plot_hist.py moe_routes.jsonl --no-plots --summary-json -
 
 exit status: 0 ok, 1 invalid log (message "FILE:LINE: ...") or empty selection, 2 bad usage.
-A truncated last line (killed writer) is reported as a warning and skipped.
+An incomplete last line (no newline: the writer was killed mid-write) is reported loudly and, unless it
+is a complete record, not counted.
 """
 
 

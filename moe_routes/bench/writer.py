@@ -1,6 +1,6 @@
 """Writer micro-benchmark: route records/s of the patched vLLM routing-log writer on one core.
 
-Drives the real writer (vllm/model_executor/layers/moe_routes.py, from the patched install) with synthetic
+Drives the real writer (vllm/model_executor/layers/moe_routes_log.py, from the patched install) with synthetic
 steps: capture check, KV-slot store update (fresh blocks invalidated, then the step stored), record formatting
 and the append to a file, all in this thread.
 
@@ -32,32 +32,28 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    from vllm.model_executor.layers import moe_routes as mr
+    from vllm.model_executor.layers import moe_routes_log as ml
 
     rng = np.random.default_rng(0)
     n, L, K = a.tokens_per_step, a.layers, a.top_k
     per_req = np.full(a.requests_per_step, n // a.requests_per_step)
     per_req[: n - per_req.sum()] += 1
     block, num_slots = 16, 1 << 20
-    requests = [mr._Request(str(i), None, mr.request_field(str(i), None)) for i in range(a.requests_per_step)]
+    requests = [ml.Request(str(i), None, ml.request_field(str(i), None)) for i in range(a.requests_per_step)]
     jobs = []
     for s in range(a.steps):
         pos = np.concatenate([np.arange(c) + s * c for c in per_req])
         slots = rng.integers(0, num_slots, n)
-        jobs.append(mr._StepJob(requests=requests, counts=per_req.copy(), positions=pos, slots=slots,
-                                emit_from=np.zeros(len(per_req), np.int64), gap_blocks={},
-                                fresh_blocks=np.unique(slots[::block] // block),
-                                ids=rng.integers(0, a.experts, (n, L, K)).astype(np.int32),
-                                weights=rng.random((n, L, K)).astype(np.float32)))
+        jobs.append(ml.StepJob(requests=requests, counts=per_req.copy(), positions=pos, slots=slots,
+                               emit_from=np.zeros(len(per_req), np.int64), gap_blocks={},
+                               fresh_blocks=np.unique(slots[::block] // block),
+                               ids=rng.integers(0, a.experts, (n, L, K)).astype(np.int32),
+                               weights=rng.random((n, L, K)).astype(np.float32)))
     with tempfile.TemporaryDirectory() as d:
-        st = mr._State(settings=mr.Settings(os.path.join(d, "bench.jsonl"), None), layers=list(range(L)),
-                       rows=list(range(L)), top_k=K, num_experts=a.experts, max_tokens=n, ids_buf=torch.empty(0),
-                       w_buf=torch.empty(0), device=torch.device("cpu"), kv_group=0, manager_block_size=block,
-                       kernel_block_size=block, num_slots=num_slots, meta={"type": "meta", "bench": True})
-        writer = mr._Writer(st)  # not started: everything runs in this thread
+        st = ml.WriterState(settings=ml.Settings(os.path.join(d, "bench.jsonl"), None), layers=list(range(L)),
+                            rows=list(range(L)), top_k=K, num_experts=a.experts, manager_block_size=block,
+                            kernel_block_size=block, num_slots=num_slots, meta={"type": "meta", "bench": True})
+        writer = ml.Writer(st)  # not started: everything runs in this thread
         fmt_rates, full_rates = [], []
         records = a.steps * n * L
         # Untimed first pass: the first touch of the KV-slot store's pages (hundreds of MB, allocated
