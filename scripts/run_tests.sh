@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README, CI): build or reuse the environments, apply the patch series, run pytest.
+# The test command (README, CI): ruff and patch lint, build or reuse the environments, apply the patch
+# series, run pytest.
 #   scripts/run_tests.sh                 # everything: the real patched engines on CPU (minutes)
 #   scripts/run_tests.sh -m fast         # pure-logic tests only, in the light dev venv, no engine (seconds)
 #   scripts/run_tests.sh -k plot -x      # extra arguments go to pytest
@@ -13,6 +14,14 @@ for arg in "$@"; do
   prev=$arg
 done
 DEV_PY=$(scripts/setup_dev_env.sh | tail -n 1)
+# Style and the generated patches first, in both modes: every Python file (engine sources under files/
+# included) ruff-clean and formatted, every committed patch equal to what its sources generate.
+RUFF="$(dirname "$DEV_PY")/ruff"
+if ! "$RUFF" check . || ! "$RUFF" format --check .; then
+  echo "run_tests: ruff found the problems above; fix them ($RUFF check --fix . && $RUFF format .)" >&2
+  exit 1
+fi
+"$DEV_PY" -m moe_routes patch lint >&2
 if [ $fast_only = 1 ]; then
   exec "$DEV_PY" -m pytest -ra "$@" tests
 fi

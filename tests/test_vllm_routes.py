@@ -2,18 +2,17 @@
 
 Each fixture is one driver process running one or more engines; tests then assert on the logs.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from routes_ref import DRIVER, PY, RouteLog, compare_with_reference, drive, drive_dp, gsm8k_questions
 
 MAX_TOKENS = 24
@@ -35,9 +34,11 @@ def qwen2_main(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("qwen2_main")
     prompts = gsm8k_questions(25)
     base = {"llm": {"enforce_eager": True}, "sampling": {"max_tokens": MAX_TOKENS}, "prompts": prompts}
-    runs = [dict(base, env={"VLLM_LOG_MOE": str(work / "a.jsonl")}),
-            dict(base, env={"VLLM_LOG_MOE": "0"}),
-            dict(base, env={"VLLM_LOG_MOE": "1"})]
+    runs = [
+        dict(base, env={"VLLM_LOG_MOE": str(work / "a.jsonl")}),
+        dict(base, env={"VLLM_LOG_MOE": "0"}),
+        dict(base, env={"VLLM_LOG_MOE": "1"}),
+    ]
     results, log = drive(models["qwen2_moe"], runs, work)
     for r in results:
         assert r["ok"], r.get("traceback")
@@ -62,16 +63,17 @@ def test_log_is_schema_valid_and_meta_complete(qwen2_main):
     assert meta["num_experts"] == 8 and meta["top_k"] == 2 and meta["id_kind"] == "logical"
     assert meta["seed"] == 1234 and meta["device"] == "cpu" and meta["routing_source"] == "kernel"
     assert [p["name"] for p in meta["patches"]] == [
-        line for line in (Path(__file__).resolve().parent.parent / "patches/vllm-0.15.1/series").read_text().split("\n")
-        if line and not line.startswith("#")]
+        line
+        for line in (Path(__file__).resolve().parent.parent / "patches/vllm-0.15.1/series").read_text().split("\n")
+        if line and not line.startswith("#")
+    ]
     assert all(len(p["sha256"]) == 64 for p in meta["patches"])
 
 
 def test_log_matches_hf_reference(qwen2_main, models):
     work, results = qwen2_main
     agreement = _check_reference(RouteLog(work / "a.jsonl"), models["qwen2_moe"], results[0]["outputs"])
-    assert agreement["entries"] == sum(len(o["prompt_token_ids"]) + MAX_TOKENS - 1
-                                       for o in results[0]["outputs"]) * 3
+    assert agreement["entries"] == sum(len(o["prompt_token_ids"]) + MAX_TOKENS - 1 for o in results[0]["outputs"]) * 3
 
 
 def test_logging_does_not_change_tokens(qwen2_main):
@@ -102,7 +104,7 @@ def test_two_identical_runs_give_identical_logs(qwen2_main):
     for key, (ids_a, w_a, cached_a) in a.routes.items():
         ids_b, w_b, cached_b = b.routes[key]
         assert sorted(ids_a) == sorted(ids_b) and cached_a == cached_b, (key, ids_a, ids_b)
-        wa, wb = dict(zip(ids_a, w_a)), dict(zip(ids_b, w_b))
+        wa, wb = dict(zip(ids_a, w_a, strict=True)), dict(zip(ids_b, w_b, strict=True))
         assert max(abs(wa[e] - wb[e]) for e in wa) <= 1e-6, (key, w_a, w_b)
 
 
@@ -117,25 +119,43 @@ def qwen2_scheduling(models, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(models["qwen2_moe"])
     qs = gsm8k_questions(60)
     ids = [tok(q)["input_ids"] for q in qs]
-    prefix = [t for q in ids[:8] for t in q][:300]       # > 2 KV blocks of 128 on CPU
+    prefix = [t for q in ids[:8] for t in q][:300]  # > 2 KV blocks of 128 on CPU
     shared = [prefix + q for q in ids[8:20]]
-    long_prompts = [[t for q in ids[20 + 6 * i: 26 + 6 * i] for t in q] for i in range(4)]  # ~500 tokens
+    long_prompts = [[t for q in ids[20 + 6 * i : 26 + 6 * i] for t in q] for i in range(4)]  # ~500 tokens
     many = ids[30:56]
     runs = [
         # prefix caching on (default): the first batch fills the cache, the second hits it
-        {"env": {"VLLM_LOG_MOE": str(work / "prefix.jsonl")}, "llm": {"enforce_eager": True},
-         "sampling": {"max_tokens": 8}, "batches": [[prefix + ids[59]], shared]},
+        {
+            "env": {"VLLM_LOG_MOE": str(work / "prefix.jsonl")},
+            "llm": {"enforce_eager": True},
+            "sampling": {"max_tokens": 8},
+            "batches": [[prefix + ids[59]], shared],
+        },
         # chunked prefill: long prompts through a 64-token step budget
-        {"env": {"VLLM_LOG_MOE": str(work / "chunked.jsonl")},
-         "llm": {"enforce_eager": True, "max_num_batched_tokens": 64, "max_num_seqs": 8,
-                 "enable_chunked_prefill": True},
-         "sampling": {"max_tokens": 8}, "prompts": long_prompts},
+        {
+            "env": {"VLLM_LOG_MOE": str(work / "chunked.jsonl")},
+            "llm": {
+                "enforce_eager": True,
+                "max_num_batched_tokens": 64,
+                "max_num_seqs": 8,
+                "enable_chunked_prefill": True,
+            },
+            "sampling": {"max_tokens": 8},
+            "prompts": long_prompts,
+        },
         # a KV cache of 6 blocks x 128 tokens for 26 growing requests: the scheduler must preempt and
         # recompute (prefix caching off so that recomputation really happens)
-        {"env": {"VLLM_LOG_MOE": str(work / "preempt.jsonl")},
-         "llm": {"enforce_eager": True, "num_gpu_blocks_override": 6, "enable_prefix_caching": False,
-                 "max_num_seqs": 26},
-         "sampling": {"max_tokens": 200}, "prompts": many},
+        {
+            "env": {"VLLM_LOG_MOE": str(work / "preempt.jsonl")},
+            "llm": {
+                "enforce_eager": True,
+                "num_gpu_blocks_override": 6,
+                "enable_prefix_caching": False,
+                "max_num_seqs": 26,
+            },
+            "sampling": {"max_tokens": 200},
+            "prompts": many,
+        },
     ]
     results, log = drive(models["qwen2_moe"], runs, work)
     for r in results:
@@ -183,9 +203,18 @@ def test_preemption_recompute_is_not_duplicated(qwen2_scheduling, models):
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "glm4_moe"])
 def test_other_architectures_match_reference(arch, models, tmp_path):
     prompts = gsm8k_questions(8)
-    results, _ = drive(models[arch], [{"env": {"VLLM_LOG_MOE": str(tmp_path / "r.jsonl")},
-                                       "llm": {"enforce_eager": True}, "sampling": {"max_tokens": 12},
-                                       "prompts": prompts}], tmp_path)
+    results, _ = drive(
+        models[arch],
+        [
+            {
+                "env": {"VLLM_LOG_MOE": str(tmp_path / "r.jsonl")},
+                "llm": {"enforce_eager": True},
+                "sampling": {"max_tokens": 12},
+                "prompts": prompts,
+            }
+        ],
+        tmp_path,
+    )
     assert results[0]["ok"], results[0].get("traceback")
     log = RouteLog(tmp_path / "r.jsonl")
     log.check_exact_coverage(results[0]["outputs"])
@@ -206,10 +235,19 @@ def test_other_architectures_match_reference(arch, models, tmp_path):
 def test_compiled_mode_matches_reference_and_eager_tokens(models, tmp_path, qwen2_main):
     _, eager_results = qwen2_main
     prompts = gsm8k_questions(25)
-    results, _ = drive(models["qwen2_moe"], [{"env": {"VLLM_LOG_MOE": str(tmp_path / "c.jsonl")},
-                                              "llm": {"enforce_eager": False},
-                                              "sampling": {"max_tokens": MAX_TOKENS}, "prompts": prompts}],
-                       tmp_path, timeout=1200)
+    results, _ = drive(
+        models["qwen2_moe"],
+        [
+            {
+                "env": {"VLLM_LOG_MOE": str(tmp_path / "c.jsonl")},
+                "llm": {"enforce_eager": False},
+                "sampling": {"max_tokens": MAX_TOKENS},
+                "prompts": prompts,
+            }
+        ],
+        tmp_path,
+        timeout=1200,
+    )
     assert results[0]["ok"], results[0].get("traceback")
     log = RouteLog(tmp_path / "c.jsonl")
     assert log.meta["enforce_eager"] is False
@@ -234,11 +272,20 @@ def test_layer_selection_and_bad_values(models, tmp_path):
         ({"VLLM_LOG_MOE": good, "VLLM_LOG_MOE_LAYERS": "7"}, "VLLM_LOG_MOE_LAYERS", "out of range"),
     ]
     runs = [{"env": env, "llm": {"enforce_eager": True}, "prompts": ["x"]} for env, _, _ in bad]
-    runs.append({"env": {"VLLM_LOG_MOE": good, "VLLM_LOG_MOE_LAYERS": "0,2",
-                         "VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "uniform_random"},
-                 "llm": {"enforce_eager": True}, "sampling": {"max_tokens": 6}, "prompts": gsm8k_questions(4)})
+    runs.append(
+        {
+            "env": {
+                "VLLM_LOG_MOE": good,
+                "VLLM_LOG_MOE_LAYERS": "0,2",
+                "VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "uniform_random",
+            },
+            "llm": {"enforce_eager": True},
+            "sampling": {"max_tokens": 6},
+            "prompts": gsm8k_questions(4),
+        }
+    )
     results, _ = drive(models["qwen2_moe"], runs, tmp_path)
-    for (env, var, why), r in zip(bad, results):
+    for (env, var, why), r in zip(bad, results, strict=True):
         assert not r["ok"], env
         assert f"{var}=" in r["error"] and why in r["error"], r["error"]
     assert not (tmp_path / "nope").exists()
@@ -253,9 +300,17 @@ def test_layer_selection_and_bad_values(models, tmp_path):
 
 
 def test_non_moe_layer_stops_engine_start(models, tmp_path):
-    results, output = drive(models["glm4_moe"], [{"env": {"VLLM_LOG_MOE": str(tmp_path / "g.jsonl"),
-                                                          "VLLM_LOG_MOE_LAYERS": "0"},
-                                                  "llm": {"enforce_eager": True}, "prompts": ["x"]}], tmp_path)
+    results, output = drive(
+        models["glm4_moe"],
+        [
+            {
+                "env": {"VLLM_LOG_MOE": str(tmp_path / "g.jsonl"), "VLLM_LOG_MOE_LAYERS": "0"},
+                "llm": {"enforce_eager": True},
+                "prompts": ["x"],
+            }
+        ],
+        tmp_path,
+    )
     assert not results[0]["ok"]
     assert "VLLM_LOG_MOE_LAYERS='0': layer(s) [0] are not MoE layers of this model; MoE layers: [1, 2]" in output
 
@@ -265,16 +320,30 @@ def test_non_moe_layer_stops_engine_start(models, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 def test_two_engines_appending_to_one_file(models, tmp_path):
     path = tmp_path / "shared.jsonl"
-    spec = {"env": {"VLLM_LOG_MOE": str(path)}, "llm": {"enforce_eager": True},
-            "sampling": {"max_tokens": 48}, "prompts": gsm8k_questions(25)}
+    spec = {
+        "env": {"VLLM_LOG_MOE": str(path)},
+        "llm": {"enforce_eager": True},
+        "sampling": {"max_tokens": 48},
+        "prompts": gsm8k_questions(25),
+    }
     procs = []
     for i in range(2):
         w = tmp_path / f"e{i}"
         w.mkdir()
         (w / "spec.json").write_text(json.dumps({"model": str(models["qwen2_moe"]), "runs": [spec]}))
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-        procs.append((subprocess.Popen([PY, str(DRIVER), "--spec", "spec.json", "--out", "out.json"], cwd=w,
-                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), w))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [PY, str(DRIVER), "--spec", "spec.json", "--out", "out.json"],
+                    cwd=w,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+                w,
+            )
+        )
     for p, _ in procs:
         assert p.wait(timeout=900) == 0
     outs = [json.loads((w / "out.json").read_text())["runs"][0] for _, w in procs]

@@ -9,6 +9,7 @@ Examples:
   moe-routes bench writer --tokens-per-step 256 --steps 200   # decode-sized steps
   moe-routes bench writer --experts 256 --top-k 8 --layers 58  # DeepSeek-V3 shape
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,11 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Examples:" + __doc__.split("Examples:")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples:" + __doc__.split("Examples:")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--experts", type=int, default=60)
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--layers", type=int, default=24)
@@ -44,15 +48,31 @@ def main(argv=None) -> int:
     for s in range(a.steps):
         pos = np.concatenate([np.arange(c) + s * c for c in per_req])
         slots = rng.integers(0, num_slots, n)
-        jobs.append(ml.StepJob(requests=requests, counts=per_req.copy(), positions=pos, slots=slots,
-                               emit_from=np.zeros(len(per_req), np.int64), gap_blocks={},
-                               fresh_blocks=np.unique(slots[::block] // block),
-                               ids=rng.integers(0, a.experts, (n, L, K)).astype(np.int32),
-                               weights=rng.random((n, L, K)).astype(np.float32)))
+        jobs.append(
+            ml.StepJob(
+                requests=requests,
+                counts=per_req.copy(),
+                positions=pos,
+                slots=slots,
+                emit_from=np.zeros(len(per_req), np.int64),
+                gap_blocks={},
+                fresh_blocks=np.unique(slots[::block] // block),
+                ids=rng.integers(0, a.experts, (n, L, K)).astype(np.int32),
+                weights=rng.random((n, L, K)).astype(np.float32),
+            )
+        )
     with tempfile.TemporaryDirectory() as d:
-        st = ml.WriterState(settings=ml.Settings(os.path.join(d, "bench.jsonl"), None), layers=list(range(L)),
-                            rows=list(range(L)), top_k=K, num_experts=a.experts, manager_block_size=block,
-                            kernel_block_size=block, num_slots=num_slots, meta={"type": "meta", "bench": True})
+        st = ml.WriterState(
+            settings=ml.Settings(os.path.join(d, "bench.jsonl"), None),
+            layers=list(range(L)),
+            rows=list(range(L)),
+            top_k=K,
+            num_experts=a.experts,
+            manager_block_size=block,
+            kernel_block_size=block,
+            num_slots=num_slots,
+            meta={"type": "meta", "bench": True},
+        )
         writer = ml.Writer(st)  # not started: everything runs in this thread
         fmt_rates, full_rates = [], []
         records = a.steps * n * L
@@ -72,11 +92,15 @@ def main(argv=None) -> int:
             full_rates.append(records / (time.perf_counter() - t0))
         size = os.path.getsize(st.settings.path) * a.repeats / (a.repeats + 1)
         os.close(writer.fd)
-    print(f"shape: {a.experts} experts, top-{K}, {L} layers, {n} tokens/step, {a.steps} steps "
-          f"({a.steps * n * L:,} records/repeat, {size / (a.repeats * a.steps * n * L):.0f} bytes/record)")
+    print(
+        f"shape: {a.experts} experts, top-{K}, {L} layers, {n} tokens/step, {a.steps} steps "
+        f"({a.steps * n * L:,} records/repeat, {size / (a.repeats * a.steps * n * L):.0f} bytes/record)"
+    )
     print(f"process (slot store + format): median {statistics.median(fmt_rates) / 1e6:.2f} M records/s")
-    print(f"process + append to file:      median {statistics.median(full_rates) / 1e6:.2f} M records/s "
-          f"(runs: {', '.join(f'{r / 1e6:.2f}' for r in full_rates)})")
+    print(
+        f"process + append to file:      median {statistics.median(full_rates) / 1e6:.2f} M records/s "
+        f"(runs: {', '.join(f'{r / 1e6:.2f}' for r in full_rates)})"
+    )
     return 0
 
 
