@@ -707,35 +707,14 @@ def on_forward(
             else:
                 gap_blocks[i] = np.zeros(0, dtype=np.int32)
         req.next_pos = max(req.next_pos, first + c)
+    event, idx = None, -1
     if st.staging is not None:
-        idx, h_ids, h_w = _stage(st, n)
+        idx, ids, weights = _stage(st, n)
         event = torch.cuda.Event()
         event.record()
-        job = StepJob(
-            batch,
-            counts,
-            positions,
-            slots,
-            emit_from,
-            gap_blocks,
-            st.fresh_blocks,
-            h_ids,
-            h_w,
-            event=event,
-            staging_index=idx,
-        )
-    else:
-        job = StepJob(
-            batch,
-            counts,
-            positions,
-            slots,
-            emit_from,
-            gap_blocks,
-            st.fresh_blocks,
-            st.ids_buf.numpy()[:n, st.rows],
-            st.w_buf.numpy()[:n, st.rows],
-        )
+    else:  # CPU: the capture buffers are host memory; the row selection copies this step's rows for the writer
+        ids, weights = st.ids_buf.numpy()[:n, st.rows], st.w_buf.numpy()[:n, st.rows]
+    job = StepJob(batch, counts, positions, slots, emit_from, gap_blocks, st.fresh_blocks, ids, weights, event, idx)
     st.fresh_blocks = np.zeros(0, dtype=np.int64)
     st.jobs.put(job)
 
