@@ -4,7 +4,7 @@ Examples:
   moe-routes patch apply --engine vllm --python .venv/bin/python   # patch an installed engine
   moe-routes verify                                                  # both series on the clean pinned releases
   moe-routes generate --num-prompts 25 --out-dir out                 # the GSM8K run (needs a patched engine)
-  moe-routes plot out/moe_routes.jsonl --out out/expert_hist.png     # histogram + statistics
+  moe-routes plot out/moe_routes.jsonl --out-dir out                 # histogram + statistics
   moe-routes pins VLLM_VERSION                                       # a pinned version
 Without installing: python -m moe_routes <command> ... from the repository root.
 """
@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("moe_routes.tinymoe", "build a tiny random-weight MoE checkpoint + tokenizer (no hub)"),
     "sglang-validate": ("moe_routes.sglang_validate", "GPU box: check the SGLang series end to end on a real model"),
     "sglang-decode": ("moe_routes.sglang_routing", "SGLang expert_routing payload (JSON file) -> JSONL route records"),
-    "bench": ("moe_routes.bench", "benchmarks: overhead, imports, writer (ratios measured side by side)"),
+    "bench": ("moe_routes.bench", "benchmarks: overhead, imports, writer, plot (ratios measured side by side)"),
 }
 
 

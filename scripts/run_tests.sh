@@ -27,7 +27,7 @@ if [ $fast_only = 1 ]; then
 fi
 # Fetch the clean pinned releases into the cache (first run only) and check both series against them
 # before anything else: the tests and ./test.sh --offline then find them there.
-python3 -m moe_routes verify >&2
+"$DEV_PY" -m moe_routes verify >&2
 PY=$(scripts/setup_cpu_env.sh | tail -n 1)
 scripts/setup_sglang_test_env.sh >&2
 export MOE_ROUTES_TEST_PYTHON="$PY"

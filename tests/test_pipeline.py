@@ -140,6 +140,7 @@ def test_run_generate_errors_are_clear(tmp_path):
         ["-m", "moe_routes", "bench", "overhead"],
         ["-m", "moe_routes", "bench", "imports"],
         ["-m", "moe_routes", "bench", "writer"],
+        ["-m", "moe_routes", "bench", "plot"],
         ["-m", "moe_routes", "tiny-model"],
         ["-m", "moe_routes", "generate"],
         ["-m", "moe_routes", "plot"],

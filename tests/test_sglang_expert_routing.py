@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from moe_routes import cache_root
+
 ROOT = Path(__file__).resolve().parents[1]
-_CACHE = Path(os.environ.get("MOE_ROUTES_CACHE", Path.home() / ".cache" / "moe-routes"))
-VENV = Path(os.environ.get("SGLANG_TEST_VENV", _CACHE / "sglang-test-venv"))
+VENV = Path(os.environ.get("SGLANG_TEST_VENV", cache_root() / "sglang-test-venv"))
 VENV_PY = VENV / "bin" / "python"
 INNER = os.environ.get("MOE_ROUTES_SGLANG_INNER") == "1"
 

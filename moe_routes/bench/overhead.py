@@ -21,10 +21,8 @@ import tempfile
 from pathlib import Path
 
 from moe_routes import REPO_ROOT as ROOT
-from moe_routes import tinymoe
+from moe_routes import cache_root, tinymoe
 from moe_routes.prompts import SHARED_GSM8K
-
-GSM8K = SHARED_GSM8K
 
 
 def main(argv=None) -> int:
@@ -34,17 +32,21 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--model", help="model id/dir (default: the CPU bench model, built on first use)")
-    ap.add_argument("--prompts-file", default=str(GSM8K) if GSM8K.exists() else None)
+    ap.add_argument("--prompts-file", default=str(SHARED_GSM8K) if SHARED_GSM8K.exists() else None)
     ap.add_argument("--num-prompts", type=int, default=25)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
     ap.add_argument("--out-dir", default=None, help="keep artifacts here (default: a temp dir)")
     a = ap.parse_args(argv)
+    if a.model is None and a.prompts_file is None:
+        ap.error(
+            f"the CPU bench model's tokenizer is trained on prompts: pass --prompts-file ({SHARED_GSM8K} is missing)"
+        )
     out = Path(a.out_dir or tempfile.mkdtemp(prefix="moe-bench-"))
     model, extra = a.model, []
     if model is None:
-        cache = Path(os.environ.get("MOE_ROUTES_CACHE", Path.home() / ".cache" / "moe-routes"))
+        cache = cache_root()
         model = str(
             tinymoe.build(
                 "qwen2_moe",

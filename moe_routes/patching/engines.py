@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-from moe_routes import REPO_ROOT, pins
+from moe_routes import REPO_ROOT, cache_root, pins
 from moe_routes.patching.errors import PatchError
 
 ENGINES = {
@@ -41,8 +40,7 @@ def engine_of_dir(pdir: Path) -> str | None:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("MOE_ROUTES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moe-routes")
-    return Path(base) / "dist"
+    return cache_root() / "dist"
 
 
 def sha256(data: bytes | None) -> str | None:

@@ -66,10 +66,13 @@ from vllm.model_executor.layers.moe_routes_log import (
     request_field,
 )
 
+# Attribute of the VllmConfig that carries the settings the engine was started with.
 _CONFIG_ATTR = "_moe_routes_settings"
 _UNSET = object()
 
 
+# The check every hot-path hook does: True once an engine that logs was configured or built in this
+# process. Set at import from the environment (a spawned engine process inherits it) and by
 # validate_engine_config / register_layer, which see the settings an engine actually starts with:
 # VLLM_LOG_MOE may be set after `import vllm`, and a forked engine core inherits module state.
 ENABLED: bool = os.environ.get(ENV_PATH, "").strip() not in ("", "0")

@@ -39,7 +39,6 @@ REQUEST_TAG = "moe_routes"
 # A chunk of whole lines per write(2), under flock: concurrent appenders (a second engine, DP ranks) never
 # interleave inside a line. (A SIGKILL can still cut a write(2) at a page boundary: Writer._repair_tail.)
 _WRITE_CHUNK = 1 << 20
-# Attribute of the VllmConfig that carries the settings the engine was started with.
 
 
 class MoeRoutesConfigError(ValueError):
@@ -108,10 +107,6 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings | None:
             "expected 'stop' (default: stop logging, keep serving) or 'fail' (stop the engine)",
         )
     return Settings(path=path, layers=layers, on_error=on_error)
-
-
-# The check every hot-path hook does: True once an engine that logs was configured or built in this
-# process. Set at import from the environment (a spawned engine process inherits it) and by
 
 
 # ----------------------------------------------------------------------------------------------------
