@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from moe_routes.prompts import SHARED_GSM8K, read_questions
+from moe_routes.schema import load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ROOT / "schemas" / "moe_routes.schema.json"
 GSM8K = SHARED_GSM8K
 DRIVER = ROOT / "tests" / "vllm_driver.py"
 PY = os.environ.get("MOE_ROUTES_TEST_PYTHON") or sys.executable
@@ -235,7 +235,7 @@ class RouteLog:
     def validate_schema(self) -> int:
         import jsonschema
 
-        validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+        validator = jsonschema.Draft202012Validator(load_schema())
         n = 0
         with open(self.path) as f:
             for line in f:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from moe_routes import cache_root
+from moe_routes.schema import load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("SGLANG_TEST_VENV", cache_root() / "sglang-test-venv"))
@@ -112,7 +113,7 @@ else:
 
     from moe_routes import sglang_routing
 
-    SCHEMA = json.loads((ROOT / "schemas" / "moe_routes.schema.json").read_text())
+    SCHEMA = load_schema()
 
     # ------------------------------------------------------------------ series applied?
     def test_installed_sglang_is_patched():

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from moe_routes import plot as plot_hist
+from moe_routes import plot
 from moe_routes.schema import schema_version
 
 E, K, LAYERS = 60, 4, 24
@@ -209,7 +209,7 @@ def read_duckdb(path: str, weighted: bool) -> tuple:
 
 def read_moe_routes(reader: str):
     def read(path: str, weighted: bool) -> tuple:
-        c = plot_hist.load_routes(path, weighted=weighted, reader=reader)
+        c = plot.load_routes(path, weighted=weighted, reader=reader)
         assert c.chunks["per_line"] == 0, c.chunks
         full = np.zeros((LAYERS, E))
         full[c.layers] = c.counts
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     elif args.keep:
         path = args.keep
     else:
-        tmpdir = tempfile.TemporaryDirectory(prefix="bench_plot_hist_")
+        tmpdir = tempfile.TemporaryDirectory(prefix="bench_plot_")
         path = os.path.join(tmpdir.name, "moe_routes.jsonl")
     try:
         if not args.log:

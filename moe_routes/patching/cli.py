@@ -157,11 +157,7 @@ def _run_refresh(args, pdir_override: Path | None) -> int:
                                 ("--to", args.to), ("--drop-file", args.drop_file)) if v]  # fmt: skip
     if tree_only:
         raise UsageError(f"{', '.join(tree_only)}: only with an edited tree (add --tree DIR or --python PATH)")
-    pdirs = (
-        [pdir_override]
-        if pdir_override
-        else [series_dir(e) for e in ([args.engine] if args.engine else sorted(ENGINES))]
-    )
+    pdirs = [pdir_override] if pdir_override else [series_dir(e) for e in _engines(args)]
     for pdir in pdirs:
         if args.extract_new_files:
             refresh.extract_new_files(pdir)
@@ -177,7 +173,7 @@ def _run_lint(args, pdir_override: Path | None) -> int:
     elif pdir_override:
         todo = [(args.engine, pdir_override)]
     else:
-        todo = [(e, series_dir(e)) for e in ([args.engine] if args.engine else sorted(ENGINES))]
+        todo = [(e, series_dir(e)) for e in _engines(args)]
     bad = False
     for engine, d in todo:
         probs = lint.lint_dir(d, engine)
@@ -190,6 +186,11 @@ def _run_lint(args, pdir_override: Path | None) -> int:
             n = len(read_series(d)[0])
             say(f"lint {d.name}: OK ({n} patch{'es' if n != 1 else ''})")
     return 1 if bad else 0
+
+
+def _engines(args) -> list[str]:
+    """--engine E, or every engine when it is not given."""
+    return [args.engine] if args.engine else sorted(ENGINES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "lint":
             return _run_lint(args, pdir_override)
         if args.cmd == "verify":
-            return verify.verify([args.engine] if args.engine else sorted(ENGINES), args.offline, pdir_override)
+            return verify.verify(_engines(args), args.offline, pdir_override)
     except UsageError as e:
         ap.print_usage(sys.stderr)
         print(f"{PROG}: error: {e}", file=sys.stderr)
