@@ -15,7 +15,8 @@ import types
 
 import numpy as np
 import pytest
-from engine_modules import load_vllm_log_module
+from engine_modules import load_vllm_log_module, start_writer_state
+from engine_modules import request as _req
 
 pytestmark = pytest.mark.fast
 
@@ -135,28 +136,8 @@ def test_negative_expert_id_is_refused():
 # ---------------------------------------------------------------------------------------------------
 # the writer: KV-slot store order, fresh blocks, capture integrity, failure policy, partial tails
 # ---------------------------------------------------------------------------------------------------
-def _writer_state(tmp_path, *, num_slots=0, block_size=4, layers=(0, 1), k=2, staging=None, on_error="stop"):
-    """A WriterState with a running writer thread appending to tmp_path/'r.jsonl'."""
-    n_rows = len(layers)
-    st = ml.WriterState(
-        settings=ml.Settings(str(tmp_path / "r.jsonl"), None, on_error),
-        layers=list(layers),
-        rows=list(range(n_rows)),
-        top_k=k,
-        num_experts=8,
-        manager_block_size=block_size,
-        kernel_block_size=block_size,
-        num_slots=num_slots,
-        meta={"type": "meta", "writer": {"id": "test"}},
-        staging=staging,
-    )
-    st.thread = ml.Writer(st)
-    st.thread.start()
-    return st
-
-
-def _req(name, index=None):
-    return ml.Request(name, index, ml.request_field(name, index))
+def _writer_state(tmp_path, **kw):
+    return start_writer_state(ml.WriterState, tmp_path, **kw)
 
 
 def _job(requests, counts, positions, slots, ids, w=None, emit_from=None, gap_blocks=None, fresh=()):

