@@ -29,22 +29,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items())
-    return f"usage: moe-routes COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n{__doc__.split(chr(10) * 2, 1)[1]}"
+def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str], examples: str) -> int:
+    """Run `commands[argv[0]]`'s module main(argv[1:]); usage (exit 0 on --help, 2 otherwise) when there is no
+    known command."""
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, commands))
+        rows = "\n".join(f"  {name.ljust(width)}  {summary}" for name, (_, summary) in commands.items())
+        print(f"usage: {prog} COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n{examples}")
+        return 0 if argv else 2
+    if argv[0] not in commands:
+        print(f"{prog}: error: unknown command {argv[0]!r} (have: {', '.join(commands)})", file=sys.stderr)
+        return 2
+    return importlib.import_module(commands[argv[0]][0]).main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"moe-routes: error: unknown command {name!r} (have: {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
-    if name == "verify":
-        rest = ["verify", *rest]
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    if argv[:1] == ["verify"]:
+        argv = ["patch", *argv]
+    return dispatch("moe-routes", COMMANDS, argv, __doc__.split("\n\n", 1)[1])

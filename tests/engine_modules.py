@@ -53,6 +53,5 @@ def start_writer_state(state_cls, tmp_path, *, num_slots=0, block_size=4, layers
 
 
 def request(name, index=None):
-    """The writer's view of one completion: client id, completion index, and their JSON field."""
-    ml = load_vllm_log_module()
-    return ml.Request(name, index, ml.request_field(name, index))
+    """The writer's view of one completion: client id and completion index."""
+    return load_vllm_log_module().Request(name, index)

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     per_req = np.full(a.requests_per_step, n // a.requests_per_step)
     per_req[: n - per_req.sum()] += 1
     block, num_slots = 16, 1 << 20
-    requests = [ml.Request(str(i), None, ml.request_field(str(i), None)) for i in range(a.requests_per_step)]
+    requests = [ml.Request(str(i), None) for i in range(a.requests_per_step)]
     jobs = []
     for s in range(a.steps):
         pos = np.concatenate([np.arange(c) + s * c for c in per_req])

@@ -63,7 +63,6 @@ from vllm.model_executor.layers.moe_routes_log import (
     bad_env,
     client_request,
     read_settings,
-    request_field,
 )
 
 # Attribute of the VllmConfig that carries the settings the engine was started with.
@@ -652,7 +651,7 @@ def on_step_begin(runner: Any, so: Any) -> None:
         for new in so.scheduled_new_reqs:
             if new.req_id not in st.requests:
                 req_id, index = client_request(new.req_id, new.sampling_params)
-                st.requests[new.req_id] = Request(req_id, index, request_field(req_id, index))
+                st.requests[new.req_id] = Request(req_id, index)
     except MoeRoutesCaptureError as exc:
         _fail_from_engine(st, exc)
         return
@@ -697,7 +696,7 @@ def on_forward(
         if req is None:  # a request the step-begin hook did not see as new (should not happen)
             state = runner.requests[rid]
             req_id, index = client_request(rid, state.sampling_params)
-            req = st.requests[rid] = Request(req_id, index, request_field(req_id, index))
+            req = st.requests[rid] = Request(req_id, index)
         batch.append(req)
         c = int(counts[i])
         emit_from[i] = req.next_pos

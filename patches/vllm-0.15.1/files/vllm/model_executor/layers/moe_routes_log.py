@@ -303,8 +303,11 @@ def json_line(record: dict[str, Any]) -> bytes:
 class Request:
     req_id: str  # as the client sees it
     completion_index: int | None
-    field: bytes  # request_field(req_id, completion_index)
     next_pos: int = 0  # first position not yet logged
+    field: bytes = field(init=False)  # request_field(req_id, completion_index), formatted once
+
+    def __post_init__(self) -> None:
+        self.field = request_field(self.req_id, self.completion_index)
 
 
 @dataclass
