@@ -581,28 +581,34 @@ else:
         with pytest.raises(ValueError, match="bypasses select_experts"):
             _cap(m)
 
-    def test_session_requests_carry_the_flag():
-        from sglang.srt.managers.io_struct import SessionParams, TokenizedGenerateReqInput
-        from sglang.srt.managers.session_controller import Session
+    def _tokenized_req(text, **fields):
+        """A TokenizedGenerateReqInput of 3 tokens, 4 new tokens, no logprobs; required fields not given are None."""
+        from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
         from sglang.srt.sampling.sampling_params import SamplingParams
 
-        req_fields = [
-            f.name
+        kw = {
+            f.name: None
             for f in dataclasses.fields(TokenizedGenerateReqInput)
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        kw = dict.fromkeys(req_fields)
+        }
         kw.update(
-            input_text="hi",
+            input_text=text,
             input_ids=[1, 2, 3],
             sampling_params=SamplingParams(max_new_tokens=4),
             return_logprob=False,
             logprob_start_len=-1,
             top_logprobs_num=0,
             stream=False,
+            **fields,
         )
+        return TokenizedGenerateReqInput(**kw)
+
+    def test_session_requests_carry_the_flag():
+        from sglang.srt.managers.io_struct import SessionParams
+        from sglang.srt.managers.session_controller import Session
+
         for flag in (True, False):
-            t = TokenizedGenerateReqInput(**kw)
+            t = _tokenized_req("hi")
             t.session_params = SessionParams(id="s1")
             t.return_expert_routing = flag
             r = Session(capacity_of_str_len=1000, session_id="s1").create_req(t, tokenizer=None, vocab_size=100)
@@ -1013,31 +1019,13 @@ else:
         """The real TokenizerManager._handle_batch_request (n > 1 path) with its I/O stubbed."""
         import collections
 
-        from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
         from sglang.srt.managers.tokenizer_manager import TokenizerManager
-        from sglang.srt.sampling.sampling_params import SamplingParams
 
-        req_fields = [
-            f.name
-            for f in dataclasses.fields(TokenizedGenerateReqInput)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
         tm = object.__new__(TokenizerManager)
         sent = []
 
         async def tokenize(o):
-            kw = dict.fromkeys(req_fields)
-            kw.update(
-                input_text=o.text,
-                input_ids=[1, 2, 3],
-                sampling_params=SamplingParams(max_new_tokens=4),
-                return_logprob=False,
-                logprob_start_len=-1,
-                top_logprobs_num=0,
-                stream=False,
-                return_expert_routing=o.return_expert_routing,
-            )
-            return TokenizedGenerateReqInput(**kw)
+            return _tokenized_req(o.text, return_expert_routing=o.return_expert_routing)
 
         async def wait(o, state, request):
             yield {"meta_info": {"id": o.rid}}
