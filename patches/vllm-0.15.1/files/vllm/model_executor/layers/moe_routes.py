@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.moe_routes_log import (
     ENV_LAYERS,
     ENV_ON_ERROR,
@@ -55,19 +56,42 @@ from vllm.model_executor.layers.moe_routes_log import (
     STATE_FILE,
     Failure,
     MoeRoutesCaptureError,
+    MoeRoutesConfigError,
     Request,
+    RouteAssembler,
     Settings,
     StepJob,
     Writer,
     WriterState,
     bad_env,
     client_request,
+    id_dtype_for,
     read_settings,
+    returned_rows,
 )
+
+logger = init_logger(__name__)
 
 # Attribute of the VllmConfig that carries the settings the engine was started with.
 _CONFIG_ATTR = "_moe_routes_settings"
+# Attribute of the ModelConfig that carries the per-request return (enable_return_routed_experts).
+_RETURN_ATTR = "_moe_routes_return"
 _UNSET = object()
+RETURN_FLAG = "--enable-return-routed-experts"
+WEIGHTS_FLAG = "--enable-return-routed-expert-weights"
+PROMPT_START = "routed_experts_prompt_start"
+
+
+@dataclass(frozen=True)
+class ReturnSettings:
+    """enable_return_routed_experts as this series serves it: CompletionOutput.routed_experts (and, with
+    enable_return_routed_expert_weights, .routed_expert_weights), from the same capture as the log."""
+
+    weights: bool = False
+
+
+def return_settings(model_config: Any) -> ReturnSettings | None:
+    return getattr(model_config, _RETURN_ATTR, None)
 
 
 # The check every hot-path hook does: True once an engine that logs was configured or built in this
@@ -94,20 +118,22 @@ def engine_settings(vllm_config: Any) -> Settings | None:
 # ----------------------------------------------------------------------------------------------------
 # Front-end validation (EngineArgs.create_engine_config): fail engine start-up, never mid-run.
 # ----------------------------------------------------------------------------------------------------
-def validate_engine_config(vllm_config: Any) -> None:
+def validate_engine_config(vllm_config: Any, engine_args: Any = None) -> None:
     settings = read_settings()
     object.__setattr__(vllm_config, _CONFIG_ATTR, settings)
-    if settings is None:
-        return
-    try:  # the real test of "can this work": root passes os.access() checks that open() then fails
-        # O_RDWR as the writer opens it: it reads back the file's tail (partial-line repair, full-disk room)
-        os.close(os.open(settings.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644))
-    except OSError as exc:
-        raise bad_env(ENV_PATH, f"cannot open {settings.path} for reading and appending: {exc}") from None
     model_config = vllm_config.model_config
+    returns = _take_over_return_flag(model_config, engine_args)
+    if settings is None and returns is None:
+        return
+    if settings is not None:
+        try:  # the real test of "can this work": root passes os.access() checks that open() then fails
+            # O_RDWR as the writer opens it: it reads back the file's tail (partial-line repair, full-disk room)
+            os.close(os.open(settings.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise bad_env(ENV_PATH, f"cannot open {settings.path} for reading and appending: {exc}") from None
     parallel = vllm_config.parallel_config
     n_layers = model_config.get_total_num_hidden_layers() if model_config is not None else None
-    if settings.layers is not None and n_layers is not None:
+    if settings is not None and settings.layers is not None and n_layers is not None:
         out = [i for i in settings.layers if i >= n_layers]
         if out:
             raise bad_env(
@@ -133,13 +159,39 @@ def validate_engine_config(vllm_config: Any) -> None:
     if envs.VLLM_USE_V2_MODEL_RUNNER:
         unsupported.append("the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1 has no routing hook)")
     if unsupported:
-        raise bad_env(
-            ENV_PATH,
-            "routing logging does not support "
-            + "; ".join(unsupported)
-            + " in this patch series; unset VLLM_LOG_MOE or disable the feature",
-        )
+        raise refusal(settings, returns, "does not support " + "; ".join(unsupported) + " in this patch series")
     _activate()
+
+
+def _take_over_return_flag(model_config: Any, engine_args: Any) -> ReturnSettings | None:
+    """enable_return_routed_experts is served by this module, from the capture the log uses. Upstream's own
+    path (RoutedExpertsCapturer) returns zeros on this pin (bound before the capturer exists, fixed in 0.16
+    by PR #33013) and allocates on cuda only: switched off by clearing the ModelConfig flag, which it alone
+    reads; the request lives on in the ModelConfig's _moe_routes_return."""
+    weights = bool(getattr(engine_args, "enable_return_routed_expert_weights", False))
+    returns = None
+    if model_config is not None and model_config.enable_return_routed_experts:
+        returns = ReturnSettings(weights=weights)
+        model_config.enable_return_routed_experts = False
+    elif weights:
+        raise MoeRoutesConfigError(
+            f"{WEIGHTS_FLAG} (enable_return_routed_expert_weights=True) needs {RETURN_FLAG} "
+            "(enable_return_routed_experts=True): weights are returned beside the expert ids"
+        )
+    if model_config is not None:
+        object.__setattr__(model_config, _RETURN_ATTR, returns)
+    return returns
+
+
+def refusal(settings: Settings | None, returns: ReturnSettings | None, why: str) -> MoeRoutesConfigError:
+    """A start-up error naming whichever of the two switches asked for the capture."""
+    if returns is None:
+        return bad_env(ENV_PATH, f"routing logging {why}; unset VLLM_LOG_MOE or disable the feature")
+    asked = f"{RETURN_FLAG} (enable_return_routed_experts=True)"
+    if settings is not None:
+        asked += f" and {ENV_PATH}={os.environ.get(ENV_PATH, '')!r}"
+    remedy = f"drop {RETURN_FLAG}" + (" and unset VLLM_LOG_MOE" if settings is not None else "")
+    return MoeRoutesConfigError(f"{asked}: returning routed experts {why}; {remedy}, or disable the feature")
 
 
 def logs_routing(vllm_config: Any) -> bool:
@@ -198,8 +250,10 @@ def register_layer(layer: torch.nn.Module) -> None:
     layer._moe_routes_slot = -1
     from vllm.config import get_current_vllm_config
 
-    settings = engine_settings(get_current_vllm_config())
-    if settings is None:
+    vllm_config = get_current_vllm_config()
+    settings = engine_settings(vllm_config)
+    returns = return_settings(vllm_config.model_config)
+    if settings is None and returns is None:
         return
     _activate()
     try:
@@ -208,7 +262,7 @@ def register_layer(layer: torch.nn.Module) -> None:
         layer._moe_routes_layer_id = None  # reported by on_kv_cache_ready
         return
     layer._moe_routes_layer_id = layer_id
-    if settings.layers is None:
+    if returns is not None or settings.layers is None:  # the per-request return needs every MoE layer
         layer._moe_routes_slot = layer_id
     elif layer_id in settings.layers:
         layer._moe_routes_slot = settings.layers.index(layer_id)
@@ -408,6 +462,10 @@ class _State(WriterState):
     fresh_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     staging: _HostStaging | None = None
     thread: Writer | None = None
+    assembler: RouteAssembler | None = None  # set when steps are assembled here (routing returned per request)
+    returns: ReturnSettings | None = None
+    num_hidden_layers: int = 0
+    unreturned: list[StepJob] = field(default_factory=list)  # steps forwarded, not yet in a ModelRunnerOutput
 
 
 _STAGING_DEPTH = 4
@@ -486,7 +544,8 @@ def on_kv_cache_ready(runner: Any) -> None:
     the KV-slot store and the writer, and write the meta record."""
     global _ACTIVE
     settings = engine_settings(runner.vllm_config)
-    if settings is None:
+    returns = return_settings(runner.model_config)
+    if settings is None and returns is None:
         return
     old = _engine_state(runner)
     if old is not None:  # KV cache re-initialised (e.g. wake-up): drain the old writer, start afresh
@@ -494,28 +553,33 @@ def on_kv_cache_ready(runner: Any) -> None:
         runner._moe_routes_state = None
     moe_modules = [m for m in runner.model.modules() if hasattr(m, "_moe_routes_layer_id")]
     if not moe_modules:
-        raise bad_env(ENV_PATH, f"model {runner.model_config.model} has no FusedMoE layer; nothing to log")
+        raise refusal(settings, returns, f"needs an MoE model: {runner.model_config.model} has no FusedMoE layer")
     check_layer_modules(moe_modules)
     moe_layer_ids = sorted(m._moe_routes_layer_id for m in moe_modules)
-    if settings.layers is not None:
+    if settings is not None and settings.layers is not None:
         missing = [i for i in settings.layers if i not in moe_layer_ids]
         if missing:
             raise bad_env(
                 ENV_LAYERS, f"layer(s) {missing} are not MoE layers of this model; MoE layers: {moe_layer_ids}"
             )
-    logged_mods = sorted((m for m in moe_modules if m._moe_routes_slot >= 0), key=lambda m: m._moe_routes_layer_id)
-    logged = [m._moe_routes_layer_id for m in logged_mods]
-    rows = [m._moe_routes_slot for m in logged_mods]
+    captured_mods = sorted((m for m in moe_modules if m._moe_routes_slot >= 0), key=lambda m: m._moe_routes_layer_id)
+    captured = [m._moe_routes_layer_id for m in captured_mods]
+    rows = [m._moe_routes_slot for m in captured_mods]
+    log_cols = None  # the log writes every captured layer
+    if settings is not None and settings.layers is not None and returns is not None:
+        log_cols = [captured.index(i) for i in sorted(settings.layers)]
+    logged = captured if log_cols is None else [captured[c] for c in log_cols]
+    logged_mods = captured_mods if log_cols is None else [captured_mods[c] for c in log_cols]
     first = moe_modules[0]
     top_k, num_experts = int(first.top_k), int(first.logical_num_experts)
     if any(int(m.top_k) != top_k or int(m.logical_num_experts) != num_experts for m in moe_modules):
         raise bad_env(ENV_PATH, "MoE layers with different top_k/num_experts are not supported by the log format")
     if any(getattr(m, "is_sequence_parallel", False) for m in moe_modules):
         # Each TP rank then routes only its shard of the batch; rank 0 alone cannot write every token.
-        raise bad_env(
-            ENV_PATH,
-            "routing logging does not support sequence-parallel MoE (expert parallel with TP > 1 "
-            "and DP > 1); unset VLLM_LOG_MOE or use TP = 1 per DP rank",
+        raise refusal(
+            settings,
+            returns,
+            "does not support sequence-parallel MoE (expert parallel with TP > 1 and DP > 1); use TP = 1 per DP rank",
         )
     from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -537,6 +601,13 @@ def on_kv_cache_ready(runner: Any) -> None:
 
     kv_cfg = runner.kv_cache_config
     kv_group, manager_block_size = _routing_store_group(kv_cfg)
+    if returns is not None and kv_group < 0 and runner.cache_config.enable_prefix_caching:
+        raise refusal(
+            None,
+            returns,
+            "with prefix caching needs a full-attention KV-cache group to keep the routing of cached tokens "
+            "by KV slot, and this model has none; pass --no-enable-prefix-caching (enable_prefix_caching=False)",
+        )
     num_slots = int(kv_cfg.num_blocks) * manager_block_size if kv_group >= 0 else 0
     kernel_block_size = int(runner.input_batch.block_table[kv_group].block_size) if kv_group >= 0 else 0
 
@@ -583,7 +654,8 @@ def on_kv_cache_ready(runner: Any) -> None:
         "expert_parallel": bool(first.use_ep),
         "eplb": bool(first.enable_eplb),
         "num_physical_experts": int(first.global_num_experts),
-        "on_error": settings.on_error,
+        "on_error": settings.on_error if settings is not None else None,
+        "returns_routed_experts": returns is not None,
         "patch_series": series,
         "patches": patches,
         "writer": {
@@ -596,8 +668,9 @@ def on_kv_cache_ready(runner: Any) -> None:
     }
     st = _State(
         settings=settings,
-        layers=logged,
+        layers=captured,
         rows=rows,
+        log_cols=log_cols,
         top_k=top_k,
         num_experts=num_experts,
         max_tokens=max_tokens,
@@ -610,11 +683,19 @@ def on_kv_cache_ready(runner: Any) -> None:
         num_slots=num_slots,
         meta=meta,
         dp_rank=dp_rank,
+        returns=returns,
+        num_hidden_layers=int(model_config.get_total_num_hidden_layers()),
     )
     if device.type == "cuda":
         st.staging = _HostStaging(tuple(ids_buf.shape), _STAGING_DEPTH)
-    st.thread = Writer(st)
-    st.thread.start()
+    # One owner of the KV-slot store: the engine thread when it must hand rows back with each step's
+    # output, else the writer thread.
+    assembler = RouteAssembler(st)
+    if returns is not None:
+        st.assembler = assembler
+    if settings is not None:
+        st.thread = Writer(st, None if returns is not None else assembler)
+        st.thread.start()
     runner._moe_routes_state = st
     _ACTIVE = st
 
@@ -637,12 +718,18 @@ def _fresh_blocks(so: Any, group: int, block_size: int) -> np.ndarray:
     return np.fromiter((b for bl in fresh for b in bl), dtype=np.int64)
 
 
+def _new_request(engine_id: str, sampling_params: Any) -> Request:
+    req_id, index = client_request(engine_id, sampling_params)
+    start = getattr(sampling_params, PROMPT_START, 0) or 0
+    return Request(req_id, index, engine_id=engine_id, return_from=int(start))
+
+
 def on_step_begin(runner: Any, so: Any) -> None:
     """GPUModelRunner.execute_model, first thing, for every step (also those that schedule no token)."""
     global _ACTIVE
     st = _engine_state(runner)
     _ACTIVE = st
-    if st is None or st.stopped:
+    if st is None or (st.stopped and st.returns is None):
         return
     _raise_if_failed(st)
     for rid in so.finished_req_ids:
@@ -650,8 +737,7 @@ def on_step_begin(runner: Any, so: Any) -> None:
     try:
         for new in so.scheduled_new_reqs:
             if new.req_id not in st.requests:
-                req_id, index = client_request(new.req_id, new.sampling_params)
-                st.requests[new.req_id] = Request(req_id, index)
+                st.requests[new.req_id] = _new_request(new.req_id, new.sampling_params)
     except MoeRoutesCaptureError as exc:
         _fail_from_engine(st, exc)
         return
@@ -677,7 +763,7 @@ def on_forward(
 ) -> None:
     """GPUModelRunner.execute_model, right after the model forward of a scheduled batch."""
     st = _engine_state(runner)
-    if st is None or st.stopped:
+    if st is None or (st.stopped and st.returns is None):
         return
     _raise_if_failed(st)
     n = int(num_tokens)
@@ -694,9 +780,7 @@ def on_forward(
     for i, rid in enumerate(req_ids):
         req = st.requests.get(rid)
         if req is None:  # a request the step-begin hook did not see as new (should not happen)
-            state = runner.requests[rid]
-            req_id, index = client_request(rid, state.sampling_params)
-            req = st.requests[rid] = Request(req_id, index)
+            req = st.requests[rid] = _new_request(rid, runner.requests[rid].sampling_params)
         batch.append(req)
         c = int(counts[i])
         emit_from[i] = req.next_pos
@@ -718,11 +802,216 @@ def on_forward(
         ids, weights = st.ids_buf.numpy()[:n, st.rows], st.w_buf.numpy()[:n, st.rows]
     job = StepJob(batch, counts, positions, slots, emit_from, gap_blocks, st.fresh_blocks, ids, weights, event, idx)
     st.fresh_blocks = np.zeros(0, dtype=np.int64)
-    st.jobs.put(job)
+    if st.returns is not None:
+        st.unreturned.append(job)  # assembled when this step's ModelRunnerOutput is built
+    else:
+        st.jobs.put(job)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-request return (enable_return_routed_experts): worker -> ModelRunnerOutput.routed_experts ->
+# scheduler -> EngineCoreOutput chunks -> OutputProcessor -> CompletionOutput.routed_experts.
+# ----------------------------------------------------------------------------------------------------
+class _Deferred:
+    """ModelRunnerOutput.routed_experts of an async-scheduling step until its output is collected
+    (AsyncGPUModelRunnerOutput.get_output, after the step's device work is done): no extra host sync."""
+
+    def __init__(self, st: _State, jobs: list[StepJob]) -> None:
+        self.st, self.jobs = st, jobs
+
+
+def on_model_runner_output(runner: Any, output: Any) -> None:
+    """GPUModelRunner.sample_tokens, when the step's ModelRunnerOutput is built: attach the rows of the
+    steps forwarded since the last output, {engine request id: (ids, weights or None)}."""
+    st = _engine_state(runner)
+    if st is None or st.returns is None:
+        return
+    jobs, st.unreturned = st.unreturned, []
+    if getattr(runner, "use_async_scheduling", False):
+        output.routed_experts = _Deferred(st, jobs)
+    else:
+        output.routed_experts = _rows_of(st, jobs)
+
+
+def resolve_output(output: Any) -> None:
+    """AsyncGPUModelRunnerOutput.get_output."""
+    deferred = output.routed_experts
+    if isinstance(deferred, _Deferred):
+        output.routed_experts = _rows_of(deferred.st, deferred.jobs)
+
+
+def _rows_of(st: _State, jobs: list[StepJob]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for job in jobs:
+        try:
+            routes = st.assembler.assemble(job)
+        except MoeRoutesCaptureError as exc:
+            # Rows that would be returned are incomplete: never hand them to a trainer.
+            raise RuntimeError(f"moe_routes: cannot return routed experts: {exc}") from exc
+        finally:
+            if job.staging_index >= 0:
+                st.staging.free.put(job.staging_index)
+        if st.thread is not None:
+            st.jobs.put(routes)  # the log formats and writes the same assembled rows
+        step = returned_rows(
+            routes, st.layers, st.num_hidden_layers, id_dtype_for(st.num_experts), st.returns.weights
+        )
+        for rid, (ids, weights) in step.items():
+            if rid in out:  # two forwards before one output (not seen in 0.15.1; kept exact anyway)
+                ids0, w0 = out[rid]
+                ids = np.concatenate((ids0, ids))
+                weights = None if weights is None else np.concatenate((w0, weights))
+            out[rid] = (ids, weights)
+    return out
+
+
+def take_step_rows(request: Any, rows: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+    """Scheduler.update_from_output, for each scheduled request: keep this step's rows until the request's
+    next EngineCoreOutput (a partial prefill step emits none)."""
+    got = rows.get(request.request_id)
+    if got is not None:
+        pending = getattr(request, "_moe_routes_rows", None)
+        if pending is None:
+            request._moe_routes_rows = pending = []
+        pending.append(got)
+
+
+def attach_rows(engine_core_output: Any, request: Any) -> None:
+    """Scheduler.update_from_output: the rows kept since the request's last output ride on this one."""
+    pending = getattr(request, "_moe_routes_rows", None)
+    if not pending:
+        return
+    request._moe_routes_rows = []
+    ids = [p[0] for p in pending]
+    engine_core_output.routed_experts = ids[0] if len(ids) == 1 else np.concatenate(ids)
+    if pending[0][1] is not None:
+        w = [p[1] for p in pending]
+        engine_core_output.routed_expert_weights = w[0] if len(w) == 1 else np.concatenate(w)
+
+
+def on_output_request(req_state: Any, request: Any) -> None:
+    """OutputProcessor.add_request: where this completion's rows start, and its chunk list."""
+    params = request.sampling_params
+    req_state._moe_routes_start = int(getattr(params, PROMPT_START, 0) or 0) if params is not None else 0
+    req_state._moe_routes_chunks = []
+
+
+def completion_routes(
+    req_state: Any, engine_core_output: Any, finish_reason: Any
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """OutputProcessor.process_outputs: (routed_experts, routed_expert_weights) of the CompletionOutput;
+    set on the finishing output only (also when a stop string, found here, finishes the request), as
+    upstream. Rows [P + G - 1 - start, num_hidden_layers, top_k]: the last sampled token has no forward."""
+    chunks = getattr(req_state, "_moe_routes_chunks", None)
+    if chunks is None:
+        return engine_core_output.routed_experts, None
+    if engine_core_output.routed_experts is not None:
+        chunks.append((engine_core_output.routed_experts, engine_core_output.routed_expert_weights))
+    if finish_reason is None or not chunks:
+        return None, None
+    req_state._moe_routes_chunks = []
+    ids = np.concatenate([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
+    weights = None
+    if chunks[0][1] is not None:
+        weights = np.concatenate([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
+    generated = len(req_state.detokenizer.output_token_ids) if req_state.detokenizer is not None else 0
+    expected = req_state.prompt_len + generated - 1 - req_state._moe_routes_start
+    if len(ids) < expected:
+        logger.error(
+            "moe_routes: request %s finished with routing for %d of its %d positions; its routed_experts is None",
+            req_state.request_id,
+            len(ids),
+            expected,
+        )
+        return None, None
+    if len(ids) > expected:  # tokens past a stop string the engine already forwarded
+        ids = ids[:expected]
+        weights = None if weights is None else weights[:expected]
+    return ids, weights
+
+
+def prompt_start_of(request: Any) -> int | None:
+    """OpenAI request: routed_experts_prompt_start as sent (a field, or a vllm_xargs key); None if absent."""
+    if PROMPT_START in request.model_fields_set:
+        return int(getattr(request, PROMPT_START))
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    return xargs.get(PROMPT_START) if PROMPT_START in xargs else None
+
+
+def http_request(request: Any, sampling_params: Any, model_config: Any) -> None:
+    """OpenAI /v1/completions and /v1/chat/completions, after to_sampling_params: a start sent to a server
+    that does not return routing is refused (400); a start sent as a field is the engine's."""
+    start = prompt_start_of(request)
+    if start is None or not hasattr(sampling_params, PROMPT_START):
+        return
+    if return_settings(model_config) is None:
+        raise _validation_error(
+            f"{PROMPT_START}: this server does not return routed experts; start it with {RETURN_FLAG}", start
+        )
+    if PROMPT_START in request.model_fields_set:
+        sampling_params.routed_experts_prompt_start = start
+
+
+def check_request(sampling_params: Any, prompt_len: int, model_config: Any) -> None:
+    """InputProcessor.process_inputs (every front-end: LLM, AsyncLLM, the OpenAI server): a start given as
+    SamplingParams.routed_experts_prompt_start or as extra_args (vllm_xargs) is checked and made the
+    field's value."""
+    extra = sampling_params.extra_args
+    start = sampling_params.routed_experts_prompt_start
+    if isinstance(extra, dict) and PROMPT_START in extra:
+        xstart = extra[PROMPT_START]
+        if start not in (0, xstart):
+            raise _validation_error(f"{PROMPT_START} given twice ({start} and vllm_xargs {xstart})", xstart)
+        start = xstart
+    if start == 0:
+        return
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise _validation_error(f"{PROMPT_START} must be an integer, got {type(start).__name__}", start)
+    if return_settings(model_config) is None:
+        raise _validation_error(
+            f"{PROMPT_START}: this engine does not return routed experts; start it with {RETURN_FLAG} "
+            "(enable_return_routed_experts=True)",
+            start,
+        )
+    if not 0 <= start <= prompt_len:
+        raise _validation_error(
+            f"{PROMPT_START} must be between 0 and the prompt length ({prompt_len}), inclusive.", start
+        )
+    sampling_params.routed_experts_prompt_start = start
+
+
+def _validation_error(message: str, value: Any) -> Exception:
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError(message, parameter=PROMPT_START, value=value)
+
+
+def _npy_base64(array: np.ndarray) -> str:
+    """As upstream vLLM (utils/serial_utils.numpy2base64): base64 of the array's .npy file."""
+    import base64
+    import io
+
+    with io.BytesIO() as buf:
+        np.save(buf, array, allow_pickle=False)
+        return base64.b64encode(buf.getbuffer()).decode("ascii")
+
+
+def choice_fields(output: Any, request: Any) -> dict[str, Any]:
+    """Extra fields of an OpenAI choice (or of a stream choice's final chunk) carrying the completion's
+    routing: routed_experts (base64 .npy, as vLLM 0.22+), routed_expert_weights, and the start used."""
+    ids = getattr(output, "routed_experts", None)
+    if ids is None:
+        return {}
+    fields = {"routed_experts": _npy_base64(ids)}
+    weights = getattr(output, "routed_expert_weights", None)
+    if weights is not None:
+        fields["routed_expert_weights"] = _npy_base64(weights)
+    fields[PROMPT_START] = int(prompt_start_of(request) or 0)
+    return fields
 
 
 def _fail_from_engine(st: _State, exc: BaseException) -> None:
-    if st.settings.on_error == "fail":
+    if st.settings is None or st.settings.on_error == "fail" or st.returns is not None:
         raise exc
     st.stopped = True  # nothing more is queued; the writer records the failure after the steps before it
     st.jobs.put(Failure(exc))

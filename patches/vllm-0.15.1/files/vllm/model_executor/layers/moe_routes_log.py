@@ -304,10 +304,19 @@ class Request:
     req_id: str  # as the client sees it
     completion_index: int | None
     next_pos: int = 0  # first position not yet logged
+    engine_id: str = ""  # the engine's request id (keys the rows returned to the scheduler)
+    # Per-request return (enable_return_routed_experts): first position returned
+    # (SamplingParams.routed_experts_prompt_start), the next one expected, and whether a hole was found
+    # (its rows then stop: the front-end sees a short array and returns None instead of wrong rows).
+    return_from: int = 0
+    return_next: int = -1
+    return_broken: bool = False
     field: bytes = field(init=False)  # request_field(req_id, completion_index), formatted once
 
     def __post_init__(self) -> None:
         self.field = request_field(self.req_id, self.completion_index)
+        if self.return_next < 0:
+            self.return_next = self.return_from
 
 
 @dataclass
@@ -330,9 +339,10 @@ class WriterState:
     """What a writer shares with the engine thread that queues its steps (moe_routes._State extends it
     with the device buffers)."""
 
-    settings: Settings
-    layers: list[int]  # decoder layers logged, in record order
-    rows: list[int]  # buffer row of each logged layer
+    settings: Settings | None  # None: nothing is logged, routing is only returned per request
+    layers: list[int]  # decoder layers captured (host arrays' second axis), ascending
+    rows: list[int]  # buffer row of each captured layer
+    log_cols: list[int] | None = None  # which of `layers` the log writes (None: all)
     top_k: int
     num_experts: int
     manager_block_size: int  # block size of the store's KV-cache manager (scheduler block ids)
@@ -355,6 +365,207 @@ class WriterState:
             "steps_dropped": 0,
         }
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Assembly: one step's raw capture -> per-request rows in position order, prefix-cache hits read back from
+# the KV-slot store. What the log writes and what the engine returns per request both come from here.
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class CachedRun:
+    """Positions of a prefix-cache hit whose KV slots still hold the routing that computed them."""
+
+    request: Request
+    positions: np.ndarray
+    ids: np.ndarray  # [n, layers, K]
+    weights: np.ndarray
+
+
+@dataclass
+class Gap:
+    """Positions a request never computed here and whose routing is not known (a gap record)."""
+
+    request: Request
+    start: int
+    end: int
+    reason: str
+
+
+@dataclass
+class StepRoutes:
+    prefix: list[CachedRun | Gap]  # per request, positions before this step's computed ones
+    requests: list[Request]  # batch order
+    tok_req: np.ndarray  # computed token -> index in `requests` (non-decreasing)
+    positions: np.ndarray
+    ids: np.ndarray  # [n, layers, K] int32, every captured layer
+    weights: np.ndarray
+    staging_index: int = -1  # already released by the assembler
+
+
+_GAP_NO_SLOTS = "prefix-cache hit and the KV layout has no per-token full-attention slots to keep routing by"
+_GAP_NOT_STORED = "prefix-cache hit whose KV slots hold no routing captured in this process for these tokens"
+
+
+class RouteAssembler:
+    """Owns the KV-slot -> routing store. assemble() must be called once per step, in step order, from one
+    thread (the writer's, or the engine's when routing is returned per request)."""
+
+    def __init__(self, st: WriterState) -> None:
+        self.st = st
+        if st.num_slots:
+            k, n_layers = st.top_k, len(st.layers)
+            id_dtype = np.int16 if st.num_experts <= np.iinfo(np.int16).max else np.int32
+            # np.zeros: the OS maps the pages lazily, on first store
+            self.store_ids = np.zeros((st.num_slots, n_layers, k), dtype=id_dtype)
+            self.store_w = np.zeros((st.num_slots, n_layers, k), dtype=np.float32)
+            self.store_valid = np.zeros(st.num_slots, dtype=bool)
+
+    def assemble(self, job: StepJob) -> StepRoutes:
+        st = self.st
+        n = len(job.positions)
+        if job.event is not None:
+            job.event.synchronize()
+            ids = job.ids.numpy()[:, st.rows]
+            w = job.weights.numpy()[:, st.rows]
+        else:
+            ids, w = job.ids, job.weights
+        unwritten = (ids < 0).any(axis=2)  # [n, L]: a captured layer left this step's rows at -1
+        if unwritten.any():
+            tok, lay = np.argwhere(unwritten)[0]
+            raise MoeRoutesCaptureError(
+                f"layer {st.layers[lay]} did not capture routing for {int(unwritten[:, lay].sum())} of {n} "
+                f"tokens of a step (first: token {int(job.positions[tok])}); an MoE code path without the "
+                "moe_routes hook ran (a moe_routes bug, please report it with the model and engine arguments)"
+            )
+        if st.num_slots:
+            # 1. blocks allocated afresh this step hold an earlier occupant's KV until they are computed
+            if len(job.fresh_blocks):
+                bs = st.manager_block_size
+                fresh = (job.fresh_blocks[:, None] * bs + np.arange(bs)).ravel()
+                self.store_valid[fresh[fresh < st.num_slots]] = False
+            # 2. this step's computed tokens, remembered by KV slot (before any hit is filled: a request
+            # can hit blocks another request fills in the same step)
+            ok = job.slots >= 0
+            s = job.slots[ok]
+            self.store_ids[s] = ids[ok]
+            self.store_w[s] = w[ok]
+            self.store_valid[s] = True
+        # 3. positions this request never computed here (prefix-cache hit): routing from the KV slots
+        prefix: list[CachedRun | Gap] = []
+        starts = np.concatenate(([0], np.cumsum(job.counts)[:-1]))
+        for i, blocks in job.gap_blocks.items():
+            first = int(job.positions[starts[i]])
+            prefix.extend(self._read_back(job.requests[i], int(job.emit_from[i]), first, blocks))
+        # 4. this step's computed positions; positions recomputed after preemption were emitted already
+        keep = job.positions >= np.repeat(job.emit_from, job.counts)
+        st.stats["recomputed_tokens_skipped"] += int((~keep).sum())
+        all_kept = bool(keep.all())
+        return StepRoutes(
+            prefix,
+            job.requests,
+            np.repeat(np.arange(len(job.requests)), job.counts)[keep],
+            job.positions if all_kept else job.positions[keep],
+            ids if all_kept else ids[keep],
+            w if all_kept else w[keep],
+        )
+
+    def _read_back(self, req: Request, start: int, end: int, blocks: np.ndarray) -> list[CachedRun | Gap]:
+        st = self.st
+        if not st.num_slots:
+            return [Gap(req, start, end, _GAP_NO_SLOTS)]
+        pos = np.arange(start, end, dtype=np.int64)
+        kbs = st.kernel_block_size
+        slots = blocks[pos // kbs].astype(np.int64) * kbs + pos % kbs
+        valid = self.store_valid[slots]
+        out: list[CachedRun | Gap] = []
+        # runs of positions whose slot does / does not hold the token's routing
+        edges = np.flatnonzero(np.diff(valid.astype(np.int8))) + 1
+        for lo, hi in zip(np.concatenate(([0], edges)), np.concatenate((edges, [len(pos)])), strict=True):
+            if valid[lo]:
+                sl = slots[lo:hi]
+                out.append(CachedRun(req, pos[lo:hi], self.store_ids[sl].astype(np.int32), self.store_w[sl]))
+            else:
+                out.append(Gap(req, int(pos[lo]), int(pos[hi - 1]) + 1, _GAP_NOT_STORED))
+        return out
+
+
+def id_dtype_for(num_experts: int) -> np.dtype:
+    """Smallest unsigned dtype of returned expert ids, as upstream vLLM (0.22+): uint8 holds 256 ids."""
+    return np.dtype(np.uint8 if num_experts <= 256 else np.uint16)
+
+
+def returned_rows(
+    routes: StepRoutes, layers: list[int], num_layers: int, id_dtype: np.dtype, with_weights: bool
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Per engine request id: this step's rows [n, num_layers, K] for positions >= its return start, in
+    position order (prefix-cache rows first), every decoder layer (rows of layers not captured, i.e. dense
+    ones, are 0 as in upstream vLLM). A request whose rows would not continue where its last ones ended
+    (a gap) gets none from then on, and an error is logged once: the front-end refuses a short array,
+    while a wrong one could not be told."""
+    cols = np.asarray(layers, dtype=np.int64)
+
+    def widen(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        rows = np.zeros((len(ids), num_layers, ids.shape[2]), dtype=id_dtype)
+        rows[:, cols] = ids
+        if not with_weights:
+            return rows, None
+        wrows = np.zeros(rows.shape, dtype=np.float32)
+        wrows[:, cols] = weights
+        return rows, wrows
+
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = {}
+    index = {id(r): i for i, r in enumerate(routes.requests)}
+    for part in routes.prefix:
+        i = index.get(id(part.request))
+        if i is None:
+            continue
+        if isinstance(part, Gap):
+            parts.setdefault(i, []).append((np.arange(part.start, part.end), None, None))
+        else:
+            parts.setdefault(i, []).append((part.positions, *widen(part.ids, part.weights)))
+    if len(routes.positions):
+        all_ids, all_w = widen(routes.ids, routes.weights)  # one conversion for the whole batch
+        bounds = np.flatnonzero(np.diff(routes.tok_req)) + 1
+        lo = np.concatenate(([0], bounds)).tolist()
+        hi = np.concatenate((bounds, [len(routes.tok_req)])).tolist()
+        for a, b in zip(lo, hi, strict=True):
+            parts.setdefault(int(routes.tok_req[a]), []).append(
+                (routes.positions[a:b], all_ids[a:b], None if all_w is None else all_w[a:b])
+            )
+    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for i, req_parts in parts.items():
+        req = routes.requests[i]
+        if req.return_broken:
+            continue
+        got_ids, got_w = [], []
+        for positions, ids, weights in req_parts:
+            first = int(positions[0])
+            if positions[-1] < req.return_from:
+                continue
+            skip = max(0, req.return_from - first)
+            first += skip
+            if ids is None or first != req.return_next:
+                req.return_broken = True
+                logger.error(
+                    "moe_routes: request %s: no routing to return for positions %d.. (%s); its routed_experts "
+                    "will be None",
+                    req.engine_id,
+                    first,
+                    "prefix-cache hit without stored routing"
+                    if ids is None
+                    else f"expected position {req.return_next} next",
+                )
+                break
+            got_ids.append(ids[skip:])
+            if weights is not None:
+                got_w.append(weights[skip:])
+            req.return_next = first + len(positions) - skip
+        if req.return_broken or not got_ids:
+            continue
+        ids_out = got_ids[0] if len(got_ids) == 1 else np.concatenate(got_ids)
+        w_out = (got_w[0] if len(got_w) == 1 else np.concatenate(got_w)) if with_weights else None
+        out[req.engine_id] = (ids_out, w_out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,20 +606,17 @@ class Failure:
 
 
 class Writer(threading.Thread):
-    def __init__(self, st: WriterState) -> None:
+    def __init__(self, st: WriterState, assembler: RouteAssembler | None = None) -> None:
         super().__init__(name="moe-routes-writer", daemon=True)
         self.st = st
         # O_RDWR: repairing a partial tail and cutting our own tail on a full disk read the file back.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(st.settings.path, flags, 0o644)
-        self.layers = list(st.layers)
-        if st.num_slots:
-            k, n_layers = st.top_k, len(st.layers)
-            id_dtype = np.int16 if st.num_experts <= np.iinfo(np.int16).max else np.int32
-            # np.zeros: the OS maps the pages lazily, on first store
-            self.store_ids = np.zeros((st.num_slots, n_layers, k), dtype=id_dtype)
-            self.store_w = np.zeros((st.num_slots, n_layers, k), dtype=np.float32)
-            self.store_valid = np.zeros(st.num_slots, dtype=bool)
+        self.log_cols = st.log_cols
+        self.layers = list(st.layers) if st.log_cols is None else [st.layers[c] for c in st.log_cols]
+        # Steps arrive raw (StepJob) and are assembled here, or assembled by the engine thread when the
+        # engine also returns routing per request (StepRoutes): one owner of the KV-slot store either way.
+        self.assembler = assembler
         self._last_write: tuple[int, int] | None = None  # [start, end) of our latest whole-line write
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
@@ -557,115 +765,53 @@ class Writer(threading.Thread):
                 if job.staging_index >= 0:  # exactly once per job, whatever happened
                     st.staging.free.put(job.staging_index)
 
-    def _process(self, job: StepJob) -> bytes:
-        st = self.st
-        n = len(job.positions)
-        if job.event is not None:
-            job.event.synchronize()
-            ids = job.ids.numpy()[:, st.rows]
-            w = job.weights.numpy()[:, st.rows]
-        else:
-            ids, w = job.ids, job.weights
-        unwritten = (ids < 0).any(axis=2)  # [n, L]: a logged layer left this step's rows at -1
-        if unwritten.any():
-            tok, lay = np.argwhere(unwritten)[0]
-            raise MoeRoutesCaptureError(
-                f"layer {self.layers[lay]} did not capture routing for {int(unwritten[:, lay].sum())} of {n} "
-                f"tokens of a step (first: token {int(job.positions[tok])}); an MoE code path without the "
-                "moe_routes hook ran (a moe_routes bug, please report it with the model and engine arguments)"
-            )
+    def _process(self, job: StepJob | StepRoutes) -> bytes:
+        routes = job if isinstance(job, StepRoutes) else self.assembler.assemble(job)
+        st, cols = self.st, self.log_cols
         out = []
-        if st.num_slots:
-            # 1. blocks allocated afresh this step hold an earlier occupant's KV until they are computed
-            if len(job.fresh_blocks):
-                bs = st.manager_block_size
-                fresh = (job.fresh_blocks[:, None] * bs + np.arange(bs)).ravel()
-                self.store_valid[fresh[fresh < st.num_slots]] = False
-            # 2. this step's computed tokens, remembered by KV slot (before any hit is filled: a request
-            # can hit blocks another request fills in the same step)
-            ok = job.slots >= 0
-            s = job.slots[ok]
-            self.store_ids[s] = ids[ok]
-            self.store_w[s] = w[ok]
-            self.store_valid[s] = True
-        # 3. positions this request never computed here (prefix-cache hit): routing from the KV slots
-        starts = np.concatenate(([0], np.cumsum(job.counts)[:-1]))
-        for i, blocks in job.gap_blocks.items():
-            first = int(job.positions[starts[i]])
-            out.append(self._fill_gap(job.requests[i], int(job.emit_from[i]), first, blocks))
-        # 4. this step's records; positions recomputed after preemption were logged already
-        keep = job.positions >= np.repeat(job.emit_from, job.counts)
-        st.stats["recomputed_tokens_skipped"] += int((~keep).sum())
-        if keep.any():
-            tok_req = np.repeat(np.arange(len(job.requests)), job.counts)[keep]
+        for part in routes.prefix:
+            if isinstance(part, Gap):
+                st.stats["gaps"] += 1
+                st.stats["gap_positions"] += part.end - part.start
+                out.append(self._gap_record(part))
+                continue
+            st.stats["cached_records"] += len(part.positions) * len(self.layers)
             out.append(
                 format_routes(
-                    [r.field for r in job.requests],
-                    tok_req,
-                    job.positions[keep],
+                    [part.request.field],
+                    np.zeros(len(part.positions), dtype=np.int64),
+                    part.positions,
                     self.layers,
-                    ids[keep],
-                    w[keep],
+                    part.ids if cols is None else part.ids[:, cols],
+                    part.weights if cols is None else part.weights[:, cols],
+                    cached=True,
                     dp_rank=st.dp_rank,
                 )
             )
-            st.stats["route_records"] += int(keep.sum()) * len(self.layers)
-        return b"".join(out)
-
-    def _gap_record(self, req: Request, start: int, end: int, reason: str) -> bytes:
-        st = self.st
-        st.stats["gaps"] += 1
-        st.stats["gap_positions"] += end - start
-        gap: dict[str, Any] = {"type": "gap"}
-        if st.dp_rank is not None:
-            gap["dp_rank"] = st.dp_rank
-        gap["req_id"] = req.req_id
-        if req.completion_index is not None:
-            gap["completion_index"] = req.completion_index
-        gap.update(token_start=start, token_end=end, reason=reason)
-        return json_line(gap)
-
-    def _fill_gap(self, req: Request, start: int, end: int, blocks: np.ndarray) -> bytes:
-        st = self.st
-        if not st.num_slots:
-            return self._gap_record(
-                req,
-                start,
-                end,
-                "prefix-cache hit and the KV layout has no per-token full-attention slots to keep routing by",
+        if len(routes.positions):
+            out.append(
+                format_routes(
+                    [r.field for r in routes.requests],
+                    routes.tok_req,
+                    routes.positions,
+                    self.layers,
+                    routes.ids if cols is None else routes.ids[:, cols],
+                    routes.weights if cols is None else routes.weights[:, cols],
+                    dp_rank=st.dp_rank,
+                )
             )
-        pos = np.arange(start, end, dtype=np.int64)
-        kbs = st.kernel_block_size
-        slots = blocks[pos // kbs].astype(np.int64) * kbs + pos % kbs
-        valid = self.store_valid[slots]
-        out = []
-        # runs of positions whose slot does / does not hold the token's routing
-        edges = np.flatnonzero(np.diff(valid.astype(np.int8))) + 1
-        for lo, hi in zip(np.concatenate(([0], edges)), np.concatenate((edges, [len(pos)])), strict=True):
-            if valid[lo]:
-                st.stats["cached_records"] += int(hi - lo) * len(self.layers)
-                out.append(
-                    format_routes(
-                        [req.field],
-                        np.zeros(hi - lo, dtype=np.int64),
-                        pos[lo:hi],
-                        self.layers,
-                        self.store_ids[slots[lo:hi]],
-                        self.store_w[slots[lo:hi]],
-                        cached=True,
-                        dp_rank=st.dp_rank,
-                    )
-                )
-            else:
-                out.append(
-                    self._gap_record(
-                        req,
-                        int(pos[lo]),
-                        int(pos[hi - 1]) + 1,
-                        "prefix-cache hit whose KV slots hold no routing captured in this process for these tokens",
-                    )
-                )
+            st.stats["route_records"] += len(routes.positions) * len(self.layers)
         return b"".join(out)
+
+    def _gap_record(self, gap: Gap) -> bytes:
+        record: dict[str, Any] = {"type": "gap"}
+        if self.st.dp_rank is not None:
+            record["dp_rank"] = self.st.dp_rank
+        record["req_id"] = gap.request.req_id
+        if gap.request.completion_index is not None:
+            record["completion_index"] = gap.request.completion_index
+        record.update(token_start=gap.start, token_end=gap.end, reason=gap.reason)
+        return json_line(record)
 
     def close(self) -> None:
         if self.is_alive():
