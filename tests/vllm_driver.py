@@ -9,7 +9,7 @@ core process inherits at spawn), which saves the interpreter start-up per engine
 
 spec = {"model": DIR, "runs": [{"env": {...}, "llm": {...LLM kwargs}, "sampling": {...},
         "prompts": ["text" | [token ids], ...]  |  "batches": [[prompt, ...], [prompt, ...]],
-        "file_size_limit": BYTES}]}
+        "file_size_limit": BYTES, "save_routes": "FILE.npz"}]}
 
 The environment of a run is set after `from vllm import LLM` (as users do). "file_size_limit" lowers
 RLIMIT_FSIZE while the engine starts and runs (its processes inherit it; CPython ignores SIGXFSZ, so a
@@ -65,6 +65,8 @@ def run_one(model: str, run: dict) -> dict:
 
             stats = moe_routes.flush_engine(llm.llm_engine)
         multi = sp.n > 1
+        if run.get("save_routes"):
+            _save_routes(run["save_routes"], outs, multi)
         return {
             "ok": True,
             "startup_s": startup,
@@ -97,6 +99,24 @@ def run_one(model: str, run: dict) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _save_routes(path: str, outs, multi: bool) -> None:
+    """CompletionOutput.routed_experts / .routed_expert_weights of every completion, keyed like the tests'
+    output_key ("ids/<request_id>[#<index>]"); "none/<key>" marks a completion that returned None."""
+    import numpy as np
+
+    arrays = {}
+    for o in outs:
+        for c in o.outputs:
+            key = f"{o.request_id}#{c.index}" if multi else o.request_id
+            if c.routed_experts is None:
+                arrays[f"none/{key}"] = np.zeros(0)
+                continue
+            arrays[f"ids/{key}"] = c.routed_experts
+            if c.routed_expert_weights is not None:
+                arrays[f"weights/{key}"] = c.routed_expert_weights
+    np.savez(path, **arrays)
 
 
 def main() -> int:

@@ -158,6 +158,8 @@ def validate_engine_config(vllm_config: Any, engine_args: Any = None) -> None:
 
     if envs.VLLM_USE_V2_MODEL_RUNNER:
         unsupported.append("the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1 has no routing hook)")
+    if returns is not None and getattr(model_config, "runner_type", "generate") != "generate":
+        unsupported.append("pooling models (routing is returned with generated completions)")
     if unsupported:
         raise refusal(settings, returns, "does not support " + "; ".join(unsupported) + " in this patch series")
     _activate()
@@ -690,11 +692,10 @@ def on_kv_cache_ready(runner: Any) -> None:
         st.staging = _HostStaging(tuple(ids_buf.shape), _STAGING_DEPTH)
     # One owner of the KV-slot store: the engine thread when it must hand rows back with each step's
     # output, else the writer thread.
-    assembler = RouteAssembler(st)
     if returns is not None:
-        st.assembler = assembler
+        st.assembler = RouteAssembler(st)
     if settings is not None:
-        st.thread = Writer(st, None if returns is not None else assembler)
+        st.thread = Writer(st, assembles=returns is None)
         st.thread.start()
     runner._moe_routes_state = st
     _ACTIVE = st
@@ -853,9 +854,7 @@ def _rows_of(st: _State, jobs: list[StepJob]) -> dict[str, tuple[np.ndarray, np.
                 st.staging.free.put(job.staging_index)
         if st.thread is not None:
             st.jobs.put(routes)  # the log formats and writes the same assembled rows
-        step = returned_rows(
-            routes, st.layers, st.num_hidden_layers, id_dtype_for(st.num_experts), st.returns.weights
-        )
+        step = returned_rows(routes, st.layers, st.num_hidden_layers, id_dtype_for(st.num_experts), st.returns.weights)
         for rid, (ids, weights) in step.items():
             if rid in out:  # two forwards before one output (not seen in 0.15.1; kept exact anyway)
                 ids0, w0 = out[rid]

@@ -606,7 +606,7 @@ class Failure:
 
 
 class Writer(threading.Thread):
-    def __init__(self, st: WriterState, assembler: RouteAssembler | None = None) -> None:
+    def __init__(self, st: WriterState, assembles: bool = True) -> None:
         super().__init__(name="moe-routes-writer", daemon=True)
         self.st = st
         # O_RDWR: repairing a partial tail and cutting our own tail on a full disk read the file back.
@@ -616,7 +616,7 @@ class Writer(threading.Thread):
         self.layers = list(st.layers) if st.log_cols is None else [st.layers[c] for c in st.log_cols]
         # Steps arrive raw (StepJob) and are assembled here, or assembled by the engine thread when the
         # engine also returns routing per request (StepRoutes): one owner of the KV-slot store either way.
-        self.assembler = assembler
+        self.assembler = RouteAssembler(st) if assembles else None
         self._last_write: tuple[int, int] | None = None  # [start, end) of our latest whole-line write
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
