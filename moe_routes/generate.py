@@ -588,7 +588,12 @@ def http_completion_items(responses) -> tuple[list[dict], list[dict]]:
         details = getattr(resp.usage, "prompt_tokens_details", None)
         cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
         gens.append(
-            {"req_id": resp.id, "prompt_tokens": len(prompt_ids), "text": choice.text, "token_ids": list(token_ids)}
+            {
+                "req_id": resp.id,
+                "prompt_tokens": len(prompt_ids),
+                "text": get_field(choice, "text"),
+                "token_ids": list(token_ids),
+            }
         )
         items.append(
             {
