@@ -496,32 +496,34 @@ def _tail(path: Path, n: int = 4000) -> str:
         return ""
 
 
-class VllmServer:
-    """One `python -m vllm.entrypoints.openai.api_server` child in its own process group (stop() ends the group:
-    the API server and its engine-core processes)."""
+def server_command(args, port: int, extra: list[str]) -> list[str]:
+    """The vLLM OpenAI server of the http source: this interpreter's vLLM, the run's engine arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *server_cli_args(vllm_engine_kwargs(args)),
+        "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens: the cached positions
+        "--disable-uvicorn-access-log",
+        *extra,
+    ]
 
-    def __init__(self, args, mode: str, extra: list[str], log_path: Path):
-        self.mode, self.log_path, self.port = mode, log_path, free_port()
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *server_cli_args(vllm_engine_kwargs(args)),
-            "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens: the cached positions
-            "--disable-uvicorn-access-log",
-            *extra,
-        ]
+
+class VllmServer:
+    """One server child (server_command) in its own process group; stop() ends the group: the API server and
+    its engine-core processes. Its stdout and stderr go to log_path."""
+
+    def __init__(self, mode: str, cmd: list[str], port: int, log_path: Path):
+        self.mode, self.cmd, self.port, self.log_path = mode, cmd, port, log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
         self._log = open(log_path, "w")
-        self._log.write("$ " + " ".join(self.cmd) + "\n")
+        self._log.write("$ " + " ".join(cmd) + "\n")
         self._log.flush()
-        self.proc = subprocess.Popen(
-            self.cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def base_url(self) -> str:
@@ -664,7 +666,10 @@ def run_vllm_http(args, questions: list[str], out_dir: Path) -> dict:
             print(f"run_generate: starting the {mode} server ({MODE_MEANING['http'][mode]}) ...", flush=True)
             t0 = time.perf_counter()
             extra = server_cli_args(ROUTED_EXPERTS_ENGINE_ARGS) if mode == "log" else []
-            servers[mode] = VllmServer(args, mode, extra, out_dir / f"vllm_server_{mode}.log")
+            port = free_port()
+            servers[mode] = VllmServer(
+                mode, server_command(args, port, extra), port, out_dir / f"vllm_server_{mode}.log"
+            )
             servers[mode].wait_healthy(args.server_timeout)
             startup[mode] = time.perf_counter() - t0
         clients = {

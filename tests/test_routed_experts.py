@@ -566,3 +566,72 @@ def test_http_completion_items_read_openai_style_objects():
     choice.model_extra.pop("token_ids")
     with pytest.raises(ValueError, match="no token ids"):
         generate.http_completion_items([resp])
+
+
+# ------------------------------------------------------------------------------------------------
+# run_generate's server child (http source): start-up errors, process-group shutdown
+# ------------------------------------------------------------------------------------------------
+HEALTHY_SERVER = """
+import http.server, subprocess, sys
+port = int(sys.argv[1])
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # like vLLM's engine core
+print("grandchild", child.pid, flush=True)
+if len(sys.argv) > 2:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a server that ignores Ctrl-C
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def test_server_that_exits_reports_its_output(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; print('ValueError: no such flag --foo', file=sys.stderr); sys.exit(3)"]
+    server = generate.VllmServer("log", cmd, generate.free_port(), tmp_path / "s.log")
+    try:
+        with pytest.raises(SystemExit) as e:
+            server.wait_healthy(60)
+    finally:
+        server.stop()
+    msg = str(e.value)
+    assert "the log server exited with code 3" in msg and "ValueError: no such flag --foo" in msg, msg
+
+
+def test_server_health_timeout_names_the_option_and_output(tmp_path):
+    cmd = [sys.executable, "-c", "print('loading weights ...', flush=True); import time; time.sleep(600)"]
+    server = generate.VllmServer("nolog", cmd, generate.free_port(), tmp_path / "s.log")
+    try:
+        with pytest.raises(SystemExit) as e:
+            server.wait_healthy(1.5)
+    finally:
+        server.stop(grace=5)
+    msg = str(e.value)
+    assert "did not answer /health within 2 s (--server-timeout" in msg and "loading weights" in msg, msg
+    assert server.proc.returncode is not None
+
+
+@pytest.mark.parametrize("ignores_sigint", [False, True])
+def test_server_stop_ends_the_whole_process_group(tmp_path, ignores_sigint):
+    port = generate.free_port()
+    cmd = [sys.executable, "-c", HEALTHY_SERVER, str(port)] + (["stubborn"] if ignores_sigint else [])
+    log = tmp_path / "s.log"
+    server = generate.VllmServer("log", cmd, port, log)
+    try:
+        server.wait_healthy(60)
+    finally:
+        server.stop(grace=2)
+    grandchild = int(next(line for line in log.read_text().splitlines() if line.startswith("grandchild")).split()[1])
+    assert server.proc.returncode is not None
+    assert _gone(grandchild), "the server's child outlived stop()"
