@@ -5,15 +5,30 @@ Writes, into --out-dir:
   timing.json        per-mode runs, medians, the log/no-log throughput ratio, token identity, provenance
   generations.jsonl  prompt, generated text and token ids per request (log-mode run)
 
-Both modes run in one invocation: two engines live side by side (one started with VLLM_LOG_MOE, one
-without; each engine process reads the variable when it starts), each gets a warm-up run, then the
-measured runs alternate (log, no-log, no-log, log, ...) and medians are reported.
+Both modes run in one invocation: two engines live side by side (one with routing capture on, one without),
+each gets a warm-up run, then the measured runs alternate (log, no-log, no-log, log, ...) and medians are
+reported. In timing.json "log" means routing on and "nolog" routing off, whatever the source of the routing
+(--routing-source, vLLM only):
+  log      the engine writes the routing log: VLLM_LOG_MOE on one engine (each engine process reads the
+           variable when it starts); the default
+  offline  routing returned per completion: LLM(enable_return_routed_experts=True,
+           enable_return_routed_expert_weights=True), CompletionOutput.routed_experts / routed_expert_weights
+  http     routing returned per choice by two local OpenAI servers that run_generate starts itself
+           (python -m vllm.entrypoints.openai.api_server, one with --enable-return-routed-experts
+           --enable-return-routed-expert-weights); prompts go to /v1/completions through the openai client,
+           concurrently; server output goes to vllm_server_{log,nolog}.log in --out-dir
+offline and http write moe_routes.jsonl in the log's schema from the returned arrays (MoE layers only, see
+moe_routes/routed_experts.py).
 
 Examples:
   # GPU box, defaults: Qwen/Qwen1.5-MoE-A2.7B-Chat, 25 prompts, 256 new tokens, 3 repeats
   python run_generate.py                  # or: moe-routes generate
   # offline, local prompts and a local model directory
   python run_generate.py --model /path/to/model --prompts-file ../shared/data/gsm8k/test.jsonl
+  # routing returned by vllm.LLM (enable_return_routed_experts) instead of the log
+  python run_generate.py --routing-source offline --model /path/to/model --prompts-file ../shared/data/gsm8k/test.jsonl
+  # routing returned over HTTP by two local vLLM OpenAI servers (needs the openai package)
+  python run_generate.py --routing-source http --server-timeout 1200 --prompts-file ../shared/data/gsm8k/test.jsonl
   # SGLang (patched with patches/sglang-*/): routing returned per request, written in the same schema
   python run_generate.py --engine sglang --model Qwen/Qwen1.5-MoE-A2.7B-Chat
 """
@@ -153,13 +168,35 @@ def is_random_weight_model(model: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 # vLLM
 # ------------------------------------------------------------------------------------------------
-def start_vllm(args, log_path: str | None):
-    from vllm import LLM
+ROUTING_SOURCES = ("log", "offline", "http")
+# What the modes "log" / "nolog" of timing.json mean for each routing source ("routing on" / "routing off").
+MODE_MEANING = {
+    "log": {
+        "log": "VLLM_LOG_MOE set: the engine writes the routing log",
+        "nolog": "the same engine without VLLM_LOG_MOE",
+    },
+    "offline": {
+        "log": "LLM(enable_return_routed_experts=True, enable_return_routed_expert_weights=True): routing returned "
+        "on every CompletionOutput",
+        "nolog": "the same LLM without them",
+    },
+    "http": {
+        "log": "vLLM OpenAI server with --enable-return-routed-experts --enable-return-routed-expert-weights: "
+        "routing returned base64 .npy on every choice of /v1/completions",
+        "nolog": "the same server without them",
+    },
+    "sglang": {
+        "log": "sglang.Engine(enable_return_expert_routing=True), return_expert_routing=True per request",
+        "nolog": "the same engine without them",
+    },
+}
+ROUTED_EXPERTS_ENGINE_ARGS = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
+HTTP_MAX_CONCURRENCY = 256
 
-    if log_path:
-        os.environ["VLLM_LOG_MOE"] = log_path
-    else:
-        os.environ.pop("VLLM_LOG_MOE", None)
+
+def vllm_engine_kwargs(args) -> dict:
+    """The engine arguments every vLLM engine of a run gets (LLM kwargs; the http source passes them as CLI flags
+    with server_cli_args)."""
     kwargs = dict(
         model=args.model,
         seed=args.seed,
@@ -172,25 +209,193 @@ def start_vllm(args, log_path: str | None):
         kwargs["max_model_len"] = args.max_model_len
     if args.gpu_memory_utilization:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    return kwargs
+
+
+def server_cli_args(kwargs: dict) -> list[str]:
+    """LLM kwargs -> the engine's command-line flags (`--max-model-len 2048`, `--enforce-eager`); False and None
+    are left out (the defaults)."""
+    out = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def start_vllm(args, log_path: str | None, routed_experts: bool = False):
+    from vllm import LLM
+
+    if log_path:
+        os.environ["VLLM_LOG_MOE"] = log_path
+    else:
+        os.environ.pop("VLLM_LOG_MOE", None)
+    kwargs = vllm_engine_kwargs(args)
+    if routed_experts:
+        kwargs.update(ROUTED_EXPERTS_ENGINE_ARGS)
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     os.environ.pop("VLLM_LOG_MOE", None)
     return llm, time.perf_counter() - t0
 
 
+def routes_meta(args, *, engine: str, engine_version: str, source: str, **fields) -> dict:
+    """The meta record of a moe_routes.jsonl that run_generate writes from routing returned per request (SGLang,
+    vLLM's offline and http sources); the engine log writes its own. fields: num_experts, top_k,
+    num_hidden_layers, moe_layers, kernel_routed_scaling_factor, config_routed_scaling_factor."""
+    series = series_info(engine)
+    meta = {
+        "type": "meta",
+        "schema_version": schema_version(),
+        "engine": engine,
+        "engine_version": engine_version,
+        f"{engine}_version": engine_version,
+        "torch_version": __import__("torch").__version__,
+        "model_id": args.model,
+        "device": device_info(),
+        "seed": args.seed,
+        "num_experts": int(fields["num_experts"]),
+        "top_k": int(fields["top_k"]),
+        "num_hidden_layers": int(fields["num_hidden_layers"]),
+        "moe_layers": [int(x) for x in fields["moe_layers"]],
+        "layers_logged": [int(x) for x in fields["moe_layers"]],
+        "id_kind": "logical",
+        "routing_source": "kernel",
+        "returned_via": source,
+        "patch_series": series["series"],
+        "kernel_routed_scaling_factor": fields["kernel_routed_scaling_factor"],
+        "config_routed_scaling_factor": fields["config_routed_scaling_factor"],
+        "patches": series["patches"],
+        "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+        "created_unix": time.time(),
+    }
+    if is_random_weight_model(args.model):
+        meta["random_weights"] = True
+    return meta
+
+
+def check_routing_layout(hf_config, source: str) -> None:
+    """Before any measured run: the returned arrays can only be written as route records when
+    moe_layer_indices knows the model."""
+    from moe_routes.routed_experts import routing_layout
+
+    try:
+        layout = routing_layout(hf_config)
+    except ValueError as exc:
+        raise SystemExit(f"run_generate: --routing-source {source}: {exc}") from None
+    if layout["num_experts"] is None:
+        raise SystemExit(f"run_generate: --routing-source {source}: the model config names no routed expert count")
+
+
+def write_returned_routes(args, out_path: Path, hf_config, items: list[dict], *, engine_version: str, source: str):
+    """moe_routes.jsonl from routing returned per completion (vLLM offline / http). items: {"req_id",
+    "routed" (RoutedExperts), "num_tokens" (prompt + generated), "num_cached_tokens"}. Only the MoE layers are
+    written (moe_layer_indices, cross-checked against the arrays: dense rows all zero, MoE rows weighted)."""
+    from moe_routes.records import iter_route_records, write_routes
+    from moe_routes.routed_experts import check_layer_layout, moe_rows, routing_layout
+
+    layout = routing_layout(hf_config)
+    num_layers, moe_layers = layout["num_hidden_layers"], layout["moe_layers"]
+    num_experts, top_k = layout["num_experts"], layout["top_k"]
+    if num_experts is None:
+        raise ValueError(f"{args.model}: the config names no routed expert count (num_experts / n_routed_experts)")
+    for it in items:
+        routed = it["routed"]
+        where = f"request {it['req_id']}"
+        try:
+            if routed.weights is None:
+                raise ValueError("no routed_expert_weights (the engine was started without them)")
+            routed.check(num_tokens=it["num_tokens"], num_layers=num_layers, top_k=top_k, num_experts=num_experts)
+            check_layer_layout(routed, moe_layers)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    meta = routes_meta(
+        args,
+        engine="vllm",
+        engine_version=engine_version,
+        source=source,
+        num_experts=num_experts,
+        top_k=items[0]["routed"].top_k if items else top_k,
+        num_hidden_layers=num_layers,
+        moe_layers=moe_layers,
+        # the returned weights are what the kernel applied; whether the kernel or the model applied the config's
+        # routed_scaling_factor is a property of the model code the arrays do not carry (the engine log says it)
+        kernel_routed_scaling_factor=None,
+        config_routed_scaling_factor=getattr(hf_config, "routed_scaling_factor", None),
+    )
+
+    def records():
+        for it in items:
+            r = it["routed"]
+            yield from iter_route_records(
+                it["req_id"],
+                moe_rows(r.ids, moe_layers),
+                moe_rows(r.weights, moe_layers),
+                moe_layers,
+                token_start=r.prompt_start,
+                num_cached_tokens=it["num_cached_tokens"],
+            )
+
+    with open(out_path, "w") as f:
+        return write_routes(f, meta, records())
+
+
+def write_generations(out_dir: Path, questions: list[str], rows: list[dict]) -> None:
+    """generations.jsonl; rows: {"req_id", "prompt_tokens", "text", "token_ids"} in question order."""
+    with open(out_dir / "generations.jsonl", "w") as f:
+        for q, r in zip(questions, rows, strict=True):
+            rec = {"req_id": r["req_id"], "question": q, "prompt_tokens": r["prompt_tokens"]}
+            rec.update(text=r["text"], token_ids=r["token_ids"])
+            f.write(json.dumps(rec) + "\n")
+
+
+def keep_first_run_routes(scratch: Path, keep: set[str], out_path: Path, random_weights: bool) -> int:
+    """The log source: copy the meta records and the routing of the requests in `keep` out of the log of every
+    run; returns the number of records kept."""
+    n_records = 0
+    with open(scratch) as src, open(out_path, "w") as dst:
+        for line in src:
+            if line.startswith('{"type":"meta"'):
+                if random_weights:
+                    meta = json.loads(line)
+                    meta["random_weights"] = True
+                    line = json.dumps(meta, separators=(",", ":")) + "\n"
+                dst.write(line)
+                continue
+            # route lines start '{"type":"route","req_id":"ID"' (the writer's fixed layout); gaps go via json
+            if line.startswith('{"type":"route","req_id":"'):
+                rid = line[26 : line.index('"', 26)]
+            else:
+                rid = json.loads(line)["req_id"]
+            if rid in keep:
+                dst.write(line)
+                n_records += 1
+    return n_records
+
+
 def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
+    if "VLLM_LOG_MOE" in os.environ:
+        raise SystemExit("run_generate: unset VLLM_LOG_MOE; run_generate.py sets it for the logging engine itself")
+    if args.routing_source == "http":
+        return run_vllm_http(args, questions, out_dir)
     from tqdm import tqdm
     from vllm import SamplingParams
 
-    if "VLLM_LOG_MOE" in os.environ:
-        raise SystemExit("run_generate: unset VLLM_LOG_MOE; run_generate.py sets it for the logging engine itself")
+    source = args.routing_source
     scratch = out_dir / "moe_routes.all_runs.jsonl"
-    if scratch.exists():
+    if source == "log" and scratch.exists():
         scratch.unlink()
     engines, startup = {}, {}
     for mode in ("log", "nolog"):
-        print(f"run_generate: starting the {mode} engine ...", flush=True)
-        engines[mode], startup[mode] = start_vllm(args, str(scratch) if mode == "log" else None)
+        print(f"run_generate: starting the {mode} engine ({MODE_MEANING[source][mode]}) ...", flush=True)
+        engines[mode], startup[mode] = start_vllm(
+            args,
+            str(scratch) if (source == "log" and mode == "log") else None,
+            routed_experts=(source == "offline" and mode == "log"),
+        )
+    if source == "offline":
+        check_routing_layout(engines["log"].llm_engine.model_config.hf_config, source)
     tokenizer = engines["log"].get_tokenizer()
     prompts = build_prompts(questions, tokenizer, not args.no_chat_template)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
@@ -209,47 +414,54 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     identical = all_identical(
         {m: [[list(o.outputs[0].token_ids) for o in outs] for outs in outputs[m]] for m in outputs}
     )
-
-    # keep the routing of the first measured log run; the scratch file holds warm-up and repeats too
-    keep = {o.request_id for o in outputs["log"][0]}
-    random_weights = is_random_weight_model(args.model)
-    n_records = 0
-    with open(scratch) as src, open(out_dir / "moe_routes.jsonl", "w") as dst:
-        for line in src:
-            if line.startswith('{"type":"meta"'):
-                if random_weights:
-                    meta = json.loads(line)
-                    meta["random_weights"] = True
-                    line = json.dumps(meta, separators=(",", ":")) + "\n"
-                dst.write(line)
-                continue
-            # route lines start '{"type":"route","req_id":"ID"' (the writer's fixed layout); gaps go via json
-            if line.startswith('{"type":"route","req_id":"'):
-                rid = line[26 : line.index('"', 26)]
-            else:
-                rid = json.loads(line)["req_id"]
-            if rid in keep:
-                dst.write(line)
-                n_records += 1
-    if not args.keep_all_runs_log:
-        scratch.unlink()
-    with open(out_dir / "generations.jsonl", "w") as f:
-        for q, o in zip(questions, outputs["log"][0], strict=True):
-            f.write(
-                json.dumps(
-                    {
-                        "req_id": o.request_id,
-                        "question": q,
-                        "prompt_tokens": len(o.prompt_token_ids),
-                        "text": o.outputs[0].text,
-                        "token_ids": list(o.outputs[0].token_ids),
-                    }
-                )
-                + "\n"
-            )
     import torch
     import vllm
 
+    first = outputs["log"][0]
+    keep = {o.request_id for o in first}
+    if source == "log":
+        # keep the routing of the first measured log run; the scratch file holds warm-up and repeats too
+        n_records = keep_first_run_routes(
+            scratch, keep, out_dir / "moe_routes.jsonl", is_random_weight_model(args.model)
+        )
+        if not args.keep_all_runs_log:
+            scratch.unlink()
+    else:
+        from moe_routes.routed_experts import RoutedExperts
+
+        try:
+            items = [
+                {
+                    "req_id": o.request_id,
+                    "routed": RoutedExperts.from_completion_output(o.outputs[0]),
+                    "num_tokens": len(o.prompt_token_ids) + len(o.outputs[0].token_ids),
+                    "num_cached_tokens": o.num_cached_tokens or 0,
+                }
+                for o in first
+            ]
+            n_records = write_returned_routes(
+                args,
+                out_dir / "moe_routes.jsonl",
+                engines["log"].llm_engine.model_config.hf_config,
+                items,
+                engine_version=vllm.__version__,
+                source=source,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"run_generate: --routing-source offline: {exc}") from None
+    write_generations(
+        out_dir,
+        questions,
+        [
+            {
+                "req_id": o.request_id,
+                "prompt_tokens": len(o.prompt_token_ids),
+                "text": o.outputs[0].text,
+                "token_ids": list(o.outputs[0].token_ids),
+            }
+            for o in first
+        ],
+    )
     for llm in engines.values():
         try:
             llm.llm_engine.engine_core.shutdown()
@@ -265,6 +477,233 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
         "tokens_identical": identical,
         "route_records": n_records,
         "routed_request_ids": sorted(keep, key=lambda x: int(x) if x.isdigit() else 0),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM behind its OpenAI server (--routing-source http)
+# ------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def server_command(args, port: int, extra: list[str]) -> list[str]:
+    """The vLLM OpenAI server of the http source: this interpreter's vLLM, the run's engine arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *server_cli_args(vllm_engine_kwargs(args)),
+        "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens: the cached positions
+        "--disable-uvicorn-access-log",
+        *extra,
+    ]
+
+
+class VllmServer:
+    """One server child (server_command) in its own process group; stop() ends the group: the API server and
+    its engine-core processes. Its stdout and stderr go to log_path."""
+
+    def __init__(self, mode: str, cmd: list[str], port: int, log_path: Path):
+        self.mode, self.cmd, self.port, self.log_path = mode, cmd, port, log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
+        self._log = open(log_path, "w")
+        self._log.write("$ " + " ".join(cmd) + "\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_healthy(self, timeout: float) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise SystemExit(
+                    f"run_generate: the {self.mode} server exited with code {rc} before answering /health "
+                    f"(log {self.log_path}); its output ends with:\n{_tail(self.log_path)}"
+                )
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"run_generate: the {self.mode} server (port {self.port}) did not answer /health within "
+                    f"{timeout:.0f} s (--server-timeout; log {self.log_path}); its output ends with:\n"
+                    f"{_tail(self.log_path)}"
+                )
+            time.sleep(0.5)
+
+    def stop(self, grace: float = 60.0) -> None:
+        import signal
+
+        try:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGINT)  # what Ctrl-C does: the server shuts its engine down
+                    self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    pass
+            # whatever is left of the group (an engine core that outlived the server), then reap the server
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+        finally:
+            self._log.close()
+
+
+def http_completion_items(responses) -> tuple[list[dict], list[dict]]:
+    """Per response (one prompt, one choice): generation rows for generations.jsonl and routing items for
+    write_returned_routes (the choice's routing decoded with moe_routes.routed_experts.from_choice)."""
+    from moe_routes.routed_experts import from_choice, get_field
+
+    gens, items = [], []
+    for resp in responses:
+        if len(resp.choices) != 1:
+            raise ValueError(f"response {resp.id}: expected one choice, got {len(resp.choices)}")
+        choice = resp.choices[0]
+        prompt_ids, token_ids = get_field(choice, "prompt_token_ids"), get_field(choice, "token_ids")
+        if prompt_ids is None or token_ids is None:
+            raise ValueError(f"response {resp.id}: no token ids (the request asks for return_token_ids)")
+        details = getattr(resp.usage, "prompt_tokens_details", None)
+        cached = (getattr(details, "cached_tokens", None) or 0) if details is not None else 0
+        gens.append(
+            {
+                "req_id": resp.id,
+                "prompt_tokens": len(prompt_ids),
+                "text": get_field(choice, "text"),
+                "token_ids": list(token_ids),
+            }
+        )
+        items.append(
+            {
+                "req_id": resp.id,
+                "routed": from_choice(choice),
+                "num_tokens": len(prompt_ids) + len(token_ids),
+                "num_cached_tokens": int(cached),
+            }
+        )
+    return gens, items
+
+
+def http_measure(args, clients: dict, prompts: list[str]):
+    """Warm-up and alternating measured runs against the two servers; every prompt is its own request, sent
+    concurrently (the server batches them). Returns measure_alternating's (warmup, runs, outputs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    extra_body = {"return_token_ids": True}
+    if args.ignore_eos:
+        extra_body["ignore_eos"] = True
+
+    with ThreadPoolExecutor(max_workers=min(len(prompts), HTTP_MAX_CONCURRENCY)) as pool:
+
+        def one(mode):
+            client = clients[mode]
+
+            def request(prompt):
+                return client.completions.create(
+                    model=args.model,
+                    prompt=prompt,
+                    max_tokens=args.max_tokens,
+                    temperature=0.0,
+                    seed=args.seed,
+                    extra_body=extra_body,
+                )
+
+            t0 = time.perf_counter()
+            resps = list(pool.map(request, prompts))
+            wall = time.perf_counter() - t0
+            return resps, run_stats(
+                wall, sum(r.usage.prompt_tokens for r in resps), sum(r.usage.completion_tokens for r in resps)
+            )
+
+        return measure_alternating(
+            one, args.repeats, lambda order: tqdm(order, desc="measured runs (alternating log / no-log)", unit="run")
+        )
+
+
+def run_vllm_http(args, questions: list[str], out_dir: Path) -> dict:
+    try:
+        import openai
+    except ImportError:
+        raise SystemExit("run_generate: --routing-source http needs the 'openai' client package installed") from None
+    from transformers import AutoConfig, AutoTokenizer
+
+    from moe_routes.routed_experts import get_field
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    check_routing_layout(hf_config, "http")
+    prompts = build_prompts(questions, tokenizer, not args.no_chat_template)
+    servers, startup = {}, {}
+    try:
+        # one at a time: each server sizes its KV cache from the memory free when it starts
+        for mode in ("log", "nolog"):
+            print(f"run_generate: starting the {mode} server ({MODE_MEANING['http'][mode]}) ...", flush=True)
+            t0 = time.perf_counter()
+            extra = server_cli_args(ROUTED_EXPERTS_ENGINE_ARGS) if mode == "log" else []
+            port = free_port()
+            servers[mode] = VllmServer(
+                mode, server_command(args, port, extra), port, out_dir / f"vllm_server_{mode}.log"
+            )
+            servers[mode].wait_healthy(args.server_timeout)
+            startup[mode] = time.perf_counter() - t0
+        clients = {
+            mode: openai.OpenAI(base_url=s.base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=3600)
+            for mode, s in servers.items()
+        }
+        warmup, runs, outputs = http_measure(args, clients, prompts)
+    finally:
+        for s in servers.values():
+            s.stop()
+    identical = all_identical(
+        {m: [[list(get_field(r.choices[0], "token_ids")) for r in resps] for resps in outputs[m]] for m in outputs}
+    )
+    import torch
+    import vllm
+
+    try:
+        gens, items = http_completion_items(outputs["log"][0])
+        n_records = write_returned_routes(
+            args, out_dir / "moe_routes.jsonl", hf_config, items, engine_version=vllm.__version__, source="http"
+        )
+    except ValueError as exc:
+        raise SystemExit(f"run_generate: --routing-source http: {exc}") from None
+    write_generations(out_dir, questions, gens)
+    return {
+        "engine": "vllm",
+        "engine_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "startup_s": startup,
+        "warmup": warmup,
+        "runs": runs,
+        "tokens_identical": identical,
+        "route_records": n_records,
+        "routed_request_ids": [g["req_id"] for g in gens],
     }
 
 
@@ -300,7 +739,8 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
         ) from None
     from transformers import AutoConfig, AutoTokenizer
 
-    from moe_routes.sglang_routing import decode_expert_routing, to_jsonl_records
+    from moe_routes.records import write_routes
+    from moe_routes.sglang_routing import decode_expert_routing, iter_jsonl_records
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     hf_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -333,39 +773,29 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
         del engine  # its GPU memory must be free before the next engine sizes its KV cache
     identical = all_identical({m: [[o.get("output_ids") for o in outs] for outs in outputs[m]] for m in outputs})
     first = outputs["log"][0]
-    n_records = 0
+    decoded = [decode_expert_routing(o["meta_info"]["expert_routing"]) for o in first]
+    meta = routes_meta(
+        args,
+        engine="sglang",
+        engine_version=sglang.__version__,
+        source="offline",
+        num_experts=decoded[0]["num_experts"],
+        top_k=decoded[0]["top_k"],
+        num_hidden_layers=getattr(hf_config, "num_hidden_layers", max(decoded[0]["layers"]) + 1),
+        moe_layers=decoded[0]["layers"],
+        kernel_routed_scaling_factor=kernel_scaling_factor(decoded[0]),
+        config_routed_scaling_factor=decoded[0]["routed_scaling_factor"],
+    )
     with open(out_dir / "moe_routes.jsonl", "w") as f:
-        decoded = [decode_expert_routing(o["meta_info"]["expert_routing"]) for o in first]
-        series = series_info("sglang")
-        meta = {
-            "type": "meta",
-            "schema_version": schema_version(),
-            "engine": "sglang",
-            "engine_version": sglang.__version__,
-            "sglang_version": sglang.__version__,
-            "torch_version": __import__("torch").__version__,
-            "model_id": args.model,
-            "device": device_info(),
-            "seed": args.seed,
-            "num_experts": int(decoded[0]["num_experts"]),
-            "top_k": int(decoded[0]["top_k"]),
-            "num_hidden_layers": int(getattr(hf_config, "num_hidden_layers", max(decoded[0]["layers"]) + 1)),
-            "moe_layers": [int(x) for x in decoded[0]["layers"]],
-            "layers_logged": [int(x) for x in decoded[0]["layers"]],
-            "id_kind": "logical",
-            "routing_source": "kernel",
-            "patch_series": series["series"],
-            "kernel_routed_scaling_factor": kernel_scaling_factor(decoded[0]),
-            "config_routed_scaling_factor": decoded[0]["routed_scaling_factor"],
-            "patches": series["patches"],
-            "writer": {"pid": os.getpid(), "host": socket.gethostname()},
-            "created_unix": time.time(),
-        }
-        f.write(json.dumps(meta, separators=(",", ":")) + "\n")
-        for i, (o, dec) in enumerate(zip(first, decoded, strict=True)):
-            for rec in to_jsonl_records(str(o["meta_info"].get("id", i)), dec):
-                f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-                n_records += 1
+        n_records = write_routes(
+            f,
+            meta,
+            (
+                rec
+                for i, (o, dec) in enumerate(zip(first, decoded, strict=True))
+                for rec in iter_jsonl_records(str(o["meta_info"].get("id", i)), dec)
+            ),
+        )
     return {
         "engine": "sglang",
         "engine_version": sglang.__version__,
@@ -395,10 +825,16 @@ def summarize(result: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Examples:" + __doc__.split("Examples:")[1],
+        epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument(
+        "--routing-source",
+        choices=ROUTING_SOURCES,
+        help="vLLM: where the routing comes from: the engine's log (default), returned by vllm.LLM (offline) or "
+        "by the OpenAI server (http); SGLang: offline only (its default)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id or local directory (default: %(default)s)")
     p.add_argument("--num-prompts", type=int, default=25)
     p.add_argument("--prompts-file", help="local JSONL with a 'question' field (offline use)")
@@ -422,12 +858,35 @@ def parse_args(argv=None):
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out-dir", default=".", help="where the artifacts go (default: current directory)")
     p.add_argument(
-        "--keep-all-runs-log", action="store_true", help="keep moe_routes.all_runs.jsonl (warm-up and every repeat)"
+        "--keep-all-runs-log",
+        action="store_true",
+        help="--routing-source log: keep moe_routes.all_runs.jsonl (warm-up and every repeat)",
+    )
+    p.add_argument(
+        "--server-timeout",
+        type=float,
+        default=900.0,
+        help="--routing-source http: seconds each server may take to answer /health (default: %(default)s)",
     )
     a = p.parse_args(argv)
     if a.repeats < 1 or a.num_prompts < 1 or a.max_tokens < 1:
         p.error("--repeats, --num-prompts and --max-tokens must be >= 1")
+    if a.engine == "sglang":
+        if a.routing_source not in (None, "offline"):
+            p.error("--engine sglang returns routing per request from its in-process engine: --routing-source offline")
+        a.routing_source = "offline"
+    elif a.routing_source is None:
+        a.routing_source = "log"
+    if a.keep_all_runs_log and a.routing_source != "log":
+        p.error("--keep-all-runs-log needs --routing-source log (the other sources write no log of every run)")
+    if a.server_timeout <= 0:
+        p.error("--server-timeout must be > 0")
     return a
+
+
+def mode_meaning(engine: str, routing_source: str) -> dict:
+    """What "log" and "nolog" mean in timing.json for this engine and routing source."""
+    return MODE_MEANING["sglang" if engine == "sglang" else routing_source]
 
 
 def main(argv=None) -> int:
@@ -452,6 +911,8 @@ def main(argv=None) -> int:
         "engine": result["engine"],
         "engine_version": result["engine_version"],
         "torch_version": result["torch_version"],
+        "routing_source": args.routing_source,
+        "modes_meaning": mode_meaning(args.engine, args.routing_source),
         "model": args.model,
         "device": device_info(),
         "num_prompts": len(questions),
@@ -480,6 +941,9 @@ def main(argv=None) -> int:
     print(
         f"model {args.model}: {len(questions)} prompts x {args.max_tokens} max new tokens, {args.repeats} repeats/mode"
     )
+    print(f"routing source {args.routing_source}:")
+    for mode, meaning in timing["modes_meaning"].items():
+        print(f"  {mode:>5} = {meaning}")
     print(f"startup: log {result['startup_s']['log']:.1f} s, no-log {result['startup_s']['nolog']:.1f} s")
     for mode in ("nolog", "log"):
         print(
@@ -487,7 +951,10 @@ def main(argv=None) -> int:
             f"({m[mode]['median_generated_tokens_per_s']:.1f} generated tok/s); runs "
             + ", ".join(f"{r['wall_s']:.3f}" for r in m[mode]["runs"])
         )
-    print(f"throughput ratio log/no-log: {summary['throughput_ratio_log_over_nolog']:.3f}")
+    print(
+        f"throughput ratio log/no-log (routing on/off, source {args.routing_source}): "
+        f"{summary['throughput_ratio_log_over_nolog']:.3f}"
+    )
     print(f"generated tokens identical across modes and repeats: {result['tokens_identical']}")
     print(f"route records: {result['route_records']}")
     for name in ("moe_routes.jsonl", "timing.json", "generations.jsonl"):

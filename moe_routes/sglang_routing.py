@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_routes.records import iter_route_records
+
 FORMAT = "sglang-expert-routing/v1"
 _ID_DTYPES = {"uint8", "int16", "int32"}
 _W_DTYPES = {"float32", "float16"}
@@ -92,36 +94,15 @@ def decode_expert_routing(meta_info_entry: Any) -> dict[str, Any]:
 
 
 def iter_jsonl_records(req_id: str, decoded: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    ids, w, layers = decoded["topk_ids"], decoded["topk_weights"], decoded["layers"]
-    missing = sorted(decoded.get("missing", []))
-    bad = np.zeros(ids.shape[0], dtype=bool)
-    for a, b in missing:
-        bad[a:b] = True
-    n_cached = decoded.get("num_cached_tokens", 0)
-    gaps = {a: b for a, b in missing}
-    for t in range(ids.shape[0]):
-        if t in gaps:
-            yield {
-                "type": "gap",
-                "req_id": req_id,
-                "token_start": t,
-                "token_end": gaps[t],
-                "reason": "no routing captured for these KV slots",
-            }
-        if bad[t]:
-            continue
-        for li, layer in enumerate(layers.tolist()):
-            rec = {
-                "type": "route",
-                "req_id": req_id,
-                "token_idx": t,
-                "layer": int(layer),
-                "topk_ids": [int(x) for x in ids[t, li]],
-                "topk_weights": [float(x) for x in w[t, li]],
-            }
-            if t < n_cached:
-                rec["cached"] = True
-            yield rec
+    """Route records of one decoded payload (moe_routes.records, the one producer of records outside the engines)."""
+    return iter_route_records(
+        str(req_id),
+        decoded["topk_ids"],
+        decoded["topk_weights"],
+        [int(x) for x in decoded["layers"]],
+        num_cached_tokens=decoded.get("num_cached_tokens", 0),
+        missing=decoded.get("missing", []),
+    )
 
 
 def to_jsonl_records(req_id: str, decoded: dict[str, Any]) -> list[dict[str, Any]]:

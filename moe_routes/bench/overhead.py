@@ -1,11 +1,18 @@
-"""Log vs no-log throughput, side by side in one run, on a CPU bench model larger than the test models.
+"""Routing on vs off throughput, side by side, on a CPU bench model larger than the test models.
 
 Builds (once) a random-weight Qwen2-MoE (hidden 512, 8 layers, 32 experts, top-4, shared expert) and runs
-run_generate.py on it: two engines, a warm-up each, then alternating measured runs; prints the median
-throughput ratio log/no-log. Pass --model to measure a real model instead (e.g. on a GPU box).
+run_generate.py on it once per routing source: two engines, a warm-up each, then alternating measured runs;
+prints each median throughput ratio routing on/off. By default both vLLM ratios in one invocation:
+  log      VLLM_LOG_MOE on / off (the engine writes the routing log)
+  offline  enable_return_routed_experts (+ _weights) on / off (routing returned on CompletionOutput)
+--routing-source (repeatable) picks the sources; http starts two local OpenAI servers (run_generate.py --help).
+Pass --model to measure a real model instead (e.g. on a GPU box).
 
 Examples:
-  moe-routes bench overhead                       # CPU bench model, eager, 25 prompts x 64 tokens, 5 repeats
+  moe-routes bench overhead                       # CPU bench model, eager, 25 prompts x 64 tokens, 5 repeats,
+                                                  # log/no-log and returned-routing on/off
+  moe-routes bench overhead --routing-source log  # only the log/no-log ratio
+  moe-routes bench overhead --routing-source offline --routing-source http   # returned offline and over HTTP
   moe-routes bench overhead --compiled            # torch.compile (slow start-up on CPU)
   moe-routes bench overhead --model Qwen/Qwen1.5-MoE-A2.7B-Chat --max-tokens 256   # GPU box
 """
@@ -22,7 +29,15 @@ from pathlib import Path
 
 from moe_routes import REPO_ROOT as ROOT
 from moe_routes import cache_root, tinymoe
+from moe_routes.generate import ROUTING_SOURCES
 from moe_routes.prompts import SHARED_GSM8K
+
+DEFAULT_SOURCES = ("log", "offline")
+RATIO_NAMES = {
+    "log": "log/no-log (VLLM_LOG_MOE)",
+    "offline": "enable_return_routed_experts on/off (offline LLM)",
+    "http": "enable_return_routed_experts on/off (OpenAI server)",
+}
 
 
 def main(argv=None) -> int:
@@ -37,8 +52,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
-    ap.add_argument("--out-dir", default=None, help="keep artifacts here (default: a temp dir)")
+    ap.add_argument(
+        "--routing-source",
+        action="append",
+        choices=ROUTING_SOURCES,
+        help="run_generate.py --routing-source, one run_generate invocation each; repeatable "
+        f"(default: {' and '.join(DEFAULT_SOURCES)})",
+    )
+    ap.add_argument("--out-dir", default=None, help="keep artifacts here, one folder per source (default: a temp dir)")
     a = ap.parse_args(argv)
+    sources = list(dict.fromkeys(a.routing_source or DEFAULT_SOURCES))
     if a.model is None and a.prompts_file is None:
         ap.error(
             f"the CPU bench model's tokenizer is trained on prompts: pass --prompts-file ({SHARED_GSM8K} is missing)"
@@ -63,43 +86,58 @@ def main(argv=None) -> int:
         )
         extra = ["--dtype", "float32", "--ignore-eos"]
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    cmd = [
-        sys.executable,
-        str(ROOT / "run_generate.py"),
-        "--model",
-        model,
-        "--num-prompts",
-        str(a.num_prompts),
-        "--max-tokens",
-        str(a.max_tokens),
-        "--repeats",
-        str(a.repeats),
-        "--out-dir",
-        str(out),
-        *extra,
-    ]
-    if a.prompts_file:
-        cmd += ["--prompts-file", a.prompts_file]
-    if not a.compiled:
-        cmd.append("--enforce-eager")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        return proc.returncode
-    t = json.loads((out / "timing.json").read_text())
-    m = t["modes"]
+    results = {}
+    for source in sources:
+        src_out = out / source
+        cmd = [
+            sys.executable,
+            str(ROOT / "run_generate.py"),
+            "--routing-source",
+            source,
+            "--model",
+            model,
+            "--num-prompts",
+            str(a.num_prompts),
+            "--max-tokens",
+            str(a.max_tokens),
+            "--repeats",
+            str(a.repeats),
+            "--out-dir",
+            str(src_out),
+            *extra,
+        ]
+        if a.prompts_file:
+            cmd += ["--prompts-file", a.prompts_file]
+        if not a.compiled:
+            cmd.append("--enforce-eager")
+        print(f"bench: routing source {source}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(f"bench: run_generate --routing-source {source} failed (rc {proc.returncode}):\n")
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            return proc.returncode
+        results[source] = json.loads((src_out / "timing.json").read_text())
+    first = next(iter(results.values()))
     print(
-        f"bench: {model} on {t['device']}, {'compiled' if a.compiled else 'eager'}, "
-        f"{t['num_prompts']} prompts x {t['max_tokens']} tokens, {t['repeats']} alternating repeats per mode"
+        f"bench: {model} on {first['device']}, {'compiled' if a.compiled else 'eager'}, "
+        f"{first['num_prompts']} prompts x {first['max_tokens']} tokens, "
+        f"{first['repeats']} alternating repeats per mode"
     )
-    for mode in ("nolog", "log"):
+    for source, t in results.items():
+        m = t["modes"]
+        print(f"routing source {source}: {RATIO_NAMES[source]}")
+        for mode, label in (("nolog", "off"), ("log", "on")):
+            print(
+                f"  {label:>3} ({mode:>5}): median {m[mode]['median_tokens_per_s']:.1f} tok/s  runs "
+                + " ".join(f"{r['tokens_per_s']:.1f}" for r in m[mode]["runs"])
+            )
         print(
-            f"  {mode:>5}: median {m[mode]['median_tokens_per_s']:.1f} tok/s  runs "
-            + " ".join(f"{r['tokens_per_s']:.1f}" for r in m[mode]["runs"])
+            f"  throughput ratio on/off (medians): {t['throughput_ratio_log_over_nolog']:.3f}  "
+            f"(tokens identical: {t['tokens_identical_across_modes']}; route records {t['route_records']:,})"
         )
     print(
-        f"throughput ratio log/no-log (medians): {t['throughput_ratio_log_over_nolog']:.3f}  "
-        f"(tokens identical: {t['tokens_identical_across_modes']}; route records {t['route_records']:,})"
+        "summary: "
+        + "; ".join(f"{RATIO_NAMES[s]}: {t['throughput_ratio_log_over_nolog']:.3f}" for s, t in results.items())
     )
     print(f"artifacts: {out}")
     return 0
