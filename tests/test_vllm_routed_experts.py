@@ -344,7 +344,7 @@ def http_runs(models, tmp_path_factory):
     prompts = gsm8k_questions(3)
     got: dict = {"errors": {}}
     args = ("--enable-return-routed-experts", "--enable-return-routed-expert-weights")
-    for client in serve(model, work, env={"VLLM_LOG_MOE": str(work / "http.jsonl")}, args=args):
+    with serve(model, work, env={"VLLM_LOG_MOE": str(work / "http.jsonl")}, args=args) as client:
         got["completions"] = client.completions.create(
             model=model,
             prompt=prompts[:2],
@@ -392,7 +392,7 @@ def http_runs(models, tmp_path_factory):
                 got["errors"][name] = None
             except openai.BadRequestError as exc:
                 got["errors"][name] = str(exc)
-    for client in serve(model, work / "off"):
+    with serve(model, work / "off") as client:
         got["off_plain"] = client.completions.create(model=model, prompt=prompts[0], max_tokens=3)
         try:
             client.completions.create(
