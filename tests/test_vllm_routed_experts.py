@@ -152,8 +152,9 @@ def test_offline_arrays_equal_the_log_and_the_hf_reference(offline_runs, models)
 
 
 def test_offline_without_log_and_repeat_runs_are_identical(offline_runs):
-    """Works without VLLM_LOG_MOE; two runs of the same greedy requests: 0 % mismatch, element-wise (the
-    upstream example allows 5 % with a per-row checksum)."""
+    """Works without VLLM_LOG_MOE; two runs of the same greedy requests: 0 % id mismatch, element-wise (the
+    upstream example allows 5 % with a per-row checksum). Weights: the CPU GEMMs of two engine instances are
+    not bitwise reproducible (seen: 1-ulp differences in 23 % of the weights), hence a tolerance."""
     work, results = offline_runs
     assert [o["token_ids"] for o in results[0]["outputs"]] == [o["token_ids"] for o in results[1]["outputs"]]
     a = ReturnedRoutes(work / "with_log.npz", [0, 1, 2])
@@ -161,7 +162,7 @@ def test_offline_without_log_and_repeat_runs_are_identical(offline_runs):
     assert set(a.ids) == set(b.ids) and not b.none
     for key in a.ids:
         np.testing.assert_array_equal(a.ids[key], b.ids[key])
-        np.testing.assert_array_equal(a.weights[key], b.weights[key])
+        np.testing.assert_allclose(a.weights[key], b.weights[key], rtol=0, atol=1e-6)
 
 
 def test_same_step_prefix_hits_return_the_routing_of_their_own_tokens(offline_runs, models):

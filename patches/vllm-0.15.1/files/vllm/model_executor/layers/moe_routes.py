@@ -955,6 +955,10 @@ def check_request(sampling_params: Any, prompt_len: int, model_config: Any) -> N
     """InputProcessor.process_inputs (every front-end: LLM, AsyncLLM, the OpenAI server): a start given as
     SamplingParams.routed_experts_prompt_start or as extra_args (vllm_xargs) is checked and made the
     field's value."""
+    if not ENABLED and return_settings(model_config) is not None:
+        # A front-end process that did not build the config (API server workers of --api-server-count > 1)
+        # must still collect the rows of its requests (OutputProcessor hooks), before its first request.
+        _activate()
     extra = sampling_params.extra_args
     start = sampling_params.routed_experts_prompt_start
     if isinstance(extra, dict) and PROMPT_START in extra:
