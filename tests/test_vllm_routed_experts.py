@@ -130,6 +130,21 @@ def offline_runs(models, tmp_path_factory):
             prompts=prompts,
             save_routes=str(work / "inproc.npz"),
         ),
+        # 5: preemption with recompute: 6 KV blocks of 128 tokens for 16 growing requests, prefix caching off
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "preempt.jsonl")},
+            llm={**eager, **ROUTES, "num_gpu_blocks_override": 6, "enable_prefix_caching": False, "max_num_seqs": 16},
+            sampling={"max_tokens": 120},
+            prompts=gsm8k_questions(16),
+            save_routes=str(work / "preempt.npz"),
+        ),
+        # 6: start == P and one generated token: an empty array [0, L, K], not None
+        dict(
+            llm={**eager, **ROUTES},
+            sampling={"max_tokens": 1, "routed_experts_prompt_start": len(ids[0])},
+            prompts=[ids[0]],
+            save_routes=str(work / "empty.npz"),
+        ),
     ]
     results, _ = drive(models["qwen2_moe"], runs, work)
     for r in results:
@@ -198,6 +213,26 @@ def test_in_process_engine_prompt_start_and_stop_strings(offline_runs, models):
     routes = ReturnedRoutes(work / "inproc.npz", log.meta["layers_logged"])
     _check_contract(routes, outputs, [0, 1, 2], start=5)
     _equal_to_log(routes, log, outputs, start=5)
+
+
+def test_preemption_recompute_returns_each_position_once(offline_runs, models):
+    work, results = offline_runs
+    outputs = results[5]["outputs"]
+    assert results[5]["writer_stats"][0]["recomputed_tokens_skipped"] > 0, "the scenario did not preempt"
+    log = RouteLog(work / "preempt.jsonl")
+    routes = ReturnedRoutes(work / "preempt.npz", log.meta["layers_logged"])
+    _check_contract(routes, outputs, [0, 1, 2])
+    _equal_to_log(routes, log, outputs)
+    _agree(routes, models["qwen2_moe"], outputs)
+
+
+def test_start_at_the_prompt_end_with_one_token_is_an_empty_array(offline_runs):
+    work, results = offline_runs
+    routes = ReturnedRoutes(work / "empty.npz", [0, 1, 2])
+    assert not routes.none and len(routes.ids) == 1
+    (ids,) = routes.ids.values()
+    assert ids.shape == (0, NUM_LAYERS, TOP_K) and ids.dtype == np.uint8
+    assert next(iter(routes.weights.values())).shape == (0, NUM_LAYERS, TOP_K)
 
 
 def test_dense_layers_are_zero_rows_as_upstream(models, tmp_path):
@@ -461,3 +496,11 @@ def test_http_bad_input_gets_a_400_naming_the_field(http_runs):
     assert "routed_experts" not in (got["off_plain"].choices[0].model_extra or {})
     assert got["off_error"] is not None and "400" in got["off_error"]
     assert "--enable-return-routed-experts" in got["off_error"]
+
+
+def test_http_routing_fields_are_not_reported_as_ignored_request_fields(http_runs):
+    """The fields are set on the built choice: OpenAIBaseModel's validator would log every extra constructor
+    argument as 'present in the request but ignored', once per choice."""
+    work, _ = http_runs
+    server_log = (work / "serve.log").read_text()
+    assert "routed_experts" not in "".join(line for line in server_log.splitlines() if "ignored" in line)

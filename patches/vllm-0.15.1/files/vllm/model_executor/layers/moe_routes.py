@@ -571,6 +571,11 @@ def on_kv_cache_ready(runner: Any) -> None:
     if settings is not None and settings.layers is not None and returns is not None:
         log_cols = [captured.index(i) for i in sorted(settings.layers)]
     logged = captured if log_cols is None else [captured[c] for c in log_cols]
+    n_hidden = int(runner.model_config.get_total_num_hidden_layers())
+    if returns is not None and captured and captured[-1] >= n_hidden:
+        raise refusal(
+            None, returns, f"needs MoE layer indices below the {n_hidden} decoder layers; this model has {captured}"
+        )
     logged_mods = captured_mods if log_cols is None else [captured_mods[c] for c in log_cols]
     first = moe_modules[0]
     top_k, num_experts = int(first.top_k), int(first.logical_num_experts)
@@ -603,6 +608,8 @@ def on_kv_cache_ready(runner: Any) -> None:
 
     kv_cfg = runner.kv_cache_config
     kv_group, manager_block_size = _routing_store_group(kv_cfg)
+    if not runner.cache_config.enable_prefix_caching:
+        kv_group, manager_block_size = -1, 0  # no hit to fill: no KV-slot store (memory and a copy per step)
     if returns is not None and kv_group < 0 and runner.cache_config.enable_prefix_caching:
         raise refusal(
             None,
@@ -686,7 +693,7 @@ def on_kv_cache_ready(runner: Any) -> None:
         meta=meta,
         dp_rank=dp_rank,
         returns=returns,
-        num_hidden_layers=int(model_config.get_total_num_hidden_layers()),
+        num_hidden_layers=n_hidden,
     )
     if device.type == "cuda":
         st.staging = _HostStaging(tuple(ids_buf.shape), _STAGING_DEPTH)
@@ -847,8 +854,15 @@ def _rows_of(st: _State, jobs: list[StepJob]) -> dict[str, tuple[np.ndarray, np.
         try:
             routes = st.assembler.assemble(job)
         except MoeRoutesCaptureError as exc:
-            # Rows that would be returned are incomplete: never hand them to a trainer.
-            raise RuntimeError(f"moe_routes: cannot return routed experts: {exc}") from exc
+            # Incomplete rows are never handed to a trainer: the step's requests return None from here on
+            # (the front-end refuses their short arrays); the engine keeps serving (this may run on the
+            # executor's output thread, where raising would hang the engine core), the log records it.
+            for req in job.requests:
+                req.return_broken = True
+            logger.error("moe_routes: routed experts of %d requests dropped: %s", len(job.requests), exc)
+            if st.thread is not None:
+                st.jobs.put(Failure(exc))
+            continue
         finally:
             if job.staging_index >= 0:
                 st.staging.free.put(job.staging_index)
@@ -902,30 +916,28 @@ def completion_routes(
     set on the finishing output only (also when a stop string, found here, finishes the request), as
     upstream. Rows [P + G - 1 - start, num_hidden_layers, top_k]: the last sampled token has no forward."""
     chunks = getattr(req_state, "_moe_routes_chunks", None)
-    if chunks is None:
-        return engine_core_output.routed_experts, None
+    if chunks is None:  # a state created without on_output_request: never pass a single step's chunk on
+        return None, None
     if engine_core_output.routed_experts is not None:
         chunks.append((engine_core_output.routed_experts, engine_core_output.routed_expert_weights))
     if finish_reason is None or not chunks:
-        return None, None
+        return None, None  # not finished, or aborted before any forward (upstream: None as well)
     req_state._moe_routes_chunks = []
-    ids = np.concatenate([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
-    weights = None
-    if chunks[0][1] is not None:
-        weights = np.concatenate([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
+    # always a fresh array: a single chunk may be a read-only view into a received message frame
+    ids = np.concatenate([c[0] for c in chunks])
+    weights = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
     generated = len(req_state.detokenizer.output_token_ids) if req_state.detokenizer is not None else 0
     expected = req_state.prompt_len + generated - 1 - req_state._moe_routes_start
-    if len(ids) < expected:
+    if len(ids) != expected:
+        # short: a hole the engine reported; long: rows the count cannot place. Either way not this
+        # completion's positions start .. P+G-2 exactly once.
         logger.error(
-            "moe_routes: request %s finished with routing for %d of its %d positions; its routed_experts is None",
+            "moe_routes: request %s finished with %d routing rows for its %d positions; routed_experts is None",
             req_state.request_id,
             len(ids),
             expected,
         )
         return None, None
-    if len(ids) > expected:  # tokens past a stop string the engine already forwarded
-        ids = ids[:expected]
-        weights = None if weights is None else weights[:expected]
     return ids, weights
 
 
@@ -941,8 +953,10 @@ def http_request(request: Any, sampling_params: Any, model_config: Any) -> None:
     """OpenAI /v1/completions and /v1/chat/completions, after to_sampling_params: a start sent to a server
     that does not return routing is refused (400); a start sent as a field is the engine's."""
     start = prompt_start_of(request)
-    if start is None or not hasattr(sampling_params, PROMPT_START):
+    if start is None:
         return
+    if not hasattr(sampling_params, PROMPT_START):
+        raise _validation_error(f"{PROMPT_START}: routed experts are not returned for beam search", start)
     if return_settings(model_config) is None:
         raise _validation_error(
             f"{PROMPT_START}: this server does not return routed experts; start it with {RETURN_FLAG}", start
@@ -951,16 +965,19 @@ def http_request(request: Any, sampling_params: Any, model_config: Any) -> None:
         sampling_params.routed_experts_prompt_start = start
 
 
-def check_request(sampling_params: Any, prompt_len: int, model_config: Any) -> None:
+def check_request(sampling_params: Any, prompt_len: int, model_config: Any, resumable: bool = False) -> None:
     """InputProcessor.process_inputs (every front-end: LLM, AsyncLLM, the OpenAI server): a start given as
     SamplingParams.routed_experts_prompt_start or as extra_args (vllm_xargs) is checked and made the
     field's value."""
-    if not ENABLED and return_settings(model_config) is not None:
-        # A front-end process that did not build the config (API server workers of --api-server-count > 1)
-        # must still collect the rows of its requests (OutputProcessor hooks), before its first request.
-        _activate()
+    returns = return_settings(model_config)
+    if returns is not None and resumable:
+        raise _validation_error(
+            f"streaming-input sessions are not supported with {RETURN_FLAG} in this patch series "
+            "(a session's rows would not follow its chunks)",
+            None,
+        )
     extra = sampling_params.extra_args
-    start = sampling_params.routed_experts_prompt_start
+    start = getattr(sampling_params, PROMPT_START, 0)
     if isinstance(extra, dict) and PROMPT_START in extra:
         xstart = extra[PROMPT_START]
         if start not in (0, xstart):
@@ -970,7 +987,7 @@ def check_request(sampling_params: Any, prompt_len: int, model_config: Any) -> N
         return
     if isinstance(start, bool) or not isinstance(start, int):
         raise _validation_error(f"{PROMPT_START} must be an integer, got {type(start).__name__}", start)
-    if return_settings(model_config) is None:
+    if returns is None:
         raise _validation_error(
             f"{PROMPT_START}: this engine does not return routed experts; start it with {RETURN_FLAG} "
             "(enable_return_routed_experts=True)",
@@ -999,18 +1016,21 @@ def _npy_base64(array: np.ndarray) -> str:
         return base64.b64encode(buf.getbuffer()).decode("ascii")
 
 
-def choice_fields(output: Any, request: Any) -> dict[str, Any]:
-    """Extra fields of an OpenAI choice (or of a stream choice's final chunk) carrying the completion's
-    routing: routed_experts (base64 .npy, as vLLM 0.22+), routed_expert_weights, and the start used."""
+def add_choice_fields(choice: Any, output: Any, request: Any) -> None:
+    """An OpenAI choice (or a stream choice's final chunk) gets the completion's routing as extra fields:
+    routed_experts (base64 .npy, as vLLM 0.22+), routed_expert_weights, and the start used. Set on the
+    built model: passed to its constructor they would pass OpenAIBaseModel's validator, which logs every
+    extra field as "present in the request but ignored"; present only when routing is returned, so
+    stream chunks do not grow."""
     ids = getattr(output, "routed_experts", None)
     if ids is None:
-        return {}
+        return
     fields = {"routed_experts": _npy_base64(ids)}
     weights = getattr(output, "routed_expert_weights", None)
     if weights is not None:
         fields["routed_expert_weights"] = _npy_base64(weights)
     fields[PROMPT_START] = int(prompt_start_of(request) or 0)
-    return fields
+    choice.__pydantic_extra__.update(fields)
 
 
 def _fail_from_engine(st: _State, exc: BaseException) -> None:

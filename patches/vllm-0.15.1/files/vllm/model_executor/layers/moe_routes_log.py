@@ -533,11 +533,14 @@ def returned_rows(
                 (routes.positions[a:b], all_ids[a:b], None if all_w is None else all_w[a:b])
             )
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    k = routes.ids.shape[2]
     for i, req_parts in parts.items():
         req = routes.requests[i]
         if req.return_broken:
             continue
-        got_ids, got_w = [], []
+        # an empty chunk when every row lies before the start: start == P with one token still returns [0, L, K]
+        got_ids = [np.zeros((0, num_layers, k), dtype=id_dtype)]
+        got_w = [np.zeros((0, num_layers, k), dtype=np.float32)]
         for positions, ids, weights in req_parts:
             first = int(positions[0])
             if positions[-1] < req.return_from:
@@ -560,10 +563,10 @@ def returned_rows(
             if weights is not None:
                 got_w.append(weights[skip:])
             req.return_next = first + len(positions) - skip
-        if req.return_broken or not got_ids:
+        if req.return_broken:
             continue
-        ids_out = got_ids[0] if len(got_ids) == 1 else np.concatenate(got_ids)
-        w_out = (got_w[0] if len(got_w) == 1 else np.concatenate(got_w)) if with_weights else None
+        ids_out = got_ids[-1] if len(got_ids) == 2 else np.concatenate(got_ids)
+        w_out = (got_w[-1] if len(got_w) == 2 else np.concatenate(got_w)) if with_weights else None
         out[req.engine_id] = (ids_out, w_out)
     return out
 
