@@ -348,3 +348,81 @@ def test_client_request_ids():
     assert ml.client_request("cmpl-ab-1-0a1b2c3d", params({**tag, "n": 1, "num_choices": 2})) == ("cmpl-ab", 2)
     with pytest.raises(ml.MoeRoutesCaptureError, match="not a parallel-sampling child id"):
         ml.client_request("7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 3, "n": 3}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-request return (enable_return_routed_experts): assembled rows -> each request's array chunk
+# ---------------------------------------------------------------------------------------------------
+def _assembler(num_slots=64, layers=(1, 2)):
+    st = ml.WriterState(
+        settings=None,
+        layers=list(layers),
+        rows=list(range(len(layers))),
+        top_k=2,
+        num_experts=8,
+        manager_block_size=4,
+        kernel_block_size=4,
+        num_slots=num_slots,
+        meta={},
+    )
+    return ml.RouteAssembler(st)
+
+
+def _engine_req(name, start=0):
+    return ml.Request(name, None, engine_id=f"{name}-engine", return_from=start)
+
+
+def _rows(asm, job, start_layers=(1, 2)):
+    return ml.returned_rows(asm.assemble(job), list(start_layers), 4, ml.id_dtype_for(8), True)
+
+
+def test_returned_rows_every_decoder_layer_prefix_hits_first_and_the_start_applied():
+    asm = _assembler()
+    a, b = _engine_req("A"), _engine_req("B", start=3)
+    # step 1: A computes positions 0..7 (slots 8..15); B hits those two blocks in the same step and computes 8
+    ids = [[[p % 8, 7], [p % 8, 6]] for p in range(8)] + [[[5, 4], [3, 2]]]
+    job = _job([a, b], [8, 1], list(range(8)) + [8], list(range(8, 16)) + [40], ids, gap_blocks={1: np.array([2, 3])})
+    job.emit_from = np.array([0, 0])
+    out = _rows(asm, job)
+    ids_a, w_a = out["A-engine"]
+    assert ids_a.shape == (8, 4, 2) and ids_a.dtype == np.uint8 and w_a.dtype == np.float32
+    assert not ids_a[:, [0, 3]].any() and not w_a[:, [0, 3]].any()  # layers not captured (dense): 0
+    np.testing.assert_array_equal(ids_a[:, 1:3], np.asarray(ids[:8]))
+    ids_b, _ = out["B-engine"]
+    assert ids_b.shape == (6, 4, 2)  # positions 3..8: the hit rows from the start on, then its own
+    np.testing.assert_array_equal(ids_b[:5, 1:3], np.asarray(ids[3:8]))
+    np.testing.assert_array_equal(ids_b[5, 1:3], np.asarray(ids[8]))
+    assert a.return_next == 8 and b.return_next == 9
+
+
+def test_returned_rows_all_before_the_start_is_an_empty_chunk():
+    asm = _assembler()
+    r = _engine_req("R", start=4)
+    job = _job([r], [4], [0, 1, 2, 3], [0, 1, 2, 3], [[[1, 2], [3, 4]]] * 4)
+    ids, w = _rows(asm, job)["R-engine"]
+    assert ids.shape == (0, 4, 2) and w.shape == (0, 4, 2) and r.return_next == 4
+
+
+def test_returned_rows_stop_for_a_request_with_a_hole(caplog):
+    asm = _assembler(num_slots=0)  # no KV-slot store: a prefix hit cannot be read back
+    r = _engine_req("R")
+    job = _job([r], [1], [4], [-1], [[[1, 2], [3, 4]]], gap_blocks={0: np.array([0])})
+    with caplog.at_level(logging.ERROR):
+        assert "R-engine" not in _rows(asm, job)
+    assert r.return_broken and "routed_experts will be None" in caplog.text
+    # later steps return nothing for it either: the front-end sees a short array and returns None
+    job2 = _job([r], [1], [5], [-1], [[[1, 2], [3, 4]]], emit_from=[5])
+    assert _rows(asm, job2) == {}
+
+
+def test_returned_rows_out_of_order_positions_are_refused():
+    asm = _assembler()
+    r = _engine_req("R")
+    assert _rows(asm, _job([r], [2], [0, 1], [0, 1], [[[1, 2], [3, 4]]] * 2))["R-engine"][0].shape[0] == 2
+    assert "R-engine" not in _rows(asm, _job([r], [1], [3], [3], [[[1, 2], [3, 4]]], emit_from=[3]))
+    assert r.return_broken
+
+
+@pytest.mark.parametrize(("num_experts", "dtype"), [(8, np.uint8), (256, np.uint8), (257, np.uint16)])
+def test_id_dtype_is_the_smallest_unsigned_type(num_experts, dtype):
+    assert ml.id_dtype_for(num_experts) == dtype
