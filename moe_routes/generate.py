@@ -374,6 +374,24 @@ def keep_first_run_routes(scratch: Path, keep: set[str], out_path: Path, random_
     return n_records
 
 
+def vllm_result(startup, warmup, runs, identical, n_records, routed_request_ids) -> dict:
+    """What run_vllm / run_vllm_http hand to main() for timing.json."""
+    import torch
+    import vllm
+
+    return {
+        "engine": "vllm",
+        "engine_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "startup_s": startup,
+        "warmup": warmup,
+        "runs": runs,
+        "tokens_identical": identical,
+        "route_records": n_records,
+        "routed_request_ids": routed_request_ids,
+    }
+
+
 def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     if "VLLM_LOG_MOE" in os.environ:
         raise SystemExit("run_generate: unset VLLM_LOG_MOE; run_generate.py sets it for the logging engine itself")
@@ -414,7 +432,6 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     identical = all_identical(
         {m: [[list(o.outputs[0].token_ids) for o in outs] for outs in outputs[m]] for m in outputs}
     )
-    import torch
     import vllm
 
     first = outputs["log"][0]
@@ -467,17 +484,9 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
             llm.llm_engine.engine_core.shutdown()
         except Exception:
             pass
-    return {
-        "engine": "vllm",
-        "engine_version": vllm.__version__,
-        "torch_version": torch.__version__,
-        "startup_s": startup,
-        "warmup": warmup,
-        "runs": runs,
-        "tokens_identical": identical,
-        "route_records": n_records,
-        "routed_request_ids": sorted(keep, key=lambda x: int(x) if x.isdigit() else 0),
-    }
+    return vllm_result(
+        startup, warmup, runs, identical, n_records, sorted(keep, key=lambda x: int(x) if x.isdigit() else 0)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -683,7 +692,6 @@ def run_vllm_http(args, questions: list[str], out_dir: Path) -> dict:
     identical = all_identical(
         {m: [[list(get_field(r.choices[0], "token_ids")) for r in resps] for resps in outputs[m]] for m in outputs}
     )
-    import torch
     import vllm
 
     try:
@@ -694,17 +702,7 @@ def run_vllm_http(args, questions: list[str], out_dir: Path) -> dict:
     except ValueError as exc:
         raise SystemExit(f"run_generate: --routing-source http: {exc}") from None
     write_generations(out_dir, questions, gens)
-    return {
-        "engine": "vllm",
-        "engine_version": vllm.__version__,
-        "torch_version": torch.__version__,
-        "startup_s": startup,
-        "warmup": warmup,
-        "runs": runs,
-        "tokens_identical": identical,
-        "route_records": n_records,
-        "routed_request_ids": [g["req_id"] for g in gens],
-    }
+    return vllm_result(startup, warmup, runs, identical, n_records, [g["req_id"] for g in gens])
 
 
 # ------------------------------------------------------------------------------------------------

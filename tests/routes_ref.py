@@ -31,6 +31,25 @@ def gsm8k_questions(n: int) -> list[str]:
     return read_questions(GSM8K, n)
 
 
+def shared_prefix_prompts(model_dir: str | Path) -> dict[str, list[list[int]]]:
+    """Token-id prompts of the same-step prefix-hit scenario (run "fill" then "shared" on an engine with 15 KV
+    blocks of 128 and max_num_seqs 16): "fill" = 7 unrelated requests whose 249 + 8 - 1 = 256 computed
+    positions fill exactly two KV blocks each; "shared" = 8 requests behind a 300-token system prompt (two
+    full blocks), scheduled in one step so that the first allocates and registers the system-prompt blocks
+    and the others hit them in the same step; "long" = 4 prompts > 128 tokens (n > 1, chunked prefill)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok(q)["input_ids"] for q in gsm8k_questions(80)]
+    system = [t for q in ids[40:50] for t in q][:300]
+    return {
+        "fill": [(q * 8)[:249] for q in ids[:7]],
+        "shared": [system + q for q in ids[50:58]],
+        "long": [[t for q in ids[60 + 3 * i : 63 + 3 * i] for t in q] * 2 for i in range(4)],
+        "first": ids[0],
+    }
+
+
 def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900, extra_env: dict | None = None):
     """Run tests/vllm_driver.py in a fresh interpreter; returns the per-run result dicts."""
     workdir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,18 @@ import os
 import subprocess
 
 import pytest
-from routes_ref import GSM8K, PY, ROOT, RouteLog, compare_with_reference, drive, gsm8k_questions, output_key, serve
+from routes_ref import (
+    GSM8K,
+    PY,
+    ROOT,
+    RouteLog,
+    compare_with_reference,
+    drive,
+    gsm8k_questions,
+    output_key,
+    serve,
+    shared_prefix_prompts,
+)
 
 
 def _exact(log: RouteLog, model_dir, outputs, floor: float = 1.0) -> dict:
@@ -38,12 +49,8 @@ def _tokens(model_dir, texts: list[str]) -> list[list[int]]:
 @pytest.fixture(scope="session")
 def shared_prefix_runs(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("shared_prefix")
-    ids = _tokens(models["qwen2_moe"], gsm8k_questions(80))
-    system = [t for q in ids[40:50] for t in q][:300]  # a shared system prompt: 2 full KV blocks of 128
-    # unrelated requests whose 249 + 8 - 1 = 256 computed positions fill exactly two KV blocks each
-    fill = [(q * 8)[:249] for q in ids[:7]]
-    shared = [system + q for q in ids[50:58]]
-    long_prompts = [[t for q in ids[60 + 3 * i : 63 + 3 * i] for t in q] * 2 for i in range(4)]  # > 128 tokens
+    prompts = shared_prefix_prompts(models["qwen2_moe"])
+    fill, shared, long_prompts = prompts["fill"], prompts["shared"], prompts["long"]
     base = {"llm": {"enforce_eager": True}}
     runs = [
         # 15 KV blocks (block 0 is vLLM's null block): the first batch fills and frees every block, so the

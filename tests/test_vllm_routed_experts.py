@@ -17,7 +17,16 @@ import textwrap
 
 import numpy as np
 import pytest
-from routes_ref import PY, RouteLog, compare_with_reference, drive, gsm8k_questions, output_key, serve
+from routes_ref import (
+    PY,
+    RouteLog,
+    compare_with_reference,
+    drive,
+    gsm8k_questions,
+    output_key,
+    serve,
+    shared_prefix_prompts,
+)
 
 NUM_LAYERS = 3  # every tinymoe model: 3 decoder layers, 8 experts, top-2
 NUM_EXPERTS = 8
@@ -82,14 +91,8 @@ def _agree(routes, model_dir, outputs) -> dict:
 @pytest.fixture(scope="module")
 def offline_runs(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("routed_offline")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(models["qwen2_moe"])
-    ids = [tok(q)["input_ids"] for q in gsm8k_questions(80)]
-    system = [t for q in ids[40:50] for t in q][:300]  # shared system prompt: two full KV blocks of 128
-    fill = [(q * 8)[:249] for q in ids[:7]]
-    shared = [system + q for q in ids[50:58]]
-    long_prompts = [[t for q in ids[60 + 3 * i : 63 + 3 * i] for t in q] * 2 for i in range(4)]
+    token_prompts = shared_prefix_prompts(models["qwen2_moe"])
+    fill, shared, long_prompts = token_prompts["fill"], token_prompts["shared"], token_prompts["long"]
     prompts = gsm8k_questions(6)
     eager = {"enforce_eager": True}
     runs = [
@@ -141,8 +144,8 @@ def offline_runs(models, tmp_path_factory):
         # 6: start == P and one generated token: an empty array [0, L, K], not None
         dict(
             llm={**eager, **ROUTES},
-            sampling={"max_tokens": 1, "routed_experts_prompt_start": len(ids[0])},
-            prompts=[ids[0]],
+            sampling={"max_tokens": 1, "routed_experts_prompt_start": len(token_prompts["first"])},
+            prompts=[token_prompts["first"]],
             save_routes=str(work / "empty.npz"),
         ),
     ]
