@@ -632,7 +632,7 @@ def test_edited_source_fails_lint_until_refreshed(tmp_path):
     assert again.returncode == 0 and f"{owner}: unchanged" in again.out and (copy / owner).read_bytes() == regenerated
     # the regenerated series is a self-contained, strict series: it applies and reverses on the clean release
     r = run("verify", "--engine", "vllm", "--patches-dir", copy, "--offline")
-    assert r.returncode == 0 and ": OK: 4 patches" in r.out, r.out
+    assert r.returncode == 0 and f": OK: {len(committed)} patches" in r.out, r.out
     # the edit undone: the body is the committed one again, byte for byte
     source.write_bytes(original)
     assert run("refresh", "--engine", "vllm", "--patches-dir", copy).returncode == 0
