@@ -80,7 +80,8 @@ IDS_FIELD = "routed_experts"
 WEIGHTS_FIELD = "routed_expert_weights"
 PROMPT_START_FIELD = "routed_experts_prompt_start"
 NPY_MAGIC = b"\x93NUMPY"
-ID_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+# uint8 / uint16 from vLLM 0.22+ and this series; int32 is what upstream documents for out-of-tree platforms
+ID_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int32))
 WEIGHTS_DTYPE = np.dtype(np.float32)
 _SERVER_HINT = "start the server with --enable-return-routed-experts (vllm serve MODEL --enable-return-routed-experts)"
 _SGLANG_HINT = "for SGLang payloads use moe_routes.sglang_routing"
@@ -162,9 +163,11 @@ class RoutedExperts:
             raise ValueError(f"{IDS_FIELD}: expected rank 3 [tokens, layers, top_k], got shape {ids.shape}")
         if ids.dtype not in ID_DTYPES:
             raise ValueError(
-                f"{IDS_FIELD}: expected uint8 or uint16 expert ids, got {ids.dtype} (vLLM before 0.22 and unpatched "
-                f"0.15.1 return int32; SGLang payloads: {_SGLANG_HINT})"
+                f"{IDS_FIELD}: expected uint8, uint16 or int32 expert ids, got {ids.dtype} "
+                f"(SGLang payloads: {_SGLANG_HINT})"
             )
+        if ids.dtype == np.int32 and ids.size and int(ids.min()) < 0:
+            raise ValueError(f"{IDS_FIELD}: negative expert id {int(ids.min())}")
         if w is not None:
             if not isinstance(w, np.ndarray):
                 raise ValueError(f"{WEIGHTS_FIELD}: expected a numpy array, got {type(w).__name__}")
@@ -408,9 +411,10 @@ def routing_layout(hf_config: Any) -> dict[str, Any]:
     (``num_experts_per_tok``, None when the config lacks it)."""
     c = _text_config(hf_config)
     top_k = _cfg(c, "num_experts_per_tok")
+    moe_layers = moe_layer_indices(c)  # first: its ValueError names what the config lacks
     return {
         "num_hidden_layers": int(_cfg(c, "num_hidden_layers")),
-        "moe_layers": moe_layer_indices(c),
+        "moe_layers": moe_layers,
         "num_experts": num_routed_experts(c),
         "top_k": top_k if isinstance(top_k, int) else None,
     }

@@ -333,6 +333,15 @@ def test_run_generate_http_source_stops_the_first_server_when_the_second_fails(s
 def run_source(models, tmp_path_factory):
     """run_generate.py --routing-source SOURCE on the tiny model, once per source and module."""
     done: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+    # prompts of four GSM8K questions each (> 128 tokens, one full KV block): the measured run hits the
+    # blocks its warm-up filled, so that cached flags are compared too
+    from moe_routes.prompts import read_questions
+
+    questions = read_questions(GSM8K, 4 * NUM_PROMPTS)
+    long_prompts = tmp_path_factory.mktemp("prompts") / "long.jsonl"
+    long_prompts.write_text(
+        "".join(json.dumps({"question": " ".join(questions[4 * i : 4 * i + 4])}) + "\n" for i in range(NUM_PROMPTS))
+    )
 
     def run(source: str):
         if source not in done:
@@ -340,7 +349,8 @@ def run_source(models, tmp_path_factory):
             env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
             env.pop("VLLM_LOG_MOE", None)
             cmd = [PY, str(ROOT / "run_generate.py"), "--routing-source", source, "--model", str(models[ARCH])]
-            cmd += ["--prompts-file", str(GSM8K), "--num-prompts", str(NUM_PROMPTS), "--max-tokens", str(MAX_TOKENS)]
+            cmd += ["--prompts-file", str(long_prompts), "--num-prompts", str(NUM_PROMPTS)]
+            cmd += ["--max-tokens", str(MAX_TOKENS)]
             cmd += ["--ignore-eos", "--repeats", "1", "--enforce-eager", "--dtype", "float32"]
             cmd += ["--max-model-len", "2048", "--out-dir", str(out)]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
@@ -380,6 +390,7 @@ def _assert_same_routing(got: dict, want: dict, source: str) -> None:
     assert not bad_ids, f"{source}: {len(bad_ids)} records with other expert ids than the log, e.g. {bad_ids[:3]}"
     assert max_dw <= 1e-6, f"{source}: weights differ from the log's by up to {max_dw}"
     assert not bad_cached, f"{source}: cached flags differ from the log's, e.g. {bad_cached[:3]}"
+    assert any(v[2] for v in want["routes"].values()), "no prefix-cache hit: the cached flags were not compared"
     for field in ("num_experts", "top_k", "num_hidden_layers", "moe_layers", "layers_logged", "model_id", "seed"):
         assert got["meta"][field] == want["meta"][field], field
 

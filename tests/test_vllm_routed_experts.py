@@ -309,6 +309,7 @@ ASYNC_SCRIPT = textwrap.dedent(
             async for o in engine.generate("Janet has three apples and buys five more.", sp, request_id="r1"):
                 await asyncio.sleep(0.3)  # a slow consumer: the collector aggregates deltas
                 c = o.outputs[0]
+                out["outputs"] = out.get("outputs", 0) + 1
                 out.setdefault("tokens", []).extend(c.token_ids)
                 out["prompt"] = len(o.prompt_token_ids)
                 if c.routed_experts is not None:
@@ -336,6 +337,7 @@ def test_async_llm_delta_streaming_keeps_the_array_through_aggregation(models, t
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     out = json.loads(line[0][7:])
     assert len(out["tokens"]) == 16 and out["finished"]
+    assert out["outputs"] < 16, "the consumer kept up: no aggregation happened"
     assert out["rows"] == out["prompt"] + 16 - 1
 
 
@@ -380,16 +382,19 @@ def http_runs(models, tmp_path_factory):
                 max_tokens=5,
                 temperature=0.0,
                 stream=True,
+                stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True, "vllm_xargs": {"routed_experts_prompt_start": 4}},
             )
         )
-        got["chat_stream"] = list(
+        got["chat_stream"] = list(  # n = 2: each choice's final chunk carries that choice's arrays
             client.chat.completions.create(
                 model=model,
                 messages=[{"role": "user", "content": prompts[2]}],
                 max_tokens=5,
-                temperature=0.0,
+                n=2,
+                temperature=1.0,
                 stream=True,
+                stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True},
             )
         )
@@ -398,6 +403,8 @@ def http_runs(models, tmp_path_factory):
             "too_large": {"routed_experts_prompt_start": 10_000},
             "not_int": {"vllm_xargs": {"routed_experts_prompt_start": "3"}},
             "twice": {"routed_experts_prompt_start": 2, "vllm_xargs": {"routed_experts_prompt_start": 3}},
+            "twice_zero": {"routed_experts_prompt_start": 0, "vllm_xargs": {"routed_experts_prompt_start": 5}},
+            "string": {"routed_experts_prompt_start": "3"},
         }
         for name, body in bad.items():
             try:
@@ -407,13 +414,15 @@ def http_runs(models, tmp_path_factory):
                 got["errors"][name] = str(exc)
     with serve(model, work / "off") as client:
         got["off_plain"] = client.completions.create(model=model, prompt=prompts[0], max_tokens=3)
-        try:
-            client.completions.create(
-                model=model, prompt=prompts[0], max_tokens=3, extra_body={"routed_experts_prompt_start": 0}
-            )
-            got["off_error"] = None
-        except openai.BadRequestError as exc:
-            got["off_error"] = str(exc)
+        for name, body in (
+            ("off_error", {"routed_experts_prompt_start": 0}),
+            ("off_xargs_error", {"vllm_xargs": {"routed_experts_prompt_start": 1}}),
+        ):
+            try:
+                client.completions.create(model=model, prompt=prompts[0], max_tokens=3, extra_body=body)
+                got[name] = None
+            except openai.BadRequestError as exc:
+                got[name] = str(exc)
     return work, got
 
 
@@ -446,20 +455,22 @@ def test_http_streaming_returns_the_arrays_on_each_choices_final_chunk(http_runs
     work, got = http_runs
     log = RouteLog(work / "http.jsonl")
     layers = log.meta["layers_logged"]
-    for name, start in (("stream", 4), ("chat_stream", 0)):
+    for name, start, n in (("stream", 4, 1), ("chat_stream", 0, 2)):
         chunks = got[name]
+        usage = chunks[-1].usage  # include_usage: P and G from the server, not from the log
+        n_pos = usage.prompt_tokens + usage.completion_tokens // n - 1
         finals = [c for ch in chunks for c in ch.choices if c.finish_reason is not None]
         others = [c for ch in chunks for c in ch.choices if c.finish_reason is None]
-        assert len(finals) == 1 and others
+        assert sorted(c.index for c in finals) == list(range(n)) and others
         assert all("routed_experts" not in (c.model_extra or {}) for c in others)
-        extra = finals[0].model_extra
-        assert extra["routed_experts_prompt_start"] == start
-        ids = _decode(extra["routed_experts"])
         rid = chunks[0].id
-        n_pos = max(k[1] for k in log.routes if k[0] == rid) + 1
-        assert ids.shape == (n_pos - start, NUM_LAYERS, TOP_K)
-        log_ids, _ = log.per_request(rid, n_pos, layers)
-        np.testing.assert_array_equal(ids[:, layers], log_ids[start:])
+        for final in finals:
+            extra = final.model_extra
+            assert extra["routed_experts_prompt_start"] == start
+            ids = _decode(extra["routed_experts"])
+            assert ids.shape == (n_pos - start, NUM_LAYERS, TOP_K)
+            log_ids, _ = log.per_request(rid if n == 1 else f"{rid}#{final.index}", n_pos, layers)
+            np.testing.assert_array_equal(ids[:, layers], log_ids[start:])
 
 
 def test_http_bad_input_gets_a_400_naming_the_field(http_runs):
@@ -471,8 +482,9 @@ def test_http_bad_input_gets_a_400_naming_the_field(http_runs):
     assert "given twice" in got["errors"]["twice"]
     # a server started without the flag: no routing fields, and asking for a start is a 400
     assert "routed_experts" not in (got["off_plain"].choices[0].model_extra or {})
-    assert got["off_error"] is not None and "400" in got["off_error"]
-    assert "--enable-return-routed-experts" in got["off_error"]
+    for name in ("off_error", "off_xargs_error"):
+        assert got[name] is not None and "400" in got[name], (name, got[name])
+        assert "--enable-return-routed-experts" in got[name] and "routed_experts_prompt_start" in got[name]
 
 
 def test_http_routing_fields_are_not_reported_as_ignored_request_fields(http_runs):

@@ -955,6 +955,9 @@ def http_request(request: Any, sampling_params: Any, model_config: Any) -> None:
     start = prompt_start_of(request)
     if start is None:
         return
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    if PROMPT_START in request.model_fields_set and PROMPT_START in xargs and xargs[PROMPT_START] != start:
+        raise _validation_error(f"{PROMPT_START} given twice ({start} and vllm_xargs {xargs[PROMPT_START]})", start)
     if not hasattr(sampling_params, PROMPT_START):
         raise _validation_error(f"{PROMPT_START}: routed experts are not returned for beam search", start)
     if return_settings(model_config) is None:
