@@ -427,6 +427,9 @@ def test_two_moe_modules_in_one_decoder_layer_are_refused_by_name():
         r"model.layers.1.mlp.vision_experts\)",
     ):
         mr.check_layer_modules(mods)
+    # asked by enable_return_routed_experts alone: the error names that flag, not the variable
+    with pytest.raises(ml.MoeRoutesConfigError, match=r"^--enable-return-routed-experts .*decoder layer 1 has 2"):
+        mr.check_layer_modules(mods, None, mr.ReturnSettings())
     mr.check_layer_modules(mods[:2])
 
 

@@ -489,23 +489,33 @@ def _patch_provenance() -> tuple[str, list[dict[str, str]]]:
         )
 
 
-def check_layer_modules(moe_modules: list[Any]) -> None:
-    """One FusedMoE per decoder layer, with a known index: records are keyed by decoder layer."""
+def check_layer_modules(
+    moe_modules: list[Any], settings: Settings | None = None, returns: ReturnSettings | None = None
+) -> None:
+    """One FusedMoE per decoder layer, with a known index: records and returned rows are keyed by decoder
+    layer. The error names the switch that asked (returns None: the log's VLLM_LOG_MOE)."""
     unindexed = [m.layer_name for m in moe_modules if m._moe_routes_layer_id is None]
     if unindexed:
-        raise bad_env(ENV_PATH, f"cannot tell the decoder-layer index of MoE module(s) {unindexed[:3]}")
+        if returns is None:
+            raise bad_env(ENV_PATH, f"cannot tell the decoder-layer index of MoE module(s) {unindexed[:3]}")
+        raise refusal(settings, returns, f"needs the decoder-layer index of MoE module(s) {unindexed[:3]}")
     by_layer: dict[int, list[str]] = {}
     for m in moe_modules:
         by_layer.setdefault(m._moe_routes_layer_id, []).append(m.layer_name)
     shared = {layer: names for layer, names in sorted(by_layer.items()) if len(names) > 1}
     if shared:
         layer, names = next(iter(shared.items()))
-        raise bad_env(
-            ENV_PATH,
+        what = (
             f"decoder layer {layer} has {len(names)} MoE modules ({', '.join(names)}), "
-            "e.g. experts for different token types; the log keys routing by decoder layer "
-            "and cannot tell them apart; unset VLLM_LOG_MOE for this model",
+            "e.g. experts for different token types"
         )
+        if returns is None:
+            raise bad_env(
+                ENV_PATH,
+                f"{what}; the log keys routing by decoder layer and cannot tell them apart; "
+                "unset VLLM_LOG_MOE for this model",
+            )
+        raise refusal(settings, returns, f"keys rows by decoder layer and cannot tell them apart: {what}")
 
 
 def _routing_store_group(kv_cache_config: Any) -> tuple[int, int]:
@@ -556,7 +566,7 @@ def on_kv_cache_ready(runner: Any) -> None:
     moe_modules = [m for m in runner.model.modules() if hasattr(m, "_moe_routes_layer_id")]
     if not moe_modules:
         raise refusal(settings, returns, f"needs an MoE model: {runner.model_config.model} has no FusedMoE layer")
-    check_layer_modules(moe_modules)
+    check_layer_modules(moe_modules, settings, returns)
     moe_layer_ids = sorted(m._moe_routes_layer_id for m in moe_modules)
     if settings is not None and settings.layers is not None:
         missing = [i for i in settings.layers if i not in moe_layer_ids]
