@@ -27,6 +27,10 @@ DRIVER = ROOT / "tests" / "vllm_driver.py"
 PY = os.environ.get("MOE_ROUTES_TEST_PYTHON") or sys.executable
 
 
+# LLM kwargs of an engine that returns routing per request, weights included
+ROUTES = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
+
+
 def gsm8k_questions(n: int) -> list[str]:
     return read_questions(GSM8K, n)
 
@@ -412,3 +416,15 @@ def compare_with_reference(log: RouteLog, model_dir: Path, outputs: list[dict], 
             dw = np.abs(np.take_along_axis(w, order_log, -1) - np.take_along_axis(ref_w, order_ref, -1))[same]
             max_w = max(max_w, float(dw.max()))
     return {"entries": total, "id_agreement": agree / total, "max_weight_diff": max_w}
+
+
+def assert_agrees_with_reference(
+    log, model_dir: Path, outputs: list[dict], weight_scale: float = 1.0, floor: float = 0.999
+) -> dict:
+    """compare_with_reference, asserted: the expert sets agree on >= `floor` of the (token, layer) entries (the
+    issue's floor is 99.9 %; fp32 on both sides gives 100 %) and the weights within 1e-4. `log`: a RouteLog or
+    ReturnedRoutes."""
+    agreement = compare_with_reference(log, model_dir, outputs, weight_scale)
+    assert agreement["id_agreement"] >= floor, agreement
+    assert agreement["max_weight_diff"] <= 1e-4, agreement
+    return agreement

@@ -16,6 +16,7 @@ from routes_ref import (
     PY,
     ROOT,
     RouteLog,
+    assert_agrees_with_reference,
     compare_with_reference,
     drive,
     gsm8k_questions,
@@ -30,10 +31,7 @@ def _exact(log: RouteLog, model_dir, outputs, floor: float = 1.0) -> dict:
     reference computes for the same tokens: fp32 on both sides, the expert sets agree on every (token,
     layer) entry (the suite-wide floor elsewhere is 99.9 %)."""
     log.check_exact_coverage(outputs)
-    agreement = compare_with_reference(log, model_dir, outputs)
-    assert agreement["id_agreement"] >= floor, agreement
-    assert agreement["max_weight_diff"] <= 1e-4, agreement
-    return agreement
+    return assert_agrees_with_reference(log, model_dir, outputs, floor=floor)
 
 
 def _tokens(model_dir, texts: list[str]) -> list[list[int]]:

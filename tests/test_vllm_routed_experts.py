@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from routes_ref import (
     PY,
+    ROUTES,
     ReturnedRoutes,
     RouteLog,
-    compare_with_reference,
+    assert_agrees_with_reference,
     drive,
     gsm8k_questions,
     output_key,
@@ -33,7 +34,6 @@ from routes_ref import (
 NUM_LAYERS = 3  # every tinymoe model: 3 decoder layers, 8 experts, top-2
 NUM_EXPERTS = 8
 TOP_K = 2
-ROUTES = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
 
 
 def _check_contract(routes: ReturnedRoutes, outputs: list[dict], moe_layers: list[int], start: int = 0) -> None:
@@ -49,13 +49,6 @@ def _check_contract(routes: ReturnedRoutes, outputs: list[dict], moe_layers: lis
         assert (ids < NUM_EXPERTS).all()
         assert not ids[:, dense].any() and not w[:, dense].any()
         assert (w[:, moe_layers] > 0).all()
-
-
-def _agree(routes, model_dir, outputs) -> dict:
-    agreement = compare_with_reference(routes, model_dir, outputs)
-    assert agreement["id_agreement"] >= 0.999, agreement
-    assert agreement["max_weight_diff"] <= 1e-4, agreement
-    return agreement
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,7 +132,7 @@ def test_offline_arrays_equal_the_log_and_the_hf_reference(offline_runs, models)
     assert set(routes.ids) == {output_key(o) for o in outputs}
     log.check_exact_coverage(outputs)
     returned_equal_to_log(routes, log, outputs)
-    agreement = _agree(routes, models["qwen2_moe"], outputs)
+    agreement = assert_agrees_with_reference(routes, models["qwen2_moe"], outputs)
     assert agreement["id_agreement"] == 1.0, agreement  # fp32 on both sides: every entry
 
 
@@ -165,7 +158,7 @@ def test_same_step_prefix_hits_return_the_routing_of_their_own_tokens(offline_ru
     routes = ReturnedRoutes(work / "same_step.npz", log.meta["layers_logged"])
     _check_contract(routes, outputs, [0, 1, 2])
     returned_equal_to_log(routes, log, outputs)
-    _agree(routes, models["qwen2_moe"], outputs)
+    assert_agrees_with_reference(routes, models["qwen2_moe"], outputs)
 
 
 def test_parallel_sampling_with_chunked_prefill_returns_one_array_per_completion(offline_runs, models):
@@ -178,7 +171,7 @@ def test_parallel_sampling_with_chunked_prefill_returns_one_array_per_completion
     assert set(routes.ids) == {output_key(o) for o in outputs}
     _check_contract(routes, outputs, [0, 1, 2])
     returned_equal_to_log(routes, log, outputs)
-    _agree(routes, models["qwen2_moe"], outputs)
+    assert_agrees_with_reference(routes, models["qwen2_moe"], outputs)
 
 
 def test_in_process_engine_prompt_start_and_stop_strings(offline_runs, models):
@@ -200,7 +193,7 @@ def test_preemption_recompute_returns_each_position_once(offline_runs, models):
     routes = ReturnedRoutes(work / "preempt.npz", log.meta["layers_logged"])
     _check_contract(routes, outputs, [0, 1, 2])
     returned_equal_to_log(routes, log, outputs)
-    _agree(routes, models["qwen2_moe"], outputs)
+    assert_agrees_with_reference(routes, models["qwen2_moe"], outputs)
 
 
 def test_start_at_the_prompt_end_with_one_token_is_an_empty_array(offline_runs):
@@ -235,8 +228,7 @@ def test_dense_layers_are_zero_rows_as_upstream(models, tmp_path):
     returned_equal_to_log(routes, log, outputs)
     # vLLM's GLM-4.5 gives the kernel weights without routed_scaling_factor (applied after the experts)
     scale = json.loads((models["glm4_moe"] / "config.json").read_text())["routed_scaling_factor"]
-    agreement = compare_with_reference(routes, models["glm4_moe"], outputs, weight_scale=1 / scale)
-    assert agreement["id_agreement"] >= 0.999 and agreement["max_weight_diff"] <= 1e-4, agreement
+    assert_agrees_with_reference(routes, models["glm4_moe"], outputs, weight_scale=1 / scale)
 
 
 def test_refusals_name_the_flag(models, tmp_path):

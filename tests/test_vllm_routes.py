@@ -16,9 +16,10 @@ import pytest
 from routes_ref import (
     DRIVER,
     PY,
+    ROUTES,
     ReturnedRoutes,
     RouteLog,
-    compare_with_reference,
+    assert_agrees_with_reference,
     drive,
     drive_dp,
     gsm8k_questions,
@@ -26,15 +27,6 @@ from routes_ref import (
 )
 
 MAX_TOKENS = 24
-ROUTES = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
-
-
-def _check_reference(log, model_dir, outputs, weight_scale=1.0):
-    agreement = compare_with_reference(log, model_dir, outputs, weight_scale)
-    # fp32 on both sides: the expert sets must agree everywhere (the floor is 99.9 %).
-    assert agreement["id_agreement"] >= 0.999, agreement
-    assert agreement["max_weight_diff"] <= 1e-4, agreement
-    return agreement
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,7 +75,7 @@ def test_log_is_schema_valid_and_meta_complete(qwen2_main):
 
 def test_log_matches_hf_reference(qwen2_main, models):
     work, results = qwen2_main
-    agreement = _check_reference(RouteLog(work / "a.jsonl"), models["qwen2_moe"], results[0]["outputs"])
+    agreement = assert_agrees_with_reference(RouteLog(work / "a.jsonl"), models["qwen2_moe"], results[0]["outputs"])
     assert agreement["entries"] == sum(len(o["prompt_token_ids"]) + MAX_TOKENS - 1 for o in results[0]["outputs"]) * 3
 
 
@@ -184,7 +176,7 @@ def test_prefix_cache_hits_carry_cached_routing(qwen2_scheduling, models):
     assert stats["cached_records"] == len(cached) > 0
     # every request of the second batch hit the 256-token cached prefix
     assert {k[0] for k in cached} == {o["request_id"] for o in outputs[1:]}
-    _check_reference(log, models["qwen2_moe"], outputs)
+    assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
 
 
 def test_chunked_prefill_is_exact(qwen2_scheduling, models):
@@ -193,7 +185,7 @@ def test_chunked_prefill_is_exact(qwen2_scheduling, models):
     outputs = results[1]["outputs"]
     assert min(len(o["prompt_token_ids"]) for o in outputs) > 64 * 4
     log.check_exact_coverage(outputs)
-    _check_reference(log, models["qwen2_moe"], outputs)
+    assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
 
 
 def test_preemption_recompute_is_not_duplicated(qwen2_scheduling, models):
@@ -204,7 +196,7 @@ def test_preemption_recompute_is_not_duplicated(qwen2_scheduling, models):
     stats = results[2]["writer_stats"][0]
     assert stats["recomputed_tokens_skipped"] > 0, "the scenario did not force a preemption"
     log.check_exact_coverage(outputs)
-    _check_reference(log, models["qwen2_moe"], outputs)
+    assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,7 +229,7 @@ def test_other_architectures_match_reference(arch, models, tmp_path):
         # afterwards: the log holds the kernel's weights and says so.
         assert log.meta["kernel_routed_scaling_factor"] == 1.0 and log.meta["config_routed_scaling_factor"] == 2.5
         scale = 1 / 2.5
-    _check_reference(log, models[arch], results[0]["outputs"], scale)
+    assert_agrees_with_reference(log, models[arch], results[0]["outputs"], scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,7 +255,7 @@ def test_compiled_mode_matches_reference_and_eager_tokens(models, tmp_path, qwen
     log = RouteLog(tmp_path / "c.jsonl")
     assert log.meta["enforce_eager"] is False
     log.check_exact_coverage(results[0]["outputs"])
-    _check_reference(log, models["qwen2_moe"], results[0]["outputs"])
+    assert_agrees_with_reference(log, models["qwen2_moe"], results[0]["outputs"])
     assert [o["token_ids"] for o in results[0]["outputs"]] == [o["token_ids"] for o in eager_results[1]["outputs"]]
 
 
@@ -307,7 +299,7 @@ def test_layer_selection_and_bad_values(models, tmp_path):
     log.check_exact_coverage(sel["outputs"])
     # The CPU kernel routes itself and ignores the simulator: the log says so and holds the real routing.
     assert log.meta["routing_simulation_strategy"] == "uniform_random" and log.meta["routing_source"] == "kernel"
-    _check_reference(log, models["qwen2_moe"], sel["outputs"])
+    assert_agrees_with_reference(log, models["qwen2_moe"], sel["outputs"])
 
 
 def test_non_moe_layer_stops_engine_start(models, tmp_path):
@@ -487,7 +479,7 @@ def test_data_parallel_logs_every_rank_exactly_once(dp_runs, models):
     outputs = _dp_outputs(logged)
     log.check_exact_coverage(outputs)
     # the slice of the gathered batch is this rank's: the routing matches an independent HF recomputation
-    _check_reference(log, models["qwen2_moe"], outputs)
+    assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
     assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in _dp_outputs(plain)]
     # each rank's CompletionOutput.routed_experts: its own rows of the gathered batch, equal to its records
     for rank, r in enumerate(logged):
@@ -520,7 +512,7 @@ def test_tensor_parallel_writes_one_copy(models, tmp_path):
     log = RouteLog(path)
     assert len(log.metas) == 1 and log.meta["tensor_parallel_size"] == 2
     log.check_exact_coverage(result["outputs"])
-    _check_reference(log, models["qwen2_moe"], result["outputs"])
+    assert_agrees_with_reference(log, models["qwen2_moe"], result["outputs"])
     routes = ReturnedRoutes(tmp_path / "tp.npz", [0, 1, 2])
     assert not routes.none
     returned_equal_to_log(routes, log, result["outputs"])
