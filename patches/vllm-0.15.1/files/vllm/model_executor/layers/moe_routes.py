@@ -649,7 +649,7 @@ def on_kv_cache_ready(runner: Any) -> None:
         "seed": model_config.seed,
         "num_experts": num_experts,
         "top_k": top_k,
-        "num_hidden_layers": int(model_config.get_total_num_hidden_layers()),
+        "num_hidden_layers": n_hidden,
         "moe_layers": moe_layer_ids,
         "layers_logged": logged,
         "layer_modules": {str(m._moe_routes_layer_id): m.layer_name for m in logged_mods},

@@ -538,9 +538,7 @@ def returned_rows(
         req = routes.requests[i]
         if req.return_broken:
             continue
-        # an empty chunk when every row lies before the start: start == P with one token still returns [0, L, K]
-        got_ids = [np.zeros((0, num_layers, k), dtype=id_dtype)]
-        got_w = [np.zeros((0, num_layers, k), dtype=np.float32)]
+        got_ids, got_w = [], []
         for positions, ids, weights in req_parts:
             first = int(positions[0])
             if positions[-1] < req.return_from:
@@ -565,8 +563,11 @@ def returned_rows(
             req.return_next = first + len(positions) - skip
         if req.return_broken:
             continue
-        ids_out = got_ids[-1] if len(got_ids) == 2 else np.concatenate(got_ids)
-        w_out = (got_w[-1] if len(got_w) == 2 else np.concatenate(got_w)) if with_weights else None
+        if not got_ids:  # every row lies before the start: an empty chunk, so start == P with one token gives [0, L, K]
+            got_ids = [np.zeros((0, num_layers, k), dtype=id_dtype)]
+            got_w = [np.zeros((0, num_layers, k), dtype=np.float32)]
+        ids_out = got_ids[0] if len(got_ids) == 1 else np.concatenate(got_ids)
+        w_out = (got_w[0] if len(got_w) == 1 else np.concatenate(got_w)) if with_weights else None
         out[req.engine_id] = (ids_out, w_out)
     return out
 
