@@ -283,7 +283,11 @@ def test_hybrid_kv_layout_serves_prefix_hits_from_full_attention_slots(models, t
 def full_disk_runs(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("full_disk")
     prompts = gsm8k_questions(25)
-    base = {"llm": {"enforce_eager": True}, "sampling": {"max_tokens": 40}, "prompts": prompts}
+    # 256 tokens a step bound each step's write (~150 kB) below the limit. With the CPU default (4096), what
+    # the first step holds depends on how many requests reached the engine core before it started stepping:
+    # all 25 prompts make a ~0.9 MB first write that fails whole, and the log keeps no route at all.
+    llm = {"enforce_eager": True, "max_num_batched_tokens": 256, "enable_chunked_prefill": True}
+    base = {"llm": llm, "sampling": {"max_tokens": 40}, "prompts": prompts}
     limit = 300_000  # the complete log would be ~1.5 MB
     runs = [
         dict(base, env={"VLLM_LOG_MOE": str(work / "stop.jsonl")}, file_size_limit=limit),
