@@ -39,8 +39,9 @@ def shared_prefix_prompts(model_dir: str | Path) -> dict[str, list[list[int]]]:
     """Token-id prompts of the same-step prefix-hit scenario (run "fill" then "shared" on an engine with 15 KV
     blocks of 128 and max_num_seqs 16): "fill" = 7 unrelated requests whose 249 + 8 - 1 = 256 computed
     positions fill exactly two KV blocks each; "shared" = 8 requests behind a 300-token system prompt (two
-    full blocks), scheduled in one step so that the first allocates and registers the system-prompt blocks
-    and the others hit them in the same step; "long" = 4 prompts > 128 tokens (n > 1, chunked prefill)."""
+    full blocks); on an in-process engine core, generate() queues them all before the first step, so the
+    first step holds the first (which allocates and registers the system-prompt blocks) and those after it
+    that fit, which hit those blocks in the same step; "long" = 4 prompts > 128 tokens (n > 1, chunked prefill)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -233,6 +234,7 @@ class RouteLog:
         self.gaps: list[dict] = []
         self.errors: list[dict] = []
         self.routes: dict[tuple[str, int, int], tuple[list[int], list[float], bool]] = {}
+        self.line_of: dict[tuple[str, int, int], int] = {}  # where a key was (last) logged
         self.counts: Counter = Counter()
         raw = self.path.read_bytes()
         assert raw.endswith(b"\n"), "log does not end with a whole line"
@@ -249,6 +251,7 @@ class RouteLog:
             else:
                 key = (request_key(rec), rec["token_idx"], rec["layer"])
                 self.counts[key] += 1
+                self.line_of[key] = lineno
                 self.routes[key] = (rec["topk_ids"], rec["topk_weights"], rec.get("cached", False))
 
     @property
@@ -281,6 +284,13 @@ class RouteLog:
         assert not extra, f"{len(extra)} unexpected records, e.g. {sorted(extra)[:5]}"
         assert not self.gaps, f"gap records: {self.gaps[:3]}"
         assert not self.errors, f"error records: {self.errors[:3]}"
+
+    def hits_in_the_computing_step(self, computing_req: str) -> set[str]:
+        """Requests with prefix-cache hits logged before `computing_req`'s position 0. The writer writes steps
+        in order and a step's cached records before its computed ones, so a hit on blocks that `computing_req`
+        allocates and fills is logged before that position only if it came in the same step."""
+        first = min(line for (req, pos, _), line in self.line_of.items() if req == computing_req and pos == 0)
+        return {k[0] for k, v in self.routes.items() if v[2] and self.line_of[k] < first}
 
     def per_request(self, req_id: str, n_pos: int, layers: list[int]):
         ids = np.array([[self.routes[(req_id, p, layer)][0] for layer in layers] for p in range(n_pos)])

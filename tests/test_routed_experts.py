@@ -615,6 +615,9 @@ def test_server_health_timeout_names_the_option_and_output(tmp_path):
     cmd = [sys.executable, "-c", "print('loading weights ...', flush=True); import time; time.sleep(600)"]
     server = generate.VllmServer("nolog", cmd, generate.free_port(), tmp_path / "s.log")
     try:
+        deadline = time.time() + 60  # a loaded machine can take longer than the timeout to start Python
+        while b"loading weights" not in (tmp_path / "s.log").read_bytes() and time.time() < deadline:
+            time.sleep(0.05)
         with pytest.raises(SystemExit) as e:
             server.wait_healthy(1.5)
     finally:

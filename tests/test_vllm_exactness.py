@@ -42,7 +42,7 @@ def _tokens(model_dir, texts: list[str]) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Prefix-cache hits on blocks another request fills in the same step; n > 1 (spawned engine)
+# Prefix-cache hits on blocks another request fills in the same step (in-process engine); n > 1 (spawned)
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def shared_prefix_runs(models, tmp_path_factory):
@@ -52,12 +52,13 @@ def shared_prefix_runs(models, tmp_path_factory):
     base = {"llm": {"enforce_eager": True}}
     runs = [
         # 15 KV blocks (block 0 is vLLM's null block): the first batch fills and frees every block, so the
-        # second batch's blocks all hold other tokens' KV (and routing) before. The second batch is
-        # scheduled in one step; its first request allocates (and registers) the system-prompt blocks, the
-        # others hit them in the same step.
+        # second batch's blocks all hold other tokens' KV (and routing) before. In-process, generate() queues
+        # the whole second batch before the first step (a spawned core may start stepping on the first
+        # request alone): its first request allocates (and registers) the system-prompt blocks, and the
+        # requests that fit beside it hit them in the same step.
         dict(
             base,
-            env={"VLLM_LOG_MOE": str(work / "same_step.jsonl")},
+            env={"VLLM_LOG_MOE": str(work / "same_step.jsonl"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
             llm={"enforce_eager": True, "num_gpu_blocks_override": 15, "max_num_seqs": 16},
             sampling={"max_tokens": 8},
             batches=[fill, shared],
@@ -92,7 +93,8 @@ def test_same_step_prefix_hits_carry_the_routing_of_their_own_tokens(shared_pref
     stats = results[0]["writer_stats"][0]
     hit_requests = {o["request_id"] for o in outputs[8:]}  # the second batch, after its first request
     cached = {k for k, v in log.routes.items() if v[2]}
-    assert {k[0] for k in cached} == hit_requests, "the scenario did not produce same-step prefix hits"
+    assert {k[0] for k in cached} == hit_requests, "the scenario did not produce prefix hits"
+    assert outputs[8]["request_id"] in log.hits_in_the_computing_step(outputs[7]["request_id"]), "none in the same step"
     assert stats["cached_records"] == len(cached) >= 7 * 256 * 3 and stats["gaps"] == 0
     _exact(log, models["qwen2_moe"], outputs)
     # the hit positions specifically: the same experts as the request that computed them (same tokens)
@@ -254,7 +256,8 @@ def test_hybrid_kv_layout_serves_prefix_hits_from_full_attention_slots(models, t
     first = [system + q for q in ids[:3]]  # one step: the 2nd and 3rd hit what the 1st fills
     later = [system + q for q in ids[3:5]]  # a later step: hits blocks filled before
     run = {
-        "env": {"VLLM_LOG_MOE": str(tmp_path / "oss.jsonl")},
+        # in-process: each generate() call is queued whole before its first step (see shared_prefix_runs)
+        "env": {"VLLM_LOG_MOE": str(tmp_path / "oss.jsonl"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         # vLLM keeps gpt-oss attention sinks in bfloat16: the model only runs in bfloat16
         "llm": {"enforce_eager": True, "dtype": "bfloat16"},
         "sampling": {"max_tokens": 140},
@@ -268,6 +271,7 @@ def test_hybrid_kv_layout_serves_prefix_hits_from_full_attention_slots(models, t
     assert log.meta["kv_cache_groups"] > 1 and log.meta["routing_store_kv_group"] >= 0
     cached = {k for k, v in log.routes.items() if v[2]}
     assert {k[0] for k in cached} == {o["request_id"] for o in outputs[1:]}
+    assert log.hits_in_the_computing_step(outputs[0]["request_id"]) == {o["request_id"] for o in outputs[1:3]}
     for req, pos, layer in cached:  # exactly what the computing request routed for the same tokens
         assert log.routes[(req, pos, layer)][:2] == log.routes[(outputs[0]["request_id"], pos, layer)][:2]
     # bfloat16 in vLLM against fp32 HF: near-ties flip on a fraction of a percent of positions (stale or

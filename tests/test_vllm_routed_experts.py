@@ -75,9 +75,10 @@ def offline_runs(models, tmp_path_factory):
         dict(
             llm={**eager, **ROUTES}, sampling={"max_tokens": 12}, prompts=prompts, save_routes=str(work / "no_log.npz")
         ),
-        # 2: same-step prefix hits (15 KV blocks: the second batch's blocks all held other tokens before)
+        # 2: same-step prefix hits (15 KV blocks: the second batch's blocks all held other tokens before;
+        # in-process, so that the second batch is queued whole before its first step)
         dict(
-            env={"VLLM_LOG_MOE": str(work / "same_step.jsonl")},
+            env={"VLLM_LOG_MOE": str(work / "same_step.jsonl"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
             llm={**eager, **ROUTES, "num_gpu_blocks_override": 15, "max_num_seqs": 16},
             sampling={"max_tokens": 8},
             batches=[fill, shared],
@@ -154,7 +155,7 @@ def test_same_step_prefix_hits_return_the_routing_of_their_own_tokens(offline_ru
     work, results = offline_runs
     outputs = results[2]["outputs"]
     log = RouteLog(work / "same_step.jsonl")
-    assert any(v[2] for v in log.routes.values()), "the scenario did not produce prefix-cache hits"
+    assert outputs[8]["request_id"] in log.hits_in_the_computing_step(outputs[7]["request_id"]), "no same-step hit"
     routes = ReturnedRoutes(work / "same_step.npz", log.meta["layers_logged"])
     _check_contract(routes, outputs, [0, 1, 2])
     returned_equal_to_log(routes, log, outputs)
@@ -299,7 +300,8 @@ ASYNC_SCRIPT = textwrap.dedent(
         out = {}
         try:
             async for o in engine.generate("Janet has three apples and buys five more.", sp, request_id="r1"):
-                await asyncio.sleep(0.3)  # a slow consumer: the collector aggregates deltas
+                if "outputs" not in out:
+                    await asyncio.sleep(3)  # a slow consumer: the collector aggregates the deltas meanwhile
                 c = o.outputs[0]
                 out["outputs"] = out.get("outputs", 0) + 1
                 out.setdefault("tokens", []).extend(c.token_ids)
@@ -371,7 +373,7 @@ def http_runs(models, tmp_path_factory):
             client.completions.create(
                 model=model,
                 prompt=prompts[2],
-                max_tokens=5,
+                max_tokens=32,  # a server that lags a few steps merges deltas: some must stay non-final
                 temperature=0.0,
                 stream=True,
                 stream_options={"include_usage": True},

@@ -391,7 +391,11 @@ def test_killed_engine_leaves_whole_lines_but_a_partial_tail_that_the_next_write
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(1)
+    # The writer lives in the engine core, a grandchild: wait for its last write(2) to end (the size holds).
+    size, deadline = -1, time.time() + 30
+    while path.stat().st_size != size and time.time() < deadline:
+        size = path.stat().st_size
+        time.sleep(1)
     data = path.read_bytes()
     assert len(data) >= 2_000_000
     whole, _, tail = data.rpartition(b"\n")
