@@ -322,7 +322,7 @@ def write_returned_routes(args, out_path: Path, hf_config, items: list[dict], *,
         # the returned weights are what the kernel applied; whether the kernel or the model applied the config's
         # routed_scaling_factor is a property of the model code the arrays do not carry (the engine log says it)
         kernel_routed_scaling_factor=None,
-        config_routed_scaling_factor=getattr(hf_config, "routed_scaling_factor", None),
+        config_routed_scaling_factor=layout["routed_scaling_factor"],
     )
 
     def records():

@@ -39,15 +39,16 @@ def iter_route_records(
     ids, weights: ``[T, len(layers), K]``, row r = absolute token position ``token_start + r``; ``layers`` are
     the decoder-layer indices of the columns. Positions below ``num_cached_tokens`` were served from the prefix
     cache (``"cached": true``). ``missing``: ``[start, end)`` position ranges without captured routing: one gap
-    record each (at its start), no route records there. ``completion_index``: set when the request has several
-    completions."""
+    record each (at its start, clipped to ``token_start``), no route records there. ``completion_index``: set
+    when the request has several completions."""
     if ids.ndim != 3 or weights.shape != ids.shape or ids.shape[1] != len(layers):
         raise ValueError(f"ids {ids.shape} / weights {weights.shape} do not match {len(layers)} layers")
     layers = [int(x) for x in layers]
-    gaps = {int(a): int(b) for a, b in missing}
+    # a gap that begins before the first row is reported from that row on
+    gaps = {max(int(a), token_start): int(b) for a, b in missing if int(b) > token_start}
     skip = np.zeros(ids.shape[0], dtype=bool)
     for a, b in gaps.items():
-        skip[max(a - token_start, 0) : max(b - token_start, 0)] = True
+        skip[a - token_start : b - token_start] = True
     head: dict[str, Any] = {"req_id": str(req_id)}
     if completion_index is not None:
         head["completion_index"] = int(completion_index)

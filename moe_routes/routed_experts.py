@@ -407,8 +407,9 @@ def num_routed_experts(hf_config: Any) -> int | None:
 
 def routing_layout(hf_config: Any) -> dict[str, Any]:
     """What the returned arrays must look like for this model: ``num_hidden_layers`` (L: every decoder layer),
-    ``moe_layers`` (:func:`moe_layer_indices`), ``num_experts`` (:func:`num_routed_experts`) and ``top_k``
-    (``num_experts_per_tok``, None when the config lacks it)."""
+    ``moe_layers`` (:func:`moe_layer_indices`), ``num_experts`` (:func:`num_routed_experts`), ``top_k``
+    (``num_experts_per_tok``) and ``routed_scaling_factor`` (None when the config lacks them), all read from the
+    text config of a multimodal wrapper."""
     c = _text_config(hf_config)
     top_k = _cfg(c, "num_experts_per_tok")
     moe_layers = moe_layer_indices(c)  # first: its ValueError names what the config lacks
@@ -417,6 +418,7 @@ def routing_layout(hf_config: Any) -> dict[str, Any]:
         "moe_layers": moe_layers,
         "num_experts": num_routed_experts(c),
         "top_k": top_k if isinstance(top_k, int) else None,
+        "routed_scaling_factor": _cfg(c, "routed_scaling_factor"),
     }
 
 

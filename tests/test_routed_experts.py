@@ -368,7 +368,11 @@ def test_num_routed_experts_and_layout():
     c = cfg(
         model_type="glm4_moe", num_hidden_layers=3, n_routed_experts=8, first_k_dense_replace=1, num_experts_per_tok=2
     )
-    assert routing_layout(c) == {"num_hidden_layers": 3, "moe_layers": [1, 2], "num_experts": 8, "top_k": 2}
+    layout = {"num_hidden_layers": 3, "moe_layers": [1, 2], "num_experts": 8, "top_k": 2}
+    assert routing_layout(c) == dict(layout, routed_scaling_factor=None)
+    # a multimodal wrapper: everything from its text config, the scaling factor too
+    wrapped = {"model_type": "some_vl", "text_config": dict(vars(c), routed_scaling_factor=2.5)}
+    assert routing_layout(wrapped) == dict(layout, routed_scaling_factor=2.5)
 
 
 def test_moe_rows_and_layer_layout_check():
@@ -434,6 +438,17 @@ def test_route_records_positions_cached_gaps_and_exact_weights():
         "topk_weights",
         "cached",
     ]
+
+
+def test_a_gap_that_begins_before_the_first_row_is_reported_from_that_row():
+    ids, w = sample(T=4, L=1, K=2, dense=())
+    recs = list(iter_route_records("r", ids, w, [0], token_start=10, missing=[(2, 4), (8, 12)]))
+    assert [(r["type"], r.get("token_start", r.get("token_idx"))) for r in recs] == [
+        ("gap", 10),
+        ("route", 12),
+        ("route", 13),
+    ]
+    assert recs[0]["token_end"] == 12
 
 
 def test_route_records_refuse_mismatched_arrays():

@@ -11,55 +11,34 @@ from pathlib import Path
 
 from moe_routes.patching import newfiles
 from moe_routes.patching.engines import ENGINES
-from moe_routes.patching.errors import PatchError
 from moe_routes.patching.git import run_git
-from moe_routes.patching.patchfile import DEP3_REQUIRED, Patch, parse_dep3, parse_patch
-from moe_routes.patching.series import read_series
+from moe_routes.patching.patchfile import DEP3_REQUIRED, Patch, parse_dep3
+from moe_routes.patching.series import read_series, scan_series
 
 
 def lint_dir(pdir: Path, engine: str | None) -> list[str]:
-    entries, problems = read_series(pdir)
+    parsed, problems = scan_series(pdir)
     if not (pdir / "series").is_file():
         return problems
-    seen: set[str] = set()
-    owner: dict[str, str] = {}
-    parsed: list[Patch] = []
     pkg = ENGINES[engine]["pkg"] if engine else None
     tmp = Path(tempfile.mkdtemp(prefix="moe-patch-lint-"))
     try:
-        for e in entries:
-            if e in seen:
-                problems.append(f"{e}: duplicate series entry")
-                continue
-            seen.add(e)
-            f = pdir / e
-            if not f.is_file():
-                problems.append(f"{e}: listed in series but the file is missing")
-                continue
-            try:
-                p = parse_patch(f.read_bytes(), e, f)
-            except PatchError as ex:
-                problems.append(f"{e}: does not parse: {ex}")
-                continue
-            parsed.append(p)
-            r = run_git(["apply", "--numstat", str(f.resolve())], cwd=tmp, ceiling=tmp)
+        for p in parsed:
+            r = run_git(["apply", "--numstat", str(p.path.resolve())], cwd=tmp, ceiling=tmp)
             if r.returncode:
-                problems.append(f"{e}: git apply --numstat rejects it: {r.stderr.decode(errors='replace').strip()}")
+                why = r.stderr.decode(errors="replace").strip()
+                problems.append(f"{p.name}: git apply --numstat rejects it: {why}")
             problems += _header_problems(p)
-            for fp in p.files:
-                if pkg and not fp.path.startswith(pkg + "/"):
-                    problems.append(f"{e}: {fp.path}: path must start with {pkg}/ (a/{pkg}/..., see README)")
-                if fp.path in owner:
-                    problems.append(
-                        f"{e}: {fp.path} is already touched by {owner[fp.path]} "
-                        "(one patch per file; refresh relies on it)"
-                    )
-                else:
-                    owner[fp.path] = e
+            problems += [
+                f"{p.name}: {f}: path must start with {pkg}/ (a/{pkg}/..., see README)"
+                for f in p.paths
+                if pkg and not f.startswith(pkg + "/")
+            ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    listed = set(read_series(pdir)[0])
     for f in sorted(pdir.iterdir()):
-        if f.is_file() and f.suffix in (".patch", ".diff") and f.name not in seen:
+        if f.is_file() and f.suffix in (".patch", ".diff") and f.name not in listed:
             problems.append(f"{f.name}: orphan patch file (not listed in series)")
     return problems + newfiles.stale_problems(pdir, parsed)
 

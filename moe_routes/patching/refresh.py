@@ -20,7 +20,7 @@ from moe_routes.patching.errors import PatchError, UsageError
 from moe_routes.patching.gendiff import diff_file
 from moe_routes.patching.patchfile import bump_last_update, check_relpath, header_template
 from moe_routes.patching.releases import REFRESH_BASE, ensure_artifact, extract_release
-from moe_routes.patching.series import file_owners, load_patches, read_series
+from moe_routes.patching.series import file_owners, load_patches
 from moe_routes.patching.simulate import read_files
 from moe_routes.patching.targets import resolve_tree, target_from_args
 
@@ -28,7 +28,6 @@ from moe_routes.patching.targets import resolve_tree, target_from_args
 def refresh_new_files(pdir: Path) -> int:
     """Regenerate the new-file hunks from files/; touches nothing else."""
     patches = load_patches(pdir)
-    file_owners(patches)
     changed = newfiles.regenerate(pdir, patches)
     for name, data in changed.items():
         write_atomic(pdir / name, data)
@@ -43,7 +42,6 @@ def refresh_new_files(pdir: Path) -> int:
 
 def extract_new_files(pdir: Path) -> int:
     patches = load_patches(pdir)
-    file_owners(patches)
     done = newfiles.extract(pdir, patches)
     for path, what in done:
         say(f"{newfiles.shown(pdir, path)}: {what} (from the committed patch)")
@@ -69,9 +67,6 @@ class _Plan:
     """Which files each patch owns after this refresh's --new / --add-file / --drop-file."""
 
     def __init__(self, pdir: Path):
-        entries, problems = read_series(pdir)
-        if problems:
-            raise PatchError("; ".join(problems))
         patches = load_patches(pdir)
         self.owner = file_owners(patches)
         self.own: dict[str, list[str]] = {p.name: list(p.paths) for p in patches}

@@ -27,31 +27,49 @@ def read_series(pdir: Path) -> tuple[list[str], list[str]]:
     return entries, problems
 
 
-def load_patches(pdir: Path) -> list[Patch]:
+def scan_series(pdir: Path) -> tuple[list[Patch], list[str]]:
+    """The patches the series lists, parsed, and what is wrong with it: bad lines, duplicate entries, missing or
+    unparsable patch files, an upstream file touched by two patches (refresh and new-file generation rely on one
+    owner per file). The one owner of these checks: load_patches raises on them, lint reports them all."""
     entries, problems = read_series(pdir)
-    if problems:
-        raise PatchError("; ".join(problems))
-    out, seen = [], set()
+    patches: list[Patch] = []
+    seen: set[str] = set()
+    owner: dict[str, str] = {}
     for e in entries:
         if e in seen:
-            raise PatchError(f"{pdir / 'series'}: duplicate entry {e}")
+            problems.append(f"{e}: duplicate series entry")
+            continue
         seen.add(e)
         f = pdir / e
         if not f.is_file():
-            raise PatchError(f"{pdir / 'series'}: {e}: patch file missing")
-        out.append(parse_patch(f.read_bytes(), e, f))
-    return out
+            problems.append(f"{e}: listed in series but the file is missing")
+            continue
+        try:
+            p = parse_patch(f.read_bytes(), e, f)
+        except PatchError as ex:
+            problems.append(f"{e}: does not parse: {ex}")
+            continue
+        patches.append(p)
+        for path in p.paths:
+            if path in owner:
+                problems.append(
+                    f"{e}: {path} is already touched by {owner[path]} (one patch per file; refresh relies on it)"
+                )
+            else:
+                owner[path] = e
+    return patches, problems
+
+
+def load_patches(pdir: Path) -> list[Patch]:
+    patches, problems = scan_series(pdir)
+    if problems:
+        raise PatchError(f"{pdir}: " + "; ".join(problems) + " (moe-routes patch lint lists every problem)")
+    return patches
 
 
 def file_owners(patches: list[Patch]) -> dict[str, str]:
-    """{upstream path: the one patch that touches it}; refresh and new-file generation rely on one owner."""
-    owner: dict[str, str] = {}
-    for p in patches:
-        for f in p.paths:
-            if f in owner:
-                raise PatchError(f"{f} is touched by both {owner[f]} and {p.name}; the series needs one owner per file")
-            owner[f] = p.name
-    return owner
+    """{upstream path: the one patch that touches it} of a series load_patches accepted."""
+    return {f: p.name for p in patches for f in p.paths}
 
 
 def all_paths(patches: list[Patch]) -> list[str]:
