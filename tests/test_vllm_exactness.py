@@ -287,7 +287,7 @@ def test_hybrid_kv_layout_serves_prefix_hits_from_full_attention_slots(models, t
 def full_disk_runs(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("full_disk")
     prompts = gsm8k_questions(25)
-    # 256 tokens a step bound each step's write (~150 kB) below the limit. With the CPU default (4096), what
+    # 256 tokens a step keep each step's write (~70 kB) well below the limit. With the CPU default (4096), what
     # the first step holds depends on how many requests reached the engine core before it started stepping:
     # all 25 prompts make a ~0.9 MB first write that fails whole, and the log keeps no route at all.
     llm = {"enforce_eager": True, "max_num_batched_tokens": 256, "enable_chunked_prefill": True}
