@@ -20,11 +20,10 @@ from vllm.model_executor.layers import moe_routes_log as ml  # noqa: E402
 # ---------------------------------------------------------------------------------------------------
 # the capture op: eager and under torch.compile, fed by vLLM's own CPU routing function
 # ---------------------------------------------------------------------------------------------------
-def _capture_state(monkeypatch, k=2, n_rows=1, max_tokens=64):
-    """Token-major capture buffers (unwritten rows hold -1) of the engine whose step runs; no writer."""
-    mr._ensure_op()
-    state = mr._State(
-        settings=ml.Settings("/dev/null", None),
+def _bare_state(*, k=2, n_rows=1, max_tokens=64, settings=None, **kw):
+    """A _State with token-major capture buffers (unwritten rows hold -1), no writer, no KV-slot store."""
+    return mr._State(
+        settings=settings,
         layers=list(range(n_rows)),
         rows=list(range(n_rows)),
         top_k=k,
@@ -38,7 +37,14 @@ def _capture_state(monkeypatch, k=2, n_rows=1, max_tokens=64):
         kernel_block_size=0,
         num_slots=0,
         meta={},
+        **kw,
     )
+
+
+def _capture_state(monkeypatch, k=2, n_rows=1, max_tokens=64):
+    """The capture state of the engine whose step runs, logging on."""
+    mr._ensure_op()
+    state = _bare_state(k=k, n_rows=n_rows, max_tokens=max_tokens, settings=ml.Settings("/dev/null", None))
     monkeypatch.setattr(mr, "_ACTIVE", state)
     return state
 
@@ -473,24 +479,7 @@ def test_async_scheduling_defers_assembly_to_get_output_and_releases_staging(cap
 
     import numpy as np
 
-    st = mr._State(
-        settings=None,
-        layers=[0, 1],
-        rows=[0, 1],
-        top_k=2,
-        num_experts=8,
-        max_tokens=8,
-        ids_buf=torch.zeros((8, 2, 2), dtype=torch.int32),
-        w_buf=torch.zeros((8, 2, 2)),
-        device=torch.device("cpu"),
-        kv_group=-1,
-        manager_block_size=0,
-        kernel_block_size=0,
-        num_slots=0,
-        meta={},
-        returns=mr.ReturnSettings(weights=True),
-        num_hidden_layers=3,
-    )
+    st = _bare_state(n_rows=2, max_tokens=8, returns=mr.ReturnSettings(weights=True), num_hidden_layers=3)
     st.assembler = ml.RouteAssembler(st)
     st.staging = mr._HostStaging((8, 2, 2), depth=3, alloc=lambda s, dtype: torch.empty(s, dtype=dtype))
     a, b = (ml.Request(n, None, engine_id=n) for n in ("a", "b"))

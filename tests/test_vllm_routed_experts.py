@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,18 @@ def _check_contract(routes: ReturnedRoutes, outputs: list[dict], moe_layers: lis
         assert (ids < NUM_EXPERTS).all()
         assert not ids[:, dense].any() and not w[:, dense].any()
         assert (w[:, moe_layers] > 0).all()
+
+
+def _check_offline_run(work: Path, name: str, outputs: list[dict], model_dir: Path | None, start: int = 0):
+    """Run `name` of offline_runs (every layer MoE): the contract, the arrays equal to its log, and, given the
+    model, agreement with the HF reference. Returns (log, routes)."""
+    log = RouteLog(work / f"{name}.jsonl")
+    routes = ReturnedRoutes(work / f"{name}.npz", log.meta["layers_logged"])
+    _check_contract(routes, outputs, [0, 1, 2], start=start)
+    returned_equal_to_log(routes, log, outputs, start=start)
+    if model_dir is not None:
+        assert_agrees_with_reference(routes, model_dir, outputs)
+    return log, routes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,12 +167,8 @@ def test_offline_without_log_and_repeat_runs_are_identical(offline_runs):
 def test_same_step_prefix_hits_return_the_routing_of_their_own_tokens(offline_runs, models):
     work, results = offline_runs
     outputs = results[2]["outputs"]
-    log = RouteLog(work / "same_step.jsonl")
+    log, _ = _check_offline_run(work, "same_step", outputs, models["qwen2_moe"])
     assert outputs[8]["request_id"] in log.hits_in_the_computing_step(outputs[7]["request_id"]), "no same-step hit"
-    routes = ReturnedRoutes(work / "same_step.npz", log.meta["layers_logged"])
-    _check_contract(routes, outputs, [0, 1, 2])
-    returned_equal_to_log(routes, log, outputs)
-    assert_agrees_with_reference(routes, models["qwen2_moe"], outputs)
 
 
 def test_parallel_sampling_with_chunked_prefill_returns_one_array_per_completion(offline_runs, models):
@@ -167,12 +176,8 @@ def test_parallel_sampling_with_chunked_prefill_returns_one_array_per_completion
     outputs = results[3]["outputs"]
     assert len(outputs) == 12 and len({tuple(o["token_ids"]) for o in outputs}) > 4
     assert max(len(o["prompt_token_ids"]) for o in outputs) > 64, "no prompt was chunked"
-    log = RouteLog(work / "n3.jsonl")
-    routes = ReturnedRoutes(work / "n3.npz", log.meta["layers_logged"])
+    _, routes = _check_offline_run(work, "n3", outputs, models["qwen2_moe"])
     assert set(routes.ids) == {output_key(o) for o in outputs}
-    _check_contract(routes, outputs, [0, 1, 2])
-    returned_equal_to_log(routes, log, outputs)
-    assert_agrees_with_reference(routes, models["qwen2_moe"], outputs)
 
 
 def test_in_process_engine_prompt_start_and_stop_strings(offline_runs, models):
@@ -180,21 +185,14 @@ def test_in_process_engine_prompt_start_and_stop_strings(offline_runs, models):
     outputs = results[4]["outputs"]
     stopped = [o for o in outputs if len(o["token_ids"]) < 24]
     assert stopped, "no completion ended on a stop string"
-    log = RouteLog(work / "inproc.jsonl")
-    routes = ReturnedRoutes(work / "inproc.npz", log.meta["layers_logged"])
-    _check_contract(routes, outputs, [0, 1, 2], start=5)
-    returned_equal_to_log(routes, log, outputs, start=5)
+    _check_offline_run(work, "inproc", outputs, None, start=5)
 
 
 def test_preemption_recompute_returns_each_position_once(offline_runs, models):
     work, results = offline_runs
     outputs = results[5]["outputs"]
     assert results[5]["writer_stats"][0]["recomputed_tokens_skipped"] > 0, "the scenario did not preempt"
-    log = RouteLog(work / "preempt.jsonl")
-    routes = ReturnedRoutes(work / "preempt.npz", log.meta["layers_logged"])
-    _check_contract(routes, outputs, [0, 1, 2])
-    returned_equal_to_log(routes, log, outputs)
-    assert_agrees_with_reference(routes, models["qwen2_moe"], outputs)
+    _check_offline_run(work, "preempt", outputs, models["qwen2_moe"])
 
 
 def test_start_at_the_prompt_end_with_one_token_is_an_empty_array(offline_runs):
