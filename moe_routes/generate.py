@@ -524,11 +524,12 @@ def server_command(args, port: int, extra: list[str]) -> list[str]:
 
 class VllmServer:
     """One server child (server_command) in its own process group; stop() ends the group: the API server and
-    its engine-core processes. Its stdout and stderr go to log_path."""
+    its engine-core processes. Its stdout and stderr go to log_path. Its environment is ours without the
+    VLLM_LOG_MOE* variables, plus `env`."""
 
-    def __init__(self, mode: str, cmd: list[str], port: int, log_path: Path):
+    def __init__(self, mode: str, cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None):
         self.mode, self.cmd, self.port, self.log_path = mode, cmd, port, log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")} | (env or {})
         self._log = open(log_path, "w")
         self._log.write("$ " + " ".join(cmd) + "\n")
         self._log.flush()

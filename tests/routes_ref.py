@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_routes.generate import VllmServer, free_port
 from moe_routes.prompts import SHARED_GSM8K, read_questions
 from moe_routes.schema import load_schema
 
@@ -96,20 +97,12 @@ def output_key(out: dict) -> str:
     return completion_key(out["request_id"], out.get("completion_index"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeout: int = 900) -> list[dict]:
     """vLLM's offline data-parallel mode: one driver process per DP rank, started together, each with the
     VLLM_DP_* environment (as vLLM's examples/offline_inference/data_parallel.py does). Returns each rank's
     run result."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port, size = _free_port(), len(runs_per_rank)
+    port, size = free_port(), len(runs_per_rank)
     procs = []
     for rank, run in enumerate(runs_per_rank):
         spec, out = workdir / f"spec{rank}.json", workdir / f"result{rank}.json"
@@ -158,73 +151,22 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
 
 @contextlib.contextmanager
 def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple[str, ...] = (), timeout: int = 600):
-    """A real `vllm serve` on localhost (CPU, eager, fp32); yields an `openai` client. Stopping it with
-    SIGINT shuts the engine down the way an operator does, which drains the routing log writer."""
-    import signal
-    import time
-    import urllib.request
-
+    """A real `vllm serve` on localhost (CPU, eager, fp32), run by run_generate's VllmServer; yields an `openai`
+    client. Stopping it with SIGINT shuts the engine down the way an operator does, which drains the routing
+    log writer. Its output goes to workdir/serve.log."""
     import openai
 
-    port = _free_port()
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
-    run_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    run_env.update(env or {})
+    port = free_port()
+    cmd = [str(Path(PY).parent / "vllm"), "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
+    cmd += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "1234", *args]
     workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "serve.log", "w")
-    exe = str(Path(PY).parent / "vllm")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "serve",
-            str(model),
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            "2048",
-            "--seed",
-            "1234",
-            *args,
-        ],
-        cwd=workdir,
-        env=run_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    run_env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
+    server = VllmServer("test", cmd, port, workdir / "serve.log", env=run_env)
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"vllm serve exited rc={proc.returncode}:\n" + (workdir / "serve.log").read_text()[-4000:]
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(
-                    "vllm serve did not become healthy:\n" + (workdir / "serve.log").read_text()[-4000:]
-                )
-            time.sleep(1)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        server.wait_healthy(timeout)
+        yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0, timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        server.stop(grace=120)
 
 
 class RouteLog:
