@@ -13,6 +13,7 @@ BENCHMARKS = {
     "overhead": ("moe_routes.bench.overhead", "log vs no-log throughput of run_generate on a CPU bench model"),
     "imports": ("moe_routes.bench.imports", "import cost of the patched vLLM, logging off, vs the series reversed"),
     "writer": ("moe_routes.bench.writer", "route records/s of the patched vLLM routing-log writer on one core"),
+    "steps": ("moe_routes.bench.steps", "host work per engine step that logging / the per-request return add"),
     "plot": ("moe_routes.bench.plot", "plot_hist.py log readers (pyarrow.json, pure Python, ...) on one log"),
 }
 

@@ -1,0 +1,437 @@
+"""Host work per engine step of the patched vLLM: what logging and the per-request return add to a step.
+
+Drives the real hooks of the installed, patched vLLM (``vllm/model_executor/layers/moe_routes.py``) with
+synthetic steps of a model shape (default DeepSeek-V3: 61 decoder layers, 58 MoE, 256 experts, top-8) on
+CPU tensors, in one process, side by side with a run that has the feature off:
+
+  engine   the engine thread's step: a fixed amount of pure-Python work standing in for a GPU step's host
+           side (input preparation, scheduling; it holds the GIL, so a writer that takes the GIL slows it
+           down), then the hooks (step begin, after the forward, the ModelRunnerOutput); a decode step of
+           --decode-requests requests x 1 token and a prefill step of --prefill-tokens tokens
+  wire     the rows of one step through the scheduler (take/attach), msgpack encoding and decoding as the
+           engine core and the front-end do it (frames per step), and the front-end's chunk handling
+  finish   the front-end's work when a completion finishes: concatenation, row check, base64 of the .npy
+           files of one completion of --finish-tokens positions
+
+Modes: log (VLLM_LOG_MOE: the writer runs beside the steps), ids (enable_return_routed_experts), weights
+(ids + enable_return_routed_expert_weights), log+weights. "ms/step added" is the median step time with the
+mode on minus the same with it off, measured alternately in this run.
+
+Examples:
+  moe-routes bench steps                               # DeepSeek-V3 shape, every mode, 256-request decode
+  moe-routes bench steps --mode log --steps 200        # the log alone
+  moe-routes bench steps --layers 24 --moe-layers 24 --experts 60 --top-k 4   # Qwen1.5-MoE shape
+  moe-routes bench steps --python-work-ms 5            # a cheaper host side per step
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import types
+
+import numpy as np
+
+MODES = ("log", "ids", "weights", "log+weights")
+DECODE_PROMPT = 16  # prompt tokens of each decode-scenario request (its first, untimed step)
+
+
+def _python_work(units: int) -> int:
+    """Pure-Python work holding the GIL (dict and list traffic like a scheduler's)."""
+    acc, d = 0, {}
+    for i in range(units):
+        d[i & 1023] = i
+        acc += len(d) + (i & 7)
+    return acc
+
+
+def _calibrate(ms: float) -> int:
+    units = 20_000
+    while True:
+        t0 = time.perf_counter()
+        _python_work(units)
+        dt = time.perf_counter() - t0
+        if dt > 0.02:
+            return max(1, int(units * ms / 1e3 / dt))
+        units *= 2
+
+
+class _Kv:
+    """A KV-cache allocator stand-in: per request a block list; a block is fresh when allocated."""
+
+    def __init__(self, block_size: int) -> None:
+        self.bs, self.next_block, self.blocks = block_size, 0, {}
+
+    def grow(self, rid: str, upto: int) -> list[int]:
+        blocks = self.blocks.setdefault(rid, [])
+        fresh = []
+        while len(blocks) * self.bs < upto:
+            blocks.append(self.next_block)
+            fresh.append(self.next_block)
+            self.next_block += 1
+        return fresh
+
+    def slots(self, rid: str, positions: np.ndarray) -> np.ndarray:
+        b = np.asarray(self.blocks[rid], dtype=np.int64)
+        return b[positions // self.bs] * self.bs + positions % self.bs
+
+
+class Scenario:
+    """Requests of one kind of step: `reqs` requests scheduled `tokens` tokens each, every step."""
+
+    def __init__(self, name: str, reqs: int, tokens: int, prompt: int, new_each_step: bool) -> None:
+        self.name, self.reqs, self.tokens, self.prompt, self.new_each_step = name, reqs, tokens, prompt, new_each_step
+
+
+def _engine(mr, args, mode: str, workdir: str, settings_cls):
+    """A capture state built the way on_kv_cache_ready builds it, on CPU, and a runner stand-in."""
+    import torch
+    from vllm.model_executor.layers import moe_routes_log as ml
+
+    n_hidden, moe = args.layers, list(range(args.layers - args.moe_layers, args.layers))
+    log = "log" in mode
+    returns = None if mode == "log" else mr.ReturnSettings(weights="weights" in mode)
+    settings = ml.Settings(os.path.join(workdir, f"{mode}.jsonl"), None) if log else None
+    max_tokens = max(args.prefill_tokens, args.decode_requests * DECODE_PROMPT)
+    num_slots = args.kv_slots
+    kw = dict(
+        settings=settings,
+        returns=returns,
+        layers=moe,
+        top_k=args.top_k,
+        num_experts=args.experts,
+        num_hidden_layers=n_hidden,
+        max_tokens=max_tokens,
+        device=torch.device("cpu"),
+        kv_group=0,
+        block_size=args.block_size,
+        num_slots=num_slots,
+        meta={"type": "meta", "bench": True, "writer": {"id": "bench"}},
+    )
+    st = mr.new_state(**kw) if hasattr(mr, "new_state") else _old_state(mr, ml, torch, kw)
+    runner = types.SimpleNamespace(_moe_routes_state=st, requests={}, use_async_scheduling=False)
+    return st, runner
+
+
+def _old_state(mr, ml, torch, kw):
+    """The series before issue 17 had no new_state(): build its _State as on_kv_cache_ready did."""
+    n_rows = kw["num_hidden_layers"] if kw["returns"] is not None else len(kw["layers"])
+    rows = kw["layers"] if kw["returns"] is not None else list(range(len(kw["layers"])))
+    st = mr._State(
+        settings=kw["settings"],
+        layers=kw["layers"],
+        rows=rows,
+        top_k=kw["top_k"],
+        num_experts=kw["num_experts"],
+        max_tokens=kw["max_tokens"],
+        ids_buf=torch.full((kw["max_tokens"], n_rows, kw["top_k"]), -1, dtype=torch.int32),
+        w_buf=torch.zeros((kw["max_tokens"], n_rows, kw["top_k"]), dtype=torch.float32),
+        device=kw["device"],
+        kv_group=kw["kv_group"],
+        manager_block_size=kw["block_size"],
+        kernel_block_size=kw["block_size"],
+        num_slots=kw["num_slots"],
+        meta=kw["meta"],
+        returns=kw["returns"],
+        num_hidden_layers=kw["num_hidden_layers"],
+    )
+    if kw["returns"] is not None:
+        st.assembler = ml.RouteAssembler(st)
+    if kw["settings"] is not None:
+        st.thread = ml.Writer(st, assembles=kw["returns"] is None)
+        st.thread.start()
+    return st
+
+
+class _Forward:
+    """What the MoE layers write during a forward: ids and weights of n tokens in every captured row (random
+    routing drawn once, copied in each step)."""
+
+    def __init__(self, st, rng) -> None:
+        import torch
+
+        layers, n = len(st.layers), st.max_tokens
+        self.ids = torch.from_numpy(rng.integers(0, st.num_experts, (n, layers, st.top_k)).astype(np.int32))
+        self.w = torch.from_numpy(rng.random((n, layers, st.top_k), dtype=np.float32))
+        self.rows = list(getattr(st, "rows", range(layers)))
+        self.contiguous = self.rows == list(range(self.rows[0], self.rows[0] + len(self.rows)))
+
+    def run(self, st, n: int) -> None:
+        sl = slice(self.rows[0], self.rows[-1] + 1) if self.contiguous else self.rows
+        st.ids_buf[:n, sl] = self.ids[:n].to(st.ids_buf.dtype)
+        if getattr(st, "w_buf", None) is not None:
+            st.w_buf[:n, sl] = self.w[:n]
+
+
+def run_steps(mr, args, mode: str | None, sc: Scenario, steps: int, units: int, workdir: str) -> dict:
+    """Time `steps` engine steps of scenario `sc`; mode None: the feature off (the hooks are not called,
+    as moe_routes.ENABLED is False in such an engine)."""
+    from vllm.sampling_params import SamplingParams
+
+    rng = np.random.default_rng(0)
+    st = runner = forward = None
+    if mode is not None:
+        st, runner = _engine(mr, args, mode, workdir, None)
+        forward = _Forward(st, rng)
+    kv = _Kv(args.block_size)
+    params = SamplingParams(max_tokens=1 << 20)
+    live: dict[str, int] = {}  # request -> next position
+    serial = 0
+    times, hook_times = [], []
+    for step in range(steps + 1):
+        finished = []
+        if sc.new_each_step or step == 0:
+            finished = list(live)
+            live = {}
+            for _ in range(sc.reqs):
+                live[f"r{serial}"] = 0
+                serial += 1
+        new_reqs, cached_ids, cached_blocks = [], [], []
+        positions, slots, counts, req_ids = [], [], [], []
+        for rid, pos in live.items():
+            c = sc.prompt if pos == 0 else sc.tokens
+            fresh = kv.grow(rid, pos + c)
+            p = np.arange(pos, pos + c, dtype=np.int64)
+            positions.append(p)
+            slots.append(kv.slots(rid, p))
+            counts.append(c)
+            req_ids.append(rid)
+            if pos == 0:
+                new_reqs.append(
+                    types.SimpleNamespace(req_id=rid, sampling_params=params, block_ids=(fresh,), num_computed_tokens=0)
+                )
+            else:
+                cached_ids.append(rid)
+                cached_blocks.append((fresh,) if fresh else None)
+            live[rid] = pos + c
+        n = int(sum(counts))
+        so = types.SimpleNamespace(
+            finished_req_ids=set(finished),
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=types.SimpleNamespace(
+                req_ids=cached_ids,
+                new_block_ids=cached_blocks,
+                resumed_req_ids=set(),
+                num_computed_tokens=[live[r] - 1 for r in cached_ids],
+            ),
+            total_num_scheduled_tokens=n,
+        )
+        pos_np, slot_np = np.concatenate(positions), np.concatenate(slots)
+        counts_np = np.asarray(counts, dtype=np.int32)
+        if runner is not None:
+            runner.positions = types.SimpleNamespace(np=pos_np)
+            bt = types.SimpleNamespace(slot_mapping=types.SimpleNamespace(np=slot_np), block_size=args.block_size)
+            runner.input_batch = types.SimpleNamespace(block_table=[bt])
+            for r in new_reqs:
+                runner.requests[r.req_id] = r
+        t0 = time.perf_counter()
+        _python_work(units)  # the host side of a GPU step, holding the GIL
+        th = time.perf_counter()
+        hooks = 0.0
+        if mode is not None:
+            mr.on_step_begin(runner, so)
+            t_fwd = time.perf_counter()
+            forward.run(st, n)  # the forward itself: not counted
+            t_after = time.perf_counter()
+            mr.on_forward(runner, so, n, req_ids, counts_np)
+            if st.returns is not None:
+                out = types.SimpleNamespace(routed_experts=None)
+                mr.on_model_runner_output(runner, out)
+            t_end = time.perf_counter()
+            hooks = (t_fwd - th) + (t_end - t_after)
+        t1 = th + hooks
+        if step > 0:  # step 0 is the first (prefill) step of a decode scenario, and warms caches
+            times.append(t1 - t0)
+            hook_times.append(hooks)
+    if st is not None:
+        mr.flush(runner, timeout=600)
+        if st.thread is not None:
+            mr._close(st)
+    return {"step_ms": 1e3 * statistics.median(times), "hook_ms": 1e3 * statistics.median(hook_times)}
+
+
+def wire(mr, args, workdir: str) -> list[str]:
+    """Rows of one decode step and one prefill step through scheduler, msgpack and front-end."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    lines = []
+    rng = np.random.default_rng(1)
+    dtype = np.uint8 if args.experts <= 256 else np.uint16
+    enc, dec = MsgpackEncoder(), MsgpackDecoder(EngineCoreOutputs)
+    for name, reqs, tokens in (
+        ("decode", args.decode_requests, 1),
+        ("prefill", max(1, args.prefill_tokens // 1024), min(1024, args.prefill_tokens)),
+    ):
+        for weights in (False, True):
+            rows = {
+                f"r{i}": (
+                    rng.integers(0, args.experts, (tokens, args.layers, args.top_k)).astype(dtype),
+                    rng.random((tokens, args.layers, args.top_k), dtype=np.float32) if weights else None,
+                )
+                for i in range(reqs)
+            }
+            reqs_objs = [types.SimpleNamespace(request_id=r) for r in rows]
+            states = {
+                r: types.SimpleNamespace(
+                    _moe_routes_chunks=[],
+                    _moe_routes_start=0,
+                    prompt_len=1,
+                    request_id=r,
+                    detokenizer=types.SimpleNamespace(output_token_ids=[]),
+                )
+                for r in rows
+            }
+            t_sched, t_enc, t_dec, t_front, frames = [], [], [], [], 0
+            for _ in range(args.wire_repeats):
+                t0 = time.perf_counter()
+                outs = []
+                for req in reqs_objs:
+                    mr.take_step_rows(req, rows)
+                    eco = EngineCoreOutput(request_id=req.request_id, new_token_ids=[1])
+                    mr.attach_rows(eco, req)
+                    outs.append(eco)
+                batch = EngineCoreOutputs(outputs=outs)
+                if hasattr(mr, "pack_step_rows"):
+                    mr.pack_step_rows(batch)
+                t1 = time.perf_counter()
+                bufs = enc.encode(batch)
+                t2 = time.perf_counter()
+                got = dec.decode(bufs)
+                t3 = time.perf_counter()
+                for eco in got.outputs:
+                    mr.completion_routes(states[eco.request_id], eco, None)
+                t4 = time.perf_counter()
+                for s in states.values():
+                    s._moe_routes_chunks.clear()
+                frames = len(bufs)
+                t_sched.append(t1 - t0)
+                t_enc.append(t2 - t1)
+                t_dec.append(t3 - t2)
+                t_front.append(t4 - t3)
+            med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+            lines.append(
+                f"  {name:7} {reqs:4d} req x {tokens:4d} tok, {'ids+weights' if weights else 'ids':11}: "
+                f"scheduler {med(t_sched):7.3f} ms  encode {med(t_enc):7.3f} ms  decode {med(t_dec):7.3f} ms  "
+                f"front-end {med(t_front):7.3f} ms  frames/step {frames}"
+            )
+    return lines
+
+
+def finish(mr, args) -> list[str]:
+    """The front-end's work at the end of one completion of --finish-tokens positions: concatenation of its
+    per-step chunks, row check, base64 .npy of ids (and weights)."""
+    lines = []
+    rng = np.random.default_rng(2)
+    dtype = np.uint8 if args.experts <= 256 else np.uint16
+    t = args.finish_tokens
+    for weights in (False, True):
+        chunks = [
+            (
+                rng.integers(0, args.experts, (1, args.layers, args.top_k)).astype(dtype),
+                rng.random((1, args.layers, args.top_k), dtype=np.float32) if weights else None,
+            )
+            for _ in range(t)
+        ]
+        times_cat, times_b64 = [], []
+        for _ in range(5):
+            state = types.SimpleNamespace(
+                _moe_routes_chunks=list(chunks[:-1]),
+                _moe_routes_start=0,
+                prompt_len=1,
+                request_id="r",
+                detokenizer=types.SimpleNamespace(output_token_ids=[0] * t),
+            )
+            eco = types.SimpleNamespace(routed_experts=chunks[-1][0], routed_expert_weights=chunks[-1][1])
+            t0 = time.perf_counter()
+            ids, w = mr.completion_routes(state, eco, "stop")
+            t1 = time.perf_counter()
+            choice = types.SimpleNamespace(__pydantic_extra__={})
+            output = types.SimpleNamespace(routed_experts=ids, routed_expert_weights=w)
+            request = types.SimpleNamespace(model_fields_set=set(), vllm_xargs=None)
+            mr.add_choice_fields(choice, output, request)
+            t2 = time.perf_counter()
+            assert ids is not None and len(ids) == t
+            times_cat.append(t1 - t0)
+            times_b64.append(t2 - t1)
+        lines.append(
+            f"  {t} positions, {'ids+weights' if weights else 'ids':11}: concatenate+check "
+            f"{1e3 * statistics.median(times_cat):7.2f} ms  base64 .npy {1e3 * statistics.median(times_b64):7.2f} ms"
+        )
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--layers", type=int, default=61, help="decoder layers (default: DeepSeek-V3's 61)")
+    ap.add_argument("--moe-layers", type=int, default=58, help="the last N decoder layers are MoE (default 58)")
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--kv-slots", type=int, default=1 << 20, help="KV slots of the prefix-cache routing store")
+    ap.add_argument("--decode-requests", type=int, default=256)
+    ap.add_argument("--prefill-tokens", type=int, default=8192)
+    ap.add_argument("--finish-tokens", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per scenario and mode")
+    ap.add_argument("--wire-repeats", type=int, default=20)
+    ap.add_argument("--python-work-ms", type=float, default=10.0, help="host-side Python per step (GIL held)")
+    ap.add_argument("--mode", action="append", choices=MODES, help="repeatable (default: every mode)")
+    ap.add_argument("--skip", action="append", default=[], choices=("engine", "wire", "finish"))
+    a = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from vllm.model_executor.layers import moe_routes as mr
+
+    mr._ensure_op()
+    modes = list(dict.fromkeys(a.mode or MODES))
+    print(
+        f"shape: {a.layers} decoder layers ({a.moe_layers} MoE), {a.experts} experts, top-{a.top_k}; "
+        f"block size {a.block_size}; {a.kv_slots:,} KV slots; series: {mr._patch_provenance()[0]}"
+    )
+    if "engine" not in a.skip:
+        units = _calibrate(a.python_work_ms)
+        scenarios = [
+            Scenario("decode", a.decode_requests, 1, DECODE_PROMPT, False),
+            Scenario("prefill", max(1, a.prefill_tokens // 1024), 0, min(1024, a.prefill_tokens), True),
+        ]
+        print(f"engine step: {a.python_work_ms:g} ms of host Python, then the hooks; medians of {a.steps} steps")
+        with tempfile.TemporaryDirectory() as work:
+            for sc in scenarios:
+                steps = a.steps if sc.name == "decode" else max(5, a.steps // 6)
+                label = f"{sc.reqs} requests x {sc.tokens or sc.prompt} tokens"
+                for mode in modes:
+                    on, off = [], []
+                    for _ in range(2):  # alternate: off, on, off, on
+                        off.append(run_steps(mr, a, None, sc, steps, units, work))
+                        on.append(run_steps(mr, a, mode, sc, steps, units, work))
+                    step_on = statistics.median(r["step_ms"] for r in on)
+                    step_off = statistics.median(r["step_ms"] for r in off)
+                    hook = statistics.median(r["hook_ms"] for r in on)
+                    print(
+                        f"  {sc.name:7} ({label}) {mode:11}: step {step_off:8.3f} -> {step_on:8.3f} ms, "
+                        f"added {step_on - step_off:+7.3f} ms/step ({100 * (step_on / step_off - 1):+5.1f} %), "
+                        f"hooks in the engine thread {hook:7.3f} ms"
+                    )
+    if "wire" not in a.skip:
+        print("rows returned per request, one step (scheduler -> msgpack -> front-end):")
+        with tempfile.TemporaryDirectory() as work:
+            for line in wire(mr, a, work):
+                print(line)
+    if "finish" not in a.skip:
+        print("front-end at a completion's finish:")
+        for line in finish(mr, a):
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
