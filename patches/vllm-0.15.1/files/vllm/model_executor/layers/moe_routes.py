@@ -1,49 +1,49 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Per-token MoE routing log (``VLLM_LOG_MOE``), added by the moe-routes patch series.
+"""Per-token MoE routing capture, added by the moe-routes patch series: the routing log (``VLLM_LOG_MOE``) and
+``enable_return_routed_experts`` (routing returned per request, as vLLM 0.22+ does, plus weights).
 
-Upstream files only call into this module: the engine glue (settings of an engine, capture op, staging,
-attribution). Its engine-independent half (settings parsing, client ids, record formatting, the writer
-thread) is ``moe_routes_log``, importable without torch or vLLM so that it is tested in seconds. Both sit
-outside the ``fused_moe`` package and import nothing beyond what ``import vllm`` already loaded (the log
-module: stdlib and numpy), because the front-end
-(``vllm.entrypoints.llm``, ``EngineArgs``, ``InputProcessor``) imports it: with logging off, importing
-vLLM costs what it cost before.
+Upstream files only call into this module, the engine glue. Its engine-independent half (settings, record
+formatting, assembly, the writer process) is ``moe_routes_log``, importable without torch or vLLM. Both sit
+outside the ``fused_moe`` package and import nothing beyond what ``import vllm`` already loaded, because the
+front-end (``vllm.entrypoints.llm``, ``EngineArgs``, ``InputProcessor``, ``OutputProcessor``) imports them: with
+the feature off, importing vLLM costs what it cost before.
 
 Data path, per model step:
-  1. ``on_step_begin`` (``GPUModelRunner.execute_model``, before anything else, also for steps that
-     schedule no token): forgets finished requests, learns the client-visible id of new requests,
-     notes the KV blocks this step allocates afresh, and fills this step's rows of the capture
-     buffers with -1, so that a logged layer that did not write is detected, never logged stale.
-  2. Every logged ``FusedMoE`` layer copies the routing its expert kernel used (``topk_ids``,
-     ``topk_weights``) into its row of two static token-major buffers ``[max_tokens, rows, top_k]``
-     on the model's device: a device-side write, recorded into CUDA graphs and replayed with them;
-     under ``torch.compile`` an opaque custom op. No host sync inside the forward.
-  3. ``on_forward`` (after the model forward): one contiguous device-to-host copy of the first
-     ``num_tokens`` rows into a pinned staging buffer (async + event on CUDA), plus numpy copies of
-     the batch layout (request ids, positions, KV slots).
-  4. A writer thread checks that every logged row was written, updates a KV-slot -> routing store
-     (invalidating blocks allocated afresh, then storing this step's tokens), fills prefix-cache hits
-     from that store (``"cached": true``; a slot that does not hold the hit token gives a ``gap``
-     record, never another token's routing), and appends whole JSONL lines under an ``flock``.
+  1. ``on_step_begin`` (``GPUModelRunner.execute_model``, before anything else, also for steps that schedule no
+     token): forgets finished requests, notes new ones and the KV blocks this step allocates afresh, and fills
+     this step's rows of the capture buffers with -1, so that a layer that did not write is detected.
+  2. Every captured ``FusedMoE`` layer copies the routing its expert kernel used (``topk_ids``, and
+     ``topk_weights`` when the log or the weights return reads them) into its row of static token-major buffers
+     ``[max_tokens, rows, top_k]`` on the model's device, allocated while the model is built (so that the KV
+     cache is sized without them): a device-side write, recorded into CUDA graphs; under ``torch.compile`` an
+     opaque custom op. No host sync inside the forward.
+  3. ``on_forward`` (after the forward): one contiguous device-to-host copy into pinned staging (async + event on
+     CUDA), and the batch layout (request ids, positions, KV slots).
+  4. When the step's ``ModelRunnerOutput`` is built (or, under async scheduling, collected): the capture is
+     checked, the KV-slot -> routing store updated, prefix-cache hits read back from it, and the step's rows laid
+     out per request (``moe_routes_log.step_rows``).
+  5. The scheduler puts each request's rows on its ``EngineCoreOutput`` of the step (``RoutesChunk``; a step that
+     gives a request no token, a chunk of a long prefill, gets a rows-only output); the engine core's output
+     thread packs a step's chunks into one frame.
+  6. The front-end's ``OutputProcessor`` receives them with the tokens: rows of completions it has finished
+     (a stop string it found, an abort) are dropped there, exactly as the tokens are. It gathers each
+     completion's rows for ``CompletionOutput.routed_experts`` and hands them to the log's writer process.
 
-Dummy, profiling, warm-up and graph-capture forwards write only into the device buffers; records are
-emitted solely for tokens ``GPUModelRunner.execute_model`` scheduled.
+Dummy, profiling, warm-up and graph-capture forwards write only into the device buffers; rows exist solely for
+tokens ``GPUModelRunner.execute_model`` scheduled.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import queue
-import socket
-import threading
-import time
-import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from vllm.logger import init_logger
@@ -51,23 +51,31 @@ from vllm.model_executor.layers.moe_routes_log import (
     ENV_LAYERS,
     ENV_ON_ERROR,
     ENV_PATH,
+    GAP,
+    GAP_CAPTURE,
     REQUEST_TAG,
     SCHEMA_VERSION,
     STATE_FILE,
-    Failure,
+    ChoiceTag,
+    Chunk,
+    Layout,
+    LogClient,
     MoeRoutesCaptureError,
     MoeRoutesConfigError,
     Request,
+    ReturnedRows,
     RouteAssembler,
     Settings,
     StepJob,
-    Writer,
-    WriterState,
+    StepRows,
     bad_env,
+    capture_dtype_for,
     client_request,
+    footprint,
     id_dtype_for,
     read_settings,
-    returned_rows,
+    request_field,
+    step_rows,
 )
 
 logger = init_logger(__name__)
@@ -76,10 +84,15 @@ logger = init_logger(__name__)
 _CONFIG_ATTR = "_moe_routes_settings"
 # Attribute of the ModelConfig that carries the per-request return (enable_return_routed_experts).
 _RETURN_ATTR = "_moe_routes_return"
+# Attribute of the VllmConfig that carries the capture buffers allocated while the model is built.
+_BUFFERS_ATTR = "_moe_routes_buffers"
 _UNSET = object()
 RETURN_FLAG = "--enable-return-routed-experts"
 WEIGHTS_FLAG = "--enable-return-routed-expert-weights"
 PROMPT_START = "routed_experts_prompt_start"
+# Returning the router's recomputation for kernels that route internally needs this opt-in (see
+# check_recomputed_routing).
+ENV_ALLOW_RECOMPUTED = "VLLM_MOE_ROUTES_ALLOW_RECOMPUTED"
 
 
 @dataclass(frozen=True)
@@ -91,12 +104,25 @@ class ReturnSettings:
 
 
 def return_settings(model_config: Any) -> ReturnSettings | None:
-    return getattr(model_config, _RETURN_ATTR, None)
+    """The per-request return an engine serves. A config built without EngineArgs.create_engine_config (where
+    the flag is validated) still gets ids when it asks for them."""
+    got = getattr(model_config, _RETURN_ATTR, _UNSET)
+    if got is _UNSET:
+        return ReturnSettings() if getattr(model_config, "enable_return_routed_experts", False) else None
+    return got
 
 
-# The check every hot-path hook does: True once an engine that logs was configured or built in this
+def upstream_capture(model_config: Any) -> bool:
+    """Where vLLM 0.15.1 reads enable_return_routed_experts for its own RoutedExpertsCapturer/Reader: never. That
+    capturer is bound before it exists (it returns zeros; fixed in 0.16 by PR #33013), allocates on cuda only and
+    reads rows only when the engine core sees the stop; this module serves the flag instead, which stays True in
+    the ModelConfig for everyone who asks whether the feature is on."""
+    return False
+
+
+# The check every hot-path hook does: True once an engine that captures was configured or built in this
 # process. Set at import from the environment (a spawned engine process inherits it) and by
-# validate_engine_config / register_layer, which see the settings an engine actually starts with:
+# validate_engine_config / register_layer / the scheduler, which see what an engine actually starts with:
 # VLLM_LOG_MOE may be set after `import vllm`, and a forked engine core inherits module state.
 ENABLED: bool = os.environ.get(ENV_PATH, "").strip() not in ("", "0")
 
@@ -108,9 +134,9 @@ def _activate() -> None:
 
 
 def engine_settings(vllm_config: Any) -> Settings | None:
-    """The settings this engine started with: those validate_engine_config attached to its config
-    (they travel with the config into forked, spawned and in-process engine cores), else the
-    environment (a config built without EngineArgs.create_engine_config)."""
+    """The settings this engine started with: those validate_engine_config attached to its config (they travel
+    with the config into forked, spawned and in-process engine cores), else the environment (a config built
+    without EngineArgs.create_engine_config)."""
     settings = getattr(vllm_config, _CONFIG_ATTR, _UNSET) if vllm_config is not None else _UNSET
     return read_settings() if settings is _UNSET else settings
 
@@ -140,6 +166,12 @@ def validate_engine_config(vllm_config: Any, engine_args: Any = None) -> None:
                 ENV_LAYERS, f"layer(s) {out} out of range: the model has {n_layers} decoder layers (0..{n_layers - 1})"
             )
     unsupported = []
+    from vllm.platforms import current_platform
+
+    if not (current_platform.is_cuda_alike() or current_platform.is_cpu()):
+        # GPUModelRunner subclasses of other devices (XPU) would reach the first step with capture buffers this
+        # series cannot stage (pinned copies and events are CUDA's).
+        unsupported.append(f"the {current_platform.device_name} platform (CUDA, ROCm and CPU are supported)")
     if parallel.pipeline_parallel_size > 1:
         unsupported.append("pipeline parallelism (each stage would own a part of the layers)")
     if vllm_config.speculative_config is not None:
@@ -166,15 +198,13 @@ def validate_engine_config(vllm_config: Any, engine_args: Any = None) -> None:
 
 
 def _take_over_return_flag(model_config: Any, engine_args: Any) -> ReturnSettings | None:
-    """enable_return_routed_experts is served by this module, from the capture the log uses. Upstream's own
-    path (RoutedExpertsCapturer) returns zeros on this pin (bound before the capturer exists, fixed in 0.16
-    by PR #33013) and allocates on cuda only: switched off by clearing the ModelConfig flag, which it alone
-    reads; the request lives on in the ModelConfig's _moe_routes_return."""
+    """enable_return_routed_experts is served by this module, from the capture the log uses; the ModelConfig flag
+    stays as given (RL frameworks read it to know the feature is on) and upstream's own capturer stays off through
+    upstream_capture(). The request, with the weights flag, lives on in the ModelConfig's _moe_routes_return."""
     weights = bool(getattr(engine_args, "enable_return_routed_expert_weights", False))
     returns = None
     if model_config is not None and model_config.enable_return_routed_experts:
         returns = ReturnSettings(weights=weights)
-        model_config.enable_return_routed_experts = False
     elif weights:
         raise MoeRoutesConfigError(
             f"{WEIGHTS_FLAG} (enable_return_routed_expert_weights=True) needs {RETURN_FLAG} "
@@ -202,53 +232,33 @@ def logs_routing(vllm_config: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Request ids as the client sees them (front-end): InputProcessor.assign_request_id makes engine ids
-# unique ("<id>-<8 random chars>"), parallel sampling (n > 1) runs child requests "<index>_<engine id>",
-# and the OpenAI completions endpoint runs prompt i of a request as "<id>-<i>". The tag rides in
-# SamplingParams.extra_args to the model runner, which only sees engine ids.
+# Request ids as the caller sees them: the front-end writes the log, so it knows each completion's request id
+# (RequestOutput.request_id) and index (CompletionOutput.index). Only the OpenAI completions endpoint, which runs
+# prompt i of a response as its own request "<response id>-<i>", tags each prompt with the response id and its
+# choices.
 # ----------------------------------------------------------------------------------------------------
-# Engine request id -> (response id, first choice index, choices in the response), filled by the OpenAI
-# completions endpoint and consumed by tag_request in the same (API server) process. Kept out of the
-# request itself: a client can set SamplingParams.extra_args (vllm_xargs) but not this table.
-_CHOICES: dict[str, tuple[str, int, int]] = {}
-_CHOICES_MAX = 1 << 16  # prompts that fail validation never reach tag_request: drop the oldest
-
-
 def tag_choices(
     sampling_params: Any, engine_request_id: str, client_id: str, first_choice: int, num_choices: int
 ) -> None:
-    """OpenAI /v1/completions: the prompt run as `engine_request_id` answers choices
-    [first_choice, first_choice + n) of the response `client_id`."""
+    """OpenAI /v1/completions: the prompt run as `engine_request_id` answers choices [first_choice, first_choice +
+    n) of the response `client_id`. The tag rides on this prompt's own SamplingParams (a fresh extra_args dict: the
+    request's vllm_xargs dict is shared by its prompts), so concurrent requests with the same client-chosen id
+    (X-Request-Id) never see each other's, and nothing is kept anywhere that could be evicted."""
     if not ENABLED or not hasattr(sampling_params, "extra_args"):
-        return  # logging off, or beam search (BeamSearchParams), which runs its own requests
-    if len(_CHOICES) >= _CHOICES_MAX:
-        del _CHOICES[next(iter(_CHOICES))]
-    _CHOICES[engine_request_id] = (str(client_id), int(first_choice), int(num_choices))
-
-
-def tag_request(request: Any) -> None:
-    """InputProcessor.assign_request_id: record the id the caller sees (RequestOutput.request_id, or the
-    OpenAI response id), its first choice index and n, so that every record maps to exactly one
-    completion. Whatever a client put under the same key is replaced."""
-    params = getattr(request, "sampling_params", None)
-    if not ENABLED or params is None:
-        return
-    n = int(params.n)
-    client_id, first_choice, num_choices = _CHOICES.pop(request.external_req_id, (request.external_req_id, 0, n))
-    tag = {"req_id": client_id, "first_choice": first_choice, "num_choices": num_choices, "n": n}
-    # A private copy: the caller's SamplingParams may be shared by several prompts.
-    params = copy.copy(params)
-    params.extra_args = {**(params.extra_args or {}), REQUEST_TAG: tag}
-    request.sampling_params = params
+        return  # the feature is off, or beam search (BeamSearchParams), which runs its own requests
+    tag = ChoiceTag(req_id=str(client_id), first_choice=int(first_choice), num_choices=int(num_choices))
+    sampling_params.extra_args = {**(sampling_params.extra_args or {}), REQUEST_TAG: tag}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Layer registry (FusedMoE.__init__) and the capture op (forward paths).
 # ----------------------------------------------------------------------------------------------------
 def register_layer(layer: torch.nn.Module) -> None:
-    """Called at the end of FusedMoE.__init__. Fixes the layer's row in the capture buffers now (the
-    decoder-layer index, or its position in VLLM_LOG_MOE_LAYERS), so that torch.compile and CUDA graphs
-    bake a constant row. Turns the hot path on before the first forward is traced."""
+    """Called at the end of FusedMoE.__init__. Fixes the layer's row in the capture buffers now (the decoder-layer
+    index, or its position in VLLM_LOG_MOE_LAYERS), so that torch.compile and CUDA graphs bake a constant row;
+    allocates the capture buffers with the first such layer, while the model is built, so that they count as
+    model memory when the KV cache is sized. Turns the hot path on before the first forward is traced. Only TP
+    rank 0 captures: the other ranks compute the same routing."""
     layer._moe_routes_slot = -1
     from vllm.config import get_current_vllm_config
 
@@ -265,15 +275,56 @@ def register_layer(layer: torch.nn.Module) -> None:
         return
     layer._moe_routes_layer_id = layer_id
     if returns is not None or settings.layers is None:  # the per-request return needs every MoE layer
-        layer._moe_routes_slot = layer_id
+        slot = layer_id
     elif layer_id in settings.layers:
-        layer._moe_routes_slot = settings.layers.index(layer_id)
+        slot = settings.layers.index(layer_id)
+    else:
+        return
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    if get_tensor_model_parallel_rank() != 0:
+        return
+    layer._moe_routes_slot = slot
+    if getattr(vllm_config, _BUFFERS_ATTR, None) is None:
+        n_rows = len(settings.layers) if returns is None and settings.layers is not None else None
+        n_rows = n_rows or int(vllm_config.model_config.get_total_num_hidden_layers())
+        bufs = _new_buffers(
+            _max_tokens(vllm_config),
+            n_rows,
+            int(layer.top_k),
+            int(layer.logical_num_experts),
+            _weights(settings, returns),
+        )
+        object.__setattr__(vllm_config, _BUFFERS_ATTR, bufs)
+
+
+def _weights(settings: Settings | None, returns: ReturnSettings | None) -> bool:
+    """Weights are captured, staged and stored only when something reads them."""
+    return settings is not None or (returns is not None and returns.weights)
+
+
+def _max_tokens(vllm_config: Any) -> int:
+    """Rows of the capture buffers: the most tokens one forward of this engine can hold (a batch, or a padded
+    CUDA-graph size)."""
+    sizes = getattr(vllm_config.compilation_config, "cudagraph_capture_sizes", None) or []
+    return max(int(vllm_config.scheduler_config.max_num_batched_tokens), max(sizes, default=0))
+
+
+def _new_buffers(
+    max_tokens: int, n_rows: int, top_k: int, num_experts: int, weights: bool, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Capture buffers [max_tokens, n_rows, top_k], token-major; on the device the model is being built on (the
+    loader's default-device context) unless one is given."""
+    dtype = torch.int16 if capture_dtype_for(num_experts) == np.int16 else torch.int32
+    ids = torch.full((max_tokens, n_rows, top_k), -1, dtype=dtype, device=device)
+    w = torch.zeros((max_tokens, n_rows, top_k), dtype=torch.float32, device=device) if weights else None
+    return ids, w
 
 
 def _gathers_dp_ranks(layer: torch.nn.Module) -> bool:
-    """True when the router input holds every DP rank's tokens: FusedMoE.forward_impl's naive
-    dispatch (do_naive_dispatch_combine), i.e. DP without a modular all2all kernel and without DP
-    chunking. The chunked path and modular kernels route this rank's tokens only."""
+    """True when the router input holds every DP rank's tokens: FusedMoE.forward_impl's naive dispatch
+    (do_naive_dispatch_combine), i.e. DP without a modular all2all kernel and without DP chunking. The chunked
+    path and modular kernels route this rank's tokens only."""
     if layer.dp_size <= 1 or layer.use_dp_chunking:
         return False
     from vllm.model_executor.layers.fused_moe.fused_moe_modular_method import FusedMoEModularMethod
@@ -282,9 +333,9 @@ def _gathers_dp_ranks(layer: torch.nn.Module) -> bool:
 
 
 def _this_dp_rank_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This DP rank's rows of a routing result computed on the all-gathered batch. Naive dispatch
-    concatenates the ranks' (padded) batches in rank order, sized by dp_metadata.num_tokens_across_dp_cpu;
-    the sizes are host values, so no device sync."""
+    """This DP rank's rows of a routing result computed on the all-gathered batch. Naive dispatch concatenates the
+    ranks' (padded) batches in rank order, sized by dp_metadata.num_tokens_across_dp_cpu; the sizes are host
+    values, so no device sync."""
     from vllm.distributed import get_dp_group
     from vllm.forward_context import get_forward_context
 
@@ -300,9 +351,9 @@ def _this_dp_rank_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tu
 
 
 def _logical_ids(layer: torch.nn.Module, physical_ids: torch.Tensor) -> torch.Tensor:
-    """EPLB: the router maps each logical expert to one of its physical replicas. Invert the layer's
-    current logical_to_physical_map ([logical, replica] -> physical, -1 padded); device ops only, so this
-    is captured into CUDA graphs and follows in-place EPLB rearrangements."""
+    """EPLB: the router maps each logical expert to one of its physical replicas. Invert the layer's current
+    logical_to_physical_map ([logical, replica] -> physical, -1 padded); device ops only, so this is captured into
+    CUDA graphs and follows in-place EPLB rearrangements."""
     l2p = layer.eplb_state.logical_to_physical_map
     n_physical = int(layer.global_num_experts)
     max_replicas = n_physical - int(layer.logical_num_experts) + 1
@@ -324,7 +375,7 @@ def _record_into_buffers(
 ) -> None:
     st = _ACTIVE
     if st is None or slot < 0:
-        return  # before KV-cache init (profile run), or an engine / rank that does not log
+        return  # before KV-cache init (profile run), or an engine / rank that does not capture
     if gathered:
         topk_ids, topk_weights = _this_dp_rank_rows(topk_ids, topk_weights)
     n = topk_ids.shape[0]
@@ -335,7 +386,8 @@ def _record_into_buffers(
         )
     k = st.top_k
     st.ids_buf[row_offset : row_offset + n, slot].copy_(topk_ids[:, :k], non_blocking=True)
-    st.w_buf[row_offset : row_offset + n, slot].copy_(topk_weights[:, :k], non_blocking=True)
+    if st.w_buf is not None:
+        st.w_buf[row_offset : row_offset + n, slot].copy_(topk_weights[:, :k], non_blocking=True)
 
 
 def _record_op(
@@ -391,19 +443,20 @@ def _capture(
 def record_router(
     layer: torch.nn.Module, hidden_states: torch.Tensor, router_logits: torch.Tensor, row_offset: int = 0
 ) -> None:
-    """Monolithic kernels that route internally (FlashInfer TRT-LLM, MXFP4, XPU): log the router's result
-    for the same inputs; the meta record says routing_source='router'. The CPU kernel records itself."""
+    """Monolithic kernels that route internally (FlashInfer TRT-LLM, MXFP4, XPU): log the router's result for the
+    same inputs; the meta record says routing_source='router', and the per-request return needs the opt-in
+    VLLM_MOE_ROUTES_ALLOW_RECOMPUTED=1 (check_recomputed_routing). The CPU kernel records itself."""
     if layer._moe_routes_slot < 0 or _kernel_records_itself(layer):
         return
-    # _compute_routing is select_experts without the EPLB replica mapping and its expert-load
-    # accounting, which must count the kernel's own call only: its ids are already logical.
+    # _compute_routing is select_experts without the EPLB replica mapping and its expert-load accounting, which
+    # must count the kernel's own call only: its ids are already logical.
     topk_weights, topk_ids = layer.router._compute_routing(hidden_states, router_logits, None)
     _capture(layer, topk_ids, topk_weights, row_offset)
 
 
 def _routing_source(moe_modules: list[torch.nn.Module]) -> str:
-    """'kernel': ids/weights the expert kernel received; 'router': a monolithic kernel routes internally
-    and we log the router's result for the same inputs; 'simulated': a RoutingSimulatorRouter."""
+    """'kernel': ids/weights the expert kernel received; 'router': a monolithic kernel routes internally and we
+    capture the router's result for the same inputs; 'simulated': a RoutingSimulatorRouter."""
     from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import (
         RoutingSimulatorRouter,
     )
@@ -430,47 +483,147 @@ def _kernel_records_itself(layer: torch.nn.Module) -> bool:
     return cached
 
 
+def check_recomputed_routing(source: str, returns: ReturnSettings | None, settings: Settings | None) -> None:
+    """A kernel that routes inside itself (gpt-oss MXFP4 with the Triton backend, FlashInfer TRT-LLM FP8/NVFP4)
+    never hands its routing out: what is captured is the router's recomputation for the same inputs, which can
+    differ from the kernel's own choice at near-ties (other precision, other tie-breaking). A trainer replaying
+    routing must not get that silently: the per-request return refuses it at start-up unless the caller opts in.
+    The log says it in its meta record (routing_source)."""
+    if returns is None or source not in ("router", "mixed"):
+        return
+    if os.environ.get(ENV_ALLOW_RECOMPUTED, "").strip() in ("1", "true", "yes"):
+        logger.warning(
+            "moe_routes: routed experts are the router's recomputation for MoE layers whose kernel routes "
+            "internally (%s=1); they may differ from the kernel's own choice at near-ties",
+            ENV_ALLOW_RECOMPUTED,
+        )
+        return
+    raise refusal(
+        settings,
+        returns,
+        "would return the router's recomputation, not the routing the expert kernel used: this model's MoE "
+        "kernel routes internally (e.g. gpt-oss MXFP4 with the Triton backend, FlashInfer TRT-LLM FP8/NVFP4); "
+        f"choose an expert backend that takes routing from the router, or set {ENV_ALLOW_RECOMPUTED}=1 to accept "
+        "the recomputation",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Engine-side state, created when the KV cache exists (before warm-up and graph capture).
 # ----------------------------------------------------------------------------------------------------
-class _HostStaging:
-    """Pinned host buffers the device buffers are copied into, one per step in flight. The copy of the
-    first n tokens goes to buffer[:n] of a token-major buffer: a contiguous pinned region, so the
-    device-to-host copy is a single async memcpy (a strided or pageable destination makes PyTorch stage
-    through pageable memory and the host waits for the whole forward)."""
+_STAGING_DEPTH = 2  # one step being copied while the previous one is assembled (async scheduling)
 
-    def __init__(self, shape: tuple[int, ...], depth: int, alloc: Any = None) -> None:
-        alloc = alloc or (lambda s, dtype: torch.empty(s, dtype=dtype, pin_memory=True))
-        self.buffers = [(alloc(shape, torch.int32), alloc(shape, torch.float32)) for _ in range(depth)]
+
+class _HostStaging:
+    """Pinned host buffers the device buffers are copied into, one per step in flight. The copy of the first n
+    tokens goes to buffer[:n] of a token-major buffer: a contiguous pinned region, so the device-to-host copy is a
+    single async memcpy (a strided or pageable destination makes PyTorch stage through pageable memory and the
+    host waits for the whole forward). Weights get a buffer only when something reads them."""
+
+    def __init__(self, ids_like: torch.Tensor, w_like: torch.Tensor | None, depth: int, alloc: Any = None) -> None:
+        alloc = alloc or (lambda like: torch.empty(like.shape, dtype=like.dtype, pin_memory=True))
+        self.buffers = [(alloc(ids_like), None if w_like is None else alloc(w_like)) for _ in range(depth)]
         self.free: queue.Queue[int] = queue.Queue()
         for i in range(depth):
             self.free.put(i)
 
-    def destination(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def destination(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, weights = self.buffers[index]
-        return ids[:n], weights[:n]
+        return ids[:n], None if weights is None else weights[:n]
 
 
 @dataclass(kw_only=True)
-class _State(WriterState):
-    """One engine's capture state: the writer's share plus the device buffers and per-request progress."""
+class _State:
+    """One engine's capture state (TP rank 0)."""
 
+    settings: Settings | None  # the log, if on
+    returns: ReturnSettings | None  # the per-request return, if on
+    layers: list[int]  # decoder layers captured, ascending
+    rows: list[int]  # capture-buffer row of each captured layer
+    top_k: int
+    num_experts: int
+    num_hidden_layers: int
     max_tokens: int
-    ids_buf: torch.Tensor  # [max_tokens, n_rows, top_k], token-major
-    w_buf: torch.Tensor
+    ids_buf: torch.Tensor  # [max_tokens, buffer rows, top_k], token-major
+    w_buf: torch.Tensor | None  # float32, when the log or the weights return reads weights
     device: torch.device
     kv_group: int  # KV-cache group whose slots key the routing store (-1: none)
+    manager_block_size: int
+    kernel_block_size: int
+    num_slots: int
+    meta: dict[str, Any]  # sent to the front-end once, with the first rows
+    dp_rank: int | None = None
+    assembler: RouteAssembler | None = None
     requests: dict[str, Request] = field(default_factory=dict)  # engine id -> request
     fresh_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     staging: _HostStaging | None = None
-    thread: Writer | None = None
-    assembler: RouteAssembler | None = None  # set when steps are assembled here (routing returned per request)
-    returns: ReturnSettings | None = None
-    num_hidden_layers: int = 0
-    unreturned: list[StepJob] = field(default_factory=list)  # steps forwarded, not yet in a ModelRunnerOutput
+    unshipped: list[StepJob] = field(default_factory=list)  # steps forwarded, not yet in a ModelRunnerOutput
+    meta_shipped: bool = False
+    capture_errors: int = 0
+    row_slice: slice | None = None  # `rows` as a slice when they are consecutive
+
+    def __post_init__(self) -> None:
+        if self.rows and self.rows == list(range(self.rows[0], self.rows[0] + len(self.rows))):
+            self.row_slice = slice(self.rows[0], self.rows[0] + len(self.rows))
 
 
-_STAGING_DEPTH = 4
+def new_state(
+    *,
+    settings: Settings | None,
+    returns: ReturnSettings | None,
+    layers: list[int],
+    top_k: int,
+    num_experts: int,
+    num_hidden_layers: int,
+    max_tokens: int,
+    device: torch.device,
+    meta: dict[str, Any],
+    rows: list[int] | None = None,
+    buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    kv_group: int = -1,
+    block_size: int = 0,
+    kernel_block_size: int | None = None,
+    num_slots: int = 0,
+    dp_rank: int | None = None,
+) -> _State:
+    """The capture state of one engine: buffers (allocated here unless the model build did), pinned staging on
+    CUDA, the KV-slot store. on_kv_cache_ready builds it; so does `moe-routes bench steps`."""
+    rows = list(range(len(layers))) if rows is None else rows
+    weights = _weights(settings, returns)
+    if buffers is None:
+        buffers = _new_buffers(max_tokens, max(rows) + 1, top_k, num_experts, weights, device)
+    ids_buf, w_buf = buffers
+    st = _State(
+        settings=settings,
+        returns=returns,
+        layers=layers,
+        rows=rows,
+        top_k=top_k,
+        num_experts=num_experts,
+        num_hidden_layers=num_hidden_layers,
+        max_tokens=max_tokens,
+        ids_buf=ids_buf,
+        w_buf=w_buf,
+        device=device,
+        kv_group=kv_group,
+        manager_block_size=block_size,
+        kernel_block_size=block_size if kernel_block_size is None else kernel_block_size,
+        num_slots=num_slots,
+        meta=meta,
+        dp_rank=dp_rank,
+    )
+    st.assembler = RouteAssembler(
+        layers=layers,
+        top_k=top_k,
+        num_experts=num_experts,
+        num_slots=num_slots,
+        manager_block_size=st.manager_block_size,
+        kernel_block_size=st.kernel_block_size,
+        weights=weights,
+    )
+    if device.type == "cuda":
+        st.staging = _HostStaging(ids_buf, w_buf, _STAGING_DEPTH)
+    return st
 
 
 def _patch_provenance() -> tuple[str, list[dict[str, str]]]:
@@ -492,8 +645,8 @@ def _patch_provenance() -> tuple[str, list[dict[str, str]]]:
 def check_layer_modules(
     moe_modules: list[Any], settings: Settings | None = None, returns: ReturnSettings | None = None
 ) -> None:
-    """One FusedMoE per decoder layer, with a known index: records and returned rows are keyed by decoder
-    layer. The error names the switch that asked (returns None: the log's VLLM_LOG_MOE)."""
+    """One FusedMoE per decoder layer, with a known index: records and returned rows are keyed by decoder layer.
+    The error names the switch that asked (returns None: the log's VLLM_LOG_MOE)."""
     unindexed = [m.layer_name for m in moe_modules if m._moe_routes_layer_id is None]
     if unindexed:
         if returns is None:
@@ -519,10 +672,10 @@ def check_layer_modules(
 
 
 def _routing_store_group(kv_cache_config: Any) -> tuple[int, int]:
-    """(group index, manager block size) of the KV-cache group whose slots identify a token for the
-    prefix-cache routing store: a full-attention group keeps every block of a request (a sliding-window
-    group swaps blocks that left the window for the null block, a Mamba group has no per-token slots).
-    (-1, 0) when there is none: prefix-cache hits then become gap records."""
+    """(group index, manager block size) of the KV-cache group whose slots identify a token for the prefix-cache
+    routing store: a full-attention group keeps every block of a request (a sliding-window group swaps blocks that
+    left the window for the null block, a Mamba group has no per-token slots). (-1, 0) when there is none:
+    prefix-cache hits then become gap records."""
     from vllm.v1.kv_cache_interface import (
         AttentionSpec,
         CrossAttentionSpec,
@@ -552,20 +705,21 @@ def _engine_state(runner: Any) -> _State | None:
 
 
 def on_kv_cache_ready(runner: Any) -> None:
-    """GPUModelRunner.initialize_kv_cache (CPUModelRunner inherits it): allocate the capture buffers,
-    the KV-slot store and the writer, and write the meta record."""
+    """GPUModelRunner.initialize_kv_cache (CPUModelRunner inherits it): the capture state, the KV-slot store and
+    the meta record the front-end's log writes before this engine's records."""
     global _ACTIVE
     settings = engine_settings(runner.vllm_config)
     returns = return_settings(runner.model_config)
     if settings is None and returns is None:
         return
-    old = _engine_state(runner)
-    if old is not None:  # KV cache re-initialised (e.g. wake-up): drain the old writer, start afresh
-        _close(old)
-        runner._moe_routes_state = None
+    runner._moe_routes_state = None  # KV cache re-initialised (e.g. wake-up): start afresh
     moe_modules = [m for m in runner.model.modules() if hasattr(m, "_moe_routes_layer_id")]
     if not moe_modules:
         raise refusal(settings, returns, f"needs an MoE model: {runner.model_config.model} has no FusedMoE layer")
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    if get_tensor_model_parallel_rank() != 0:
+        return  # TP ranks other than 0 compute the same routing and capture nothing (register_layer)
     check_layer_modules(moe_modules, settings, returns)
     moe_layer_ids = sorted(m._moe_routes_layer_id for m in moe_modules)
     if settings is not None and settings.layers is not None:
@@ -592,29 +746,28 @@ def on_kv_cache_ready(runner: Any) -> None:
     if any(int(m.top_k) != top_k or int(m.logical_num_experts) != num_experts for m in moe_modules):
         raise bad_env(ENV_PATH, "MoE layers with different top_k/num_experts are not supported by the log format")
     if any(getattr(m, "is_sequence_parallel", False) for m in moe_modules):
-        # Each TP rank then routes only its shard of the batch; rank 0 alone cannot write every token.
+        # Each TP rank then routes only its shard of the batch; rank 0 alone cannot capture every token.
         raise refusal(
             settings,
             returns,
             "does not support sequence-parallel MoE (expert parallel with TP > 1 and DP > 1); use TP = 1 per DP rank",
         )
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    if get_tensor_model_parallel_rank() != 0:
-        # TP ranks other than 0 compute the same routing; one copy of the log is written by rank 0.
-        for mod in moe_modules:
-            mod._moe_routes_slot = -1
-        return
+    source = _routing_source(captured_mods)
+    check_recomputed_routing(source, returns, settings)
+    device = runner.device
+    if device.type not in ("cuda", "cpu"):
+        raise refusal(settings, returns, f"does not support {device.type} devices in this patch series")
     parallel = runner.parallel_config
     dp_rank = int(parallel.data_parallel_rank) if parallel.data_parallel_size > 1 else None
-    n_rows = max(rows) + 1
-    max_tokens = int(runner.max_num_tokens)
-    sizes = getattr(runner, "cudagraph_batch_sizes", None) or []
-    if sizes:
-        max_tokens = max(max_tokens, int(max(sizes)))
-    device = runner.device
-    ids_buf = torch.full((max_tokens, n_rows, top_k), -1, dtype=torch.int32, device=device)
-    w_buf = torch.zeros((max_tokens, n_rows, top_k), dtype=torch.float32, device=device)
+    max_tokens = max(int(runner.max_num_tokens), max(getattr(runner, "cudagraph_batch_sizes", None) or [0]))
+    buffers = getattr(runner.vllm_config, _BUFFERS_ATTR, None)
+    if buffers is None or buffers[0].shape[0] < max_tokens or buffers[0].device != device:
+        # Not built with the model (a config whose buffers were never allocated): allocate now, outside the memory
+        # budget the KV cache was sized from.
+        logger.warning("moe_routes: capture buffers allocated after the KV cache was sized (%d tokens)", max_tokens)
+        buffers = _new_buffers(max_tokens, max(rows) + 1, top_k, num_experts, _weights(settings, returns), device)
+        object.__setattr__(runner.vllm_config, _BUFFERS_ATTR, buffers)
+    max_tokens = int(buffers[0].shape[0])
 
     kv_cfg = runner.kv_cache_config
     kv_group, manager_block_size = _routing_store_group(kv_cfg)
@@ -636,6 +789,29 @@ def on_kv_cache_ready(runner: Any) -> None:
     model_config = runner.model_config
     series, patches = _patch_provenance()
     sim = os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY") or None
+    weights = _weights(settings, returns)
+    sizes = footprint(
+        captured_layers=len(captured),
+        buffer_rows=int(buffers[0].shape[1]),
+        top_k=top_k,
+        num_experts=num_experts,
+        max_tokens=max_tokens,
+        num_slots=num_slots,
+        weights=weights,
+        staging_depth=_STAGING_DEPTH if device.type == "cuda" else 0,
+    )
+    logger.info(
+        "moe_routes: capturing %d MoE layers (log: %s, returned per request: %s); device buffers %.1f MiB, pinned "
+        "staging %.1f MiB, prefix-cache routing store %d B per KV slot (%.1f MiB for %d slots, touched as they fill)",
+        len(captured),
+        settings.path if settings is not None else "off",
+        ("ids and weights" if returns.weights else "ids") if returns is not None else "off",
+        sizes["device"] / 2**20,
+        sizes["pinned"] / 2**20,
+        sizes["store_per_slot"],
+        sizes["store"] / 2**20,
+        num_slots,
+    )
     meta = {
         "type": "meta",
         "schema_version": SCHEMA_VERSION,
@@ -654,12 +830,12 @@ def on_kv_cache_ready(runner: Any) -> None:
         "layers_logged": logged,
         "layer_modules": {str(m._moe_routes_layer_id): m.layer_name for m in logged_mods},
         "id_kind": "logical",
-        "routing_source": _routing_source(logged_mods),
+        "routing_source": source,
         "routing_simulation_strategy": sim,
         "scoring_func": str(first.scoring_func),
         "renormalize": bool(first.renormalize),
-        # topk_weights are what the expert kernel multiplied by. Some models (vLLM's DeepSeek-V2/V3,
-        # GLM-4.5) give the kernel 1.0 and scale the MoE output by the config's factor afterwards.
+        # topk_weights are what the expert kernel multiplied by. Some models (vLLM's DeepSeek-V2/V3, GLM-4.5) give
+        # the kernel 1.0 and scale the MoE output by the config's factor afterwards.
         "kernel_routed_scaling_factor": float(getattr(first, "routed_scaling_factor", 1.0)),
         "config_routed_scaling_factor": getattr(model_config.hf_text_config, "routed_scaling_factor", None),
         "enforce_eager": bool(model_config.enforce_eager),
@@ -667,7 +843,7 @@ def on_kv_cache_ready(runner: Any) -> None:
         "kv_cache_groups": len(kv_cfg.kv_cache_groups),
         "routing_store_kv_group": kv_group,
         "tensor_parallel_size": parallel.tensor_parallel_size,
-        # Under DP every rank's writer appends its own meta record and tags its records with dp_rank.
+        # Under DP every rank's meta record comes first, and its records carry dp_rank.
         "data_parallel_size": parallel.data_parallel_size,
         "data_parallel_rank": dp_rank,
         "expert_parallel": bool(first.use_ep),
@@ -677,50 +853,42 @@ def on_kv_cache_ready(runner: Any) -> None:
         "returns_routed_experts": returns is not None,
         "patch_series": series,
         "patches": patches,
-        "writer": {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "id": uuid.uuid4().hex[:12],
-            "data_parallel_rank": parallel.data_parallel_rank,
+        # For the front-end (removed before the record is written): what to log and how rows are laid out.
+        "writer_data_parallel_rank": parallel.data_parallel_rank,
+        "_capture": {
+            "layers": captured,
+            "log": None if settings is None else [settings.path, settings.layers, settings.on_error],
+            "log_cols": log_cols,
+            "returns": returns is not None,
+            "weights": weights,
+            "return_weights": bool(returns is not None and returns.weights),
         },
-        "created_unix": time.time(),
     }
-    st = _State(
+    st = new_state(
         settings=settings,
+        returns=returns,
         layers=captured,
         rows=rows,
-        log_cols=log_cols,
         top_k=top_k,
         num_experts=num_experts,
+        num_hidden_layers=n_hidden,
         max_tokens=max_tokens,
-        ids_buf=ids_buf,
-        w_buf=w_buf,
         device=device,
+        meta=meta,
+        buffers=buffers,
         kv_group=kv_group,
-        manager_block_size=manager_block_size,
+        block_size=manager_block_size,
         kernel_block_size=kernel_block_size,
         num_slots=num_slots,
-        meta=meta,
         dp_rank=dp_rank,
-        returns=returns,
-        num_hidden_layers=n_hidden,
     )
-    if device.type == "cuda":
-        st.staging = _HostStaging(tuple(ids_buf.shape), _STAGING_DEPTH)
-    # One owner of the KV-slot store: the engine thread when it must hand rows back with each step's
-    # output, else the writer thread.
-    if returns is not None:
-        st.assembler = RouteAssembler(st)
-    if settings is not None:
-        st.thread = Writer(st, assembles=returns is None)
-        st.thread.start()
     runner._moe_routes_state = st
     _ACTIVE = st
 
 
 def _fresh_blocks(so: Any, group: int, block_size: int) -> np.ndarray:
-    """KV blocks (manager ids) of `group` that this step allocates afresh, i.e. not prefix-cache hits:
-    until this step's forward fills them they hold an earlier occupant's KV."""
+    """KV blocks (manager ids) of `group` that this step allocates afresh, i.e. not prefix-cache hits: until this
+    step's forward fills them they hold an earlier occupant's KV."""
     fresh: list[list[int]] = []
     for new in so.scheduled_new_reqs:
         fresh.append(new.block_ids[group][new.num_computed_tokens // block_size :])
@@ -736,10 +904,10 @@ def _fresh_blocks(so: Any, group: int, block_size: int) -> np.ndarray:
     return np.fromiter((b for bl in fresh for b in bl), dtype=np.int64)
 
 
-def _new_request(engine_id: str, sampling_params: Any) -> Request:
-    req_id, index = client_request(engine_id, sampling_params)
-    start = getattr(sampling_params, PROMPT_START, 0) or 0
-    return Request(req_id, index, engine_id=engine_id, return_from=int(start))
+def _new_request(st: _State, engine_id: str, sampling_params: Any) -> Request:
+    # Without the log, positions before the return start are never needed: they are not sent.
+    start = 0 if st.settings is not None else int(getattr(sampling_params, PROMPT_START, 0) or 0)
+    return Request(engine_id, ship_from=start, next_pos=start)
 
 
 def on_step_begin(runner: Any, so: Any) -> None:
@@ -747,33 +915,36 @@ def on_step_begin(runner: Any, so: Any) -> None:
     global _ACTIVE
     st = _engine_state(runner)
     _ACTIVE = st
-    if st is None or (st.stopped and st.returns is None):
+    if st is None:
         return
-    _raise_if_failed(st)
     for rid in so.finished_req_ids:
         st.requests.pop(rid, None)
-    try:
-        for new in so.scheduled_new_reqs:
-            if new.req_id not in st.requests:
-                st.requests[new.req_id] = _new_request(new.req_id, new.sampling_params)
-    except MoeRoutesCaptureError as exc:
-        _fail_from_engine(st, exc)
-        return
+    for new in so.scheduled_new_reqs:
+        if new.req_id not in st.requests:
+            st.requests[new.req_id] = _new_request(st, new.req_id, new.sampling_params)
     if st.num_slots:
         st.fresh_blocks = _fresh_blocks(so, st.kv_group, st.manager_block_size)
     n = int(so.total_num_scheduled_tokens)
     if n:
-        st.ids_buf[:n].fill_(-1)  # rows a logged layer does not write this step stay -1: caught by the writer
+        st.ids_buf[:n].fill_(-1)  # rows a captured layer does not write this step stay -1: caught at assembly
 
 
-def _stage(st: _State, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Start the device-to-host copy of this step's first n tokens into a free staging buffer:
-    contiguous token-major rows on both sides, so each copy is a single async memcpy."""
-    idx = st.staging.free.get()  # back-pressure: never drop, wait for the writer to free a buffer
+def _stage(st: _State, n: int) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """Start the device-to-host copy of this step's first n tokens into a free staging buffer: contiguous
+    token-major rows on both sides, so each copy is a single async memcpy."""
+    idx = st.staging.free.get()  # back-pressure: never drop, wait for an earlier step to be assembled
     h_ids, h_w = st.staging.destination(idx, n)
     h_ids.copy_(st.ids_buf[:n], non_blocking=True)
-    h_w.copy_(st.w_buf[:n], non_blocking=True)
+    if h_w is not None:
+        h_w.copy_(st.w_buf[:n], non_blocking=True)
     return idx, h_ids, h_w
+
+
+def _captured_rows(st: _State, array: np.ndarray) -> np.ndarray:
+    """The captured layers' rows of host capture rows [n, buffer rows, K], as a copy (the buffers are reused)."""
+    if st.row_slice is not None:
+        return array[:, st.row_slice].copy()
+    return array[:, st.rows]
 
 
 def on_forward(
@@ -781,54 +952,54 @@ def on_forward(
 ) -> None:
     """GPUModelRunner.execute_model, right after the model forward of a scheduled batch."""
     st = _engine_state(runner)
-    if st is None or (st.stopped and st.returns is None):
+    if st is None:
         return
-    _raise_if_failed(st)
     n = int(num_tokens)
     if n == 0:
         return
     positions = runner.positions.np[:n].copy()
     counts = np.asarray(num_scheduled_tokens[: len(req_ids)], dtype=np.int64).copy()
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    first_pos = positions[np.minimum(starts, n - 1)]
     emit_from = np.empty(len(req_ids), dtype=np.int64)
     gap_blocks: dict[int, np.ndarray] = {}
     bt = runner.input_batch.block_table[st.kv_group] if st.num_slots else None
     slots = bt.slot_mapping.np[:n].copy() if bt is not None else np.full(n, -1, dtype=np.int64)
     batch = []
+    requests = st.requests
     for i, rid in enumerate(req_ids):
-        req = st.requests.get(rid)
+        req = requests.get(rid)
         if req is None:  # a request the step-begin hook did not see as new (should not happen)
-            req = st.requests[rid] = _new_request(rid, runner.requests[rid].sampling_params)
+            req = requests[rid] = _new_request(st, rid, runner.requests[rid].sampling_params)
         batch.append(req)
-        c = int(counts[i])
         emit_from[i] = req.next_pos
+        c = int(counts[i])
         if c == 0:
             continue
-        first = int(positions[starts[i]])
-        if first > req.next_pos:
+        first = int(first_pos[i])
+        if first > req.next_pos:  # positions before this step's first one that it never sent: a prefix-cache hit
             if bt is not None:
                 gap_blocks[i] = bt.block_table.np[i, : (first + bt.block_size - 1) // bt.block_size].copy()
             else:
                 gap_blocks[i] = np.zeros(0, dtype=np.int32)
-        req.next_pos = max(req.next_pos, first + c)
+        if first + c > req.next_pos:
+            req.next_pos = first + c
     event, idx = None, -1
     if st.staging is not None:
         idx, ids, weights = _stage(st, n)
         event = torch.cuda.Event()
         event.record()
-    else:  # CPU: the capture buffers are host memory; the row selection copies this step's rows for the writer
-        ids, weights = st.ids_buf.numpy()[:n, st.rows], st.w_buf.numpy()[:n, st.rows]
+    else:  # CPU: the capture buffers are host memory; copy this step's rows of the captured layers
+        ids = _captured_rows(st, st.ids_buf.numpy()[:n])
+        weights = None if st.w_buf is None else _captured_rows(st, st.w_buf.numpy()[:n])
     job = StepJob(batch, counts, positions, slots, emit_from, gap_blocks, st.fresh_blocks, ids, weights, event, idx)
     st.fresh_blocks = np.zeros(0, dtype=np.int64)
-    if st.returns is not None:
-        st.unreturned.append(job)  # assembled when this step's ModelRunnerOutput is built
-    else:
-        st.jobs.put(job)
+    st.unshipped.append(job)  # assembled when this step's ModelRunnerOutput is built (or collected)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Per-request return (enable_return_routed_experts): worker -> ModelRunnerOutput.routed_experts ->
-# scheduler -> EngineCoreOutput chunks -> OutputProcessor -> CompletionOutput.routed_experts.
+# Rows per step: model runner -> ModelRunnerOutput.routed_experts (StepRows) -> scheduler -> EngineCoreOutput
+# .moe_routes (RoutesChunk) -> [one frame per step on the wire] -> OutputProcessor.
 # ----------------------------------------------------------------------------------------------------
 class _Deferred:
     """ModelRunnerOutput.routed_experts of an async-scheduling step until its output is collected
@@ -839,12 +1010,12 @@ class _Deferred:
 
 
 def on_model_runner_output(runner: Any, output: Any) -> None:
-    """GPUModelRunner.sample_tokens, when the step's ModelRunnerOutput is built: attach the rows of the
-    steps forwarded since the last output, {engine request id: (ids, weights or None)}."""
+    """GPUModelRunner.sample_tokens, when the step's ModelRunnerOutput is built: the rows of the steps forwarded
+    since the last output."""
     st = _engine_state(runner)
-    if st is None or st.returns is None:
+    if st is None or not st.unshipped:
         return
-    jobs, st.unreturned = st.unreturned, []
+    jobs, st.unshipped = st.unshipped, []
     if getattr(runner, "use_async_scheduling", False):
         output.routed_experts = _Deferred(st, jobs)
     else:
@@ -858,99 +1029,375 @@ def resolve_output(output: Any) -> None:
         output.routed_experts = _rows_of(deferred.st, deferred.jobs)
 
 
-def _rows_of(st: _State, jobs: list[StepJob]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+def _job_arrays(st: _State, job: StepJob) -> tuple[np.ndarray, np.ndarray | None]:
+    if job.event is None:
+        return job.ids, job.weights
+    job.event.synchronize()
+    ids = _captured_rows(st, job.ids.numpy())
+    return ids, None if job.weights is None else _captured_rows(st, job.weights.numpy())
+
+
+def _rows_of(st: _State, jobs: list[StepJob]) -> list[StepRows]:
+    out = []
     for job in jobs:
         try:
-            routes = st.assembler.assemble(job)
+            ids, w = _job_arrays(st, job)
+            rows = step_rows(st.assembler.assemble(job, ids, w))
         except MoeRoutesCaptureError as exc:
-            # Incomplete rows are never handed to a trainer: the step's requests return None from here on
-            # (the front-end refuses their short arrays); the engine keeps serving (this may run on the
-            # executor's output thread, where raising would hang the engine core), the log records it.
-            for req in job.requests:
-                req.return_broken = True
-            logger.error("moe_routes: routed experts of %d requests dropped: %s", len(job.requests), exc)
-            if st.thread is not None:
-                st.jobs.put(Failure(exc))
-            continue
+            # Never a wrong row: the step's positions become gaps (the log says so, the completions that cover
+            # them return None); the engine keeps serving (this may run on the executor's output thread, where
+            # raising would hang the engine core).
+            st.capture_errors += 1
+            if st.capture_errors == 1:
+                logger.error("moe_routes: %s; the positions of such steps are reported as gaps", exc)
+            rows = _gap_rows(st, job)
         finally:
             if job.staging_index >= 0:
                 st.staging.free.put(job.staging_index)
-        if st.thread is not None:
-            st.jobs.put(routes)  # the log formats and writes the same assembled rows
-        step = returned_rows(routes, st.layers, st.num_hidden_layers, id_dtype_for(st.num_experts), st.returns.weights)
-        for rid, (ids, weights) in step.items():
-            if rid in out:  # two forwards before one output (not seen in 0.15.1; kept exact anyway)
-                ids0, w0 = out[rid]
-                ids = np.concatenate((ids0, ids))
-                weights = None if weights is None else np.concatenate((w0, weights))
-            out[rid] = (ids, weights)
+        rows.dp_rank = st.dp_rank
+        if not st.meta_shipped:
+            rows.meta, st.meta_shipped = st.meta, True
+        out.append(rows)
     return out
 
 
-def take_step_rows(request: Any, rows: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
-    """Scheduler.update_from_output, for each scheduled request: keep this step's rows until the request's
-    next EngineCoreOutput (a partial prefill step emits none)."""
-    got = rows.get(request.request_id)
-    if got is not None:
-        pending = getattr(request, "_moe_routes_rows", None)
-        if pending is None:
-            request._moe_routes_rows = pending = []
-        pending.append(got)
+def _gap_rows(st: _State, job: StepJob) -> StepRows:
+    """A step whose capture is incomplete: every position it would have sent is a gap."""
+    nreq = len(job.requests)
+    empty = np.zeros((0, len(st.layers), st.top_k), dtype=id_dtype_for(st.num_experts))
+    starts = np.concatenate(([0], np.cumsum(job.counts)[:-1]))
+    segments = {}
+    for i in range(nreq):
+        if job.counts[i] == 0:
+            continue
+        end = int(job.positions[starts[i]]) + int(job.counts[i])
+        if end > job.emit_from[i]:
+            segments[i] = [GAP_CAPTURE, int(job.emit_from[i]), end - int(job.emit_from[i])]
+    zeros = np.zeros(nreq, dtype=np.int64)
+    weights = None if st.w_buf is None else empty.astype(np.float32)
+    return StepRows(empty, weights, zeros, zeros, zeros - 1, segments, None)
 
 
-def attach_rows(engine_core_output: Any, request: Any) -> None:
-    """Scheduler.update_from_output: the rows kept since the request's last output ride on this one."""
-    pending = getattr(request, "_moe_routes_rows", None)
-    if not pending:
+class RoutesChunk(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):  # type: ignore[call-arg]
+    """EngineCoreOutput.moe_routes: one request's rows of one step (segments as in moe_routes_log.StepRows). Over
+    the wire the arrays travel in the step's RoutesFrame; `offset` is where they start in it."""
+
+    segments: list[int]
+    ids: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    offset: int = -1
+    meta: str | None = None  # the engine's meta record (JSON), on the first chunk each client gets
+    dp_rank: int | None = None
+    skipped: int = 0  # positions recomputed after a preemption and not sent again
+    same_step_hits: int = 0  # prefix-cache hit positions whose KV slots this very step filled
+
+
+class RoutesFrame(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):  # type: ignore[call-arg]
+    """EngineCoreOutputs.moe_routes_frame: the rows of every chunk of a step, one contiguous block per array (one
+    serialised frame each instead of two per request)."""
+
+    ids: np.ndarray
+    weights: np.ndarray | None = None
+
+
+def _chunk(scheduler: Any, rows_list: list[StepRows], req_index: int, client_index: int) -> RoutesChunk | None:
+    parts = []
+    for rows in rows_list:
+        if rows.meta is not None and getattr(scheduler, "_moe_routes_meta", None) is None:
+            scheduler._moe_routes_meta = json.dumps(rows.meta)
+            scheduler._moe_routes_clients = set()
+        segments = rows.segments_of(req_index)
+        if segments is None:
+            continue
+        lo, n = int(rows.offset[req_index]), int(rows.count[req_index])
+        skipped = 0 if rows.skipped is None else int(rows.skipped[req_index])
+        w = None if rows.weights is None else rows.weights[lo : lo + n]
+        same = 0 if rows.same_step_hits is None else rows.same_step_hits.get(req_index, 0)
+        parts.append((segments, rows.ids[lo : lo + n], w, skipped, same, rows.dp_rank))
+    if not parts:
+        return None
+    if len(parts) == 1:
+        segments, ids, w, skipped, same, dp = parts[0]
+    else:  # two forwards before one output (not seen in 0.15.1; kept exact anyway)
+        segments = [s for p in parts for s in p[0]]
+        ids = np.concatenate([p[1] for p in parts])
+        w = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        skipped, same, dp = sum(p[3] for p in parts), sum(p[4] for p in parts), parts[0][5]
+    chunk = RoutesChunk(segments, ids, w, skipped=skipped, same_step_hits=same, dp_rank=dp)
+    seen = scheduler._moe_routes_clients
+    if client_index not in seen:
+        chunk.meta = scheduler._moe_routes_meta
+        seen.add(client_index)
+    return chunk
+
+
+def attach_rows(scheduler: Any, engine_core_output: Any, request: Any, rows_list: Any, req_index: int) -> None:
+    """Scheduler.update_from_output: this step's rows of a request ride on its output of the step."""
+    global ENABLED
+    ENABLED = True  # the engine core's output thread packs frames (this process may build no model: TP > 1)
+    engine_core_output.moe_routes = _chunk(scheduler, rows_list, req_index, request.client_index)
+
+
+def rows_only_output(scheduler: Any, outputs: list[Any], request: Any, rows_list: Any, req_index: int) -> None:
+    """Scheduler.update_from_output, for a request the step gave no token (a chunk of a long prefill): its rows
+    still go to the front-end now, in an output with no token that the front-end only reads the rows of, so that
+    a completion aborted before its first token returns the prompt rows computed so far."""
+    global ENABLED
+    chunk = _chunk(scheduler, rows_list, req_index, request.client_index)
+    if chunk is None:
         return
-    request._moe_routes_rows = []
-    ids = [p[0] for p in pending]
-    engine_core_output.routed_experts = ids[0] if len(ids) == 1 else np.concatenate(ids)
-    if pending[0][1] is not None:
-        w = [p[1] for p in pending]
-        engine_core_output.routed_expert_weights = w[0] if len(w) == 1 else np.concatenate(w)
+    ENABLED = True
+    from vllm.v1.engine import EngineCoreOutput
+
+    outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[], moe_routes=chunk))
 
 
-def on_output_request(req_state: Any, request: Any) -> None:
-    """OutputProcessor.add_request: where this completion's rows start, and its chunk list."""
+def _shares(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]] | None:
+    """(base, row offsets) when every array is a run of rows of one C-contiguous base array."""
+    base = arrays[0].base
+    if base is None or not isinstance(base, np.ndarray) or not base.flags.c_contiguous or base.ndim != 3:
+        return None
+    row_bytes = base.strides[0]
+    start = base.__array_interface__["data"][0]
+    offsets = []
+    for a in arrays:
+        if a.base is not base or not a.flags.c_contiguous:
+            return None
+        off, rem = divmod(a.__array_interface__["data"][0] - start, row_bytes)
+        if rem:
+            return None
+        offsets.append(off)
+    return base, offsets
+
+
+def pack_outputs(outputs: Any) -> None:
+    """EngineCoreProc's output thread, before a step's outputs are serialised: the chunks' rows as one frame."""
+    chunks = [o.moe_routes for o in outputs.outputs if o.moe_routes is not None and o.moe_routes.ids is not None]
+    if not chunks:
+        return
+    shared = _shares([c.ids for c in chunks])
+    with_w = chunks[0].weights is not None
+    w_shared = _shares([c.weights for c in chunks]) if with_w and shared is not None else None
+    if shared is not None and (not with_w or (w_shared is not None and w_shared[1] == shared[1])):
+        # the usual case: every chunk is a view of the step's bundle; send the bundle itself
+        ids, offsets = shared
+        weights = w_shared[0] if with_w else None
+    else:
+        ids = np.concatenate([c.ids for c in chunks])
+        weights = np.concatenate([c.weights for c in chunks]) if with_w else None
+        offsets = np.concatenate(([0], np.cumsum([len(c.ids) for c in chunks])[:-1])).tolist()
+    for c, off in zip(chunks, offsets, strict=True):
+        c.offset, c.ids, c.weights = int(off), None, None
+    outputs.moe_routes_frame = RoutesFrame(ids, weights)
+
+
+def unpack_outputs(outputs: Any) -> None:
+    """EngineCoreOutputs.__post_init__ when the front-end decodes a step: each chunk's rows, as views."""
+    frame, outputs.moe_routes_frame = outputs.moe_routes_frame, None
+    for o in outputs.outputs:
+        c = o.moe_routes
+        if c is None or c.offset < 0:
+            continue
+        n = sum(c.segments[j + 2] for j in range(0, len(c.segments), 3) if c.segments[j] < GAP)
+        c.ids = frame.ids[c.offset : c.offset + n]
+        c.weights = None if frame.weights is None else frame.weights[c.offset : c.offset + n]
+        c.offset = -1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Front-end: OutputProcessor hooks. The rows of each completion as they arrive with its tokens: handed to the
+# log's writer process and gathered for CompletionOutput.routed_experts.
+# ----------------------------------------------------------------------------------------------------
+class _FrontEnd:
+    """One OutputProcessor's capture state, set up from the first engine meta record it receives."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.layout: Layout | None = None
+        self.id_dtype = np.dtype(np.uint8)
+        self.top_k = 0
+        self.returns = self.return_weights = False
+        self.log: LogClient | None = None
+        self.log_layers: list[int] = []
+        self.log_cols: list[int] | None = None
+        self.pending: list[Chunk] = []
+        self.metas_seen: set[int | None] = set()
+        self.on_error = "stop"
+        self.capture_gaps_seen = False
+
+    def add_meta(self, meta: dict[str, Any], dp_rank: int | None, owner: Any) -> None:
+        capture = meta.pop("_capture")
+        if not self.ready:
+            self.ready = True
+            self.layout = Layout(capture["layers"], meta["num_hidden_layers"])
+            self.id_dtype = id_dtype_for(int(meta["num_experts"]))
+            self.top_k = int(meta["top_k"])
+            self.returns, self.return_weights = bool(capture["returns"]), bool(capture["return_weights"])
+            if capture["log"] is not None:
+                path, layers, on_error = capture["log"]
+                self.on_error = on_error
+                self.log_layers, self.log_cols = list(capture["layers"]), capture["log_cols"]
+                self.log = LogClient(Settings(path, None if layers is None else tuple(layers), on_error))
+                weakref.finalize(owner, self.log.close)
+        if self.log is not None and dp_rank not in self.metas_seen:
+            self.metas_seen.add(dp_rank)
+            self.log.meta(meta)
+
+
+def _front(output_processor: Any) -> _FrontEnd:
+    fe = getattr(output_processor, "_moe_routes", None)
+    if fe is None:
+        fe = output_processor._moe_routes = _FrontEnd()
+    return fe
+
+
+@dataclass
+class _Completion:
+    """A completion's front-end state: how its records name it, and the rows it returns."""
+
+    field: bytes
+    returned: ReturnedRows
+
+
+def on_output_request(output_processor: Any, req_state: Any, request: Any) -> None:
+    """OutputProcessor.add_request: the id and completion index the caller sees, and where its returned rows
+    start (routed_experts_prompt_start, as check_request left it)."""
     params = request.sampling_params
-    req_state._moe_routes_start = int(getattr(params, PROMPT_START, 0) or 0) if params is not None else 0
-    req_state._moe_routes_chunks = []
+    if not ENABLED or params is None:
+        req_state._moe_routes = None
+        return
+    parent = req_state.parent_req
+    n = parent.sampling_params.n if parent is not None else params.n
+    tag = (params.extra_args or {}).get(REQUEST_TAG) if isinstance(params.extra_args, dict) else None
+    req_id, index = client_request(req_state.external_req_id, tag, req_state.request_index, n)
+    start = int(getattr(params, PROMPT_START, 0) or 0)
+    req_state._moe_routes = _Completion(request_field(req_id, index), ReturnedRows(start))
+
+
+def _absorb(output_processor: Any, state: _Completion, chunk: RoutesChunk) -> _FrontEnd:
+    fe = _front(output_processor)
+    if chunk.meta is not None:
+        fe.add_meta(json.loads(chunk.meta), chunk.dp_rank, output_processor)
+    if fe.log is not None:
+        fe.log.front["recomputed_tokens_skipped"] += chunk.skipped
+        fe.log.front["same_step_hits"] += chunk.same_step_hits
+        if chunk.ids is not None:
+            fe.pending.append(Chunk(state.field, chunk.dp_rank, chunk.segments, chunk.ids, chunk.weights))
+    if fe.returns:
+        state.returned.add(chunk.segments, chunk.ids, chunk.weights if fe.return_weights else None)
+    if not fe.capture_gaps_seen and GAP_CAPTURE in chunk.segments[0::3]:
+        fe.capture_gaps_seen = True
+        if fe.on_error == "fail" and fe.log is not None:
+            raise RuntimeError(
+                f"moe_routes: the engine could not capture the routing of a step ({ENV_ON_ERROR}=fail); its engine "
+                "log has the error"
+            )
+    return fe
+
+
+def rows_only(output_processor: Any, req_state: Any, engine_core_output: Any) -> bool:
+    """OutputProcessor.process_outputs, before anything else for an output: an output that carries only rows (a
+    chunk of a long prefill) is taken here and goes no further (no token, no stats, no RequestOutput)."""
+    chunk = engine_core_output.moe_routes
+    if chunk is None or engine_core_output.new_token_ids or engine_core_output.finish_reason is not None:
+        return False
+    state = getattr(req_state, "_moe_routes", None)
+    if state is not None:
+        _absorb(output_processor, state, chunk)
+    return True
 
 
 def completion_routes(
-    req_state: Any, engine_core_output: Any, finish_reason: Any
+    output_processor: Any, req_state: Any, engine_core_output: Any, finish_reason: Any
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """OutputProcessor.process_outputs: (routed_experts, routed_expert_weights) of the CompletionOutput;
-    set on the finishing output only (also when a stop string, found here, finishes the request), as
-    upstream. Rows [P + G - 1 - start, num_hidden_layers, top_k]: the last sampled token has no forward."""
-    chunks = getattr(req_state, "_moe_routes_chunks", None)
-    if chunks is None:  # a state created without on_output_request: never pass a single step's chunk on
+    """OutputProcessor.process_outputs: take this output's rows (all of them reach the caller: the front-end only
+    finishes a completion at or after the token they came with), and on the finishing output (also when a stop
+    string, found here, finishes it) return (routed_experts, routed_expert_weights): rows [P + G - 1 - start,
+    num_hidden_layers, top_k], as upstream. The last sampled token has no forward."""
+    state = getattr(req_state, "_moe_routes", None)
+    if state is None:
         return None, None
-    if engine_core_output.routed_experts is not None:
-        chunks.append((engine_core_output.routed_experts, engine_core_output.routed_expert_weights))
-    if finish_reason is None or not chunks:
-        return None, None  # not finished, or aborted before any forward (upstream: None as well)
-    req_state._moe_routes_chunks = []
-    # always a fresh array: a single chunk may be a read-only view into a received message frame
-    ids = np.concatenate([c[0] for c in chunks])
-    weights = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
+    chunk = engine_core_output.moe_routes
+    fe = _absorb(output_processor, state, chunk) if chunk is not None else _front(output_processor)
+    if finish_reason is None or not fe.returns:
+        return None, None
+    return _returned(fe, req_state, state, aborted=False)
+
+
+def _returned(
+    fe: _FrontEnd, req_state: Any, state: _Completion, aborted: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    got = state.returned
     generated = len(req_state.detokenizer.output_token_ids) if req_state.detokenizer is not None else 0
-    expected = req_state.prompt_len + generated - 1 - req_state._moe_routes_start
-    if len(ids) != expected:
-        # short: a hole the engine reported; long: rows the count cannot place. Either way not this
-        # completion's positions start .. P+G-2 exactly once.
-        logger.error(
-            "moe_routes: request %s finished with %d routing rows for its %d positions; routed_experts is None",
-            req_state.request_id,
-            len(ids),
-            expected,
-        )
+    if got.broken is not None:
+        logger.error("moe_routes: request %s: %s; its routed_experts is None", req_state.request_id, got.broken)
         return None, None
-    return ids, weights
+    if aborted and generated == 0:
+        if not got.received:
+            return None, None  # aborted before any forward reached the front-end (upstream: None as well)
+    else:
+        expected = req_state.prompt_len + generated - 1 - got.start
+        if got.rows != max(expected, 0):
+            # A hole the engine reported, or rows the count cannot place: not this completion's positions
+            # start .. P+G-2 exactly once.
+            logger.error(
+                "moe_routes: request %s finished with %d routing rows for its %d positions; routed_experts is None",
+                req_state.request_id,
+                got.rows,
+                expected,
+            )
+            return None, None
+    return got.take(fe.layout, fe.id_dtype, fe.top_k)
 
 
+def abort_routes(output_processor: Any, req_state: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """OutputProcessor.abort_requests: the rows of an aborted completion so far (positions start .. P+G-2 for the
+    G tokens its final output carries; for one aborted before its first token, the prompt rows computed so far;
+    None when nothing was computed), as upstream 0.22+ returns them."""
+    state = getattr(req_state, "_moe_routes", None)
+    fe = getattr(output_processor, "_moe_routes", None)
+    if state is None or fe is None or not fe.returns:
+        return None, None
+    return _returned(fe, req_state, state, aborted=True)
+
+
+def keep_abort_output(output_processor: Any, request_output: Any) -> None:
+    """OutputProcessor.abort_requests without a queue (LLMEngine): LLMEngine.abort_request hands the final output
+    back."""
+    kept = getattr(output_processor, "_moe_routes_aborted", None)
+    if kept is None:
+        kept = output_processor._moe_routes_aborted = []
+    kept.append(request_output)
+
+
+def take_abort_outputs(output_processor: Any) -> list[Any]:
+    """LLMEngine.abort_request: the final outputs of the requests it aborted (routing computed so far included)."""
+    kept = getattr(output_processor, "_moe_routes_aborted", None) or []
+    output_processor._moe_routes_aborted = []
+    return kept
+
+
+def end_of_outputs(output_processor: Any) -> None:
+    """OutputProcessor.process_outputs, after the batch: its rows go to the log's writer as one job."""
+    fe = getattr(output_processor, "_moe_routes", None)
+    if fe is None or fe.log is None:
+        return
+    pending, fe.pending = fe.pending, []
+    fe.log.routes(pending, fe.log_layers, fe.log_cols)
+
+
+def flush_engine(llm_engine: Any, timeout: float | None = None) -> list[dict[str, Any]]:
+    """LLM._run_engine: every record of the completions generate() returns is on disk when it returns. Returns
+    the log writer's statistics."""
+    fe = getattr(llm_engine.output_processor, "_moe_routes", None)
+    if fe is None or fe.log is None:
+        return [{}]
+    return [fe.log.flush(timeout)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests and choices of the OpenAI server (routed_experts_prompt_start, the choice fields).
+# ----------------------------------------------------------------------------------------------------
 def prompt_start_of(request: Any) -> int | None:
     """OpenAI request: routed_experts_prompt_start as sent (a field, or a vllm_xargs key); None if absent."""
     if PROMPT_START in request.model_fields_set:
@@ -1044,52 +1491,3 @@ def add_choice_fields(choice: Any, output: Any, request: Any) -> None:
         fields["routed_expert_weights"] = _npy_base64(weights)
     fields[PROMPT_START] = int(prompt_start_of(request) or 0)
     choice.__pydantic_extra__.update(fields)
-
-
-def _fail_from_engine(st: _State, exc: BaseException) -> None:
-    if st.settings is None or st.settings.on_error == "fail" or st.returns is not None:
-        raise exc
-    st.stopped = True  # nothing more is queued; the writer records the failure after the steps before it
-    st.jobs.put(Failure(exc))
-
-
-def _raise_if_failed(st: _State) -> None:
-    if st.error is not None and st.settings.on_error == "fail":
-        raise RuntimeError(f"moe_routes: the routing log {st.settings.path} failed ({ENV_ON_ERROR}=fail)") from st.error
-
-
-def flush(runner: Any = None, timeout: float | None = None) -> dict[str, Any]:
-    """Block until every queued step is on disk. Returns writer statistics."""
-    st = _engine_state(runner) if runner is not None else _ACTIVE
-    if st is None:
-        return {}
-    if st.thread is not None and st.thread.is_alive():
-        done = threading.Event()
-        st.jobs.put(done)
-        if not done.wait(timeout):
-            raise TimeoutError("moe_routes: writer did not drain in time")
-    _raise_if_failed(st)
-    stats: dict[str, Any] = dict(st.stats)
-    if st.stopped:
-        stats["stopped"] = f"{type(st.error).__name__}: {st.error}"
-    return stats
-
-
-def flush_worker(worker: Any) -> dict[str, Any]:
-    """collective_rpc target: LLM._run_engine calls it so that records are on disk when generate returns."""
-    return flush(getattr(worker, "model_runner", None))
-
-
-def flush_engine(llm_engine: Any) -> list[dict[str, Any]]:
-    import cloudpickle
-
-    # A plain callable is refused by the V1 engine-core serialiser, and the multiprocess executor
-    # pickles any non-str method once more, so cloudpickled bytes reach a TP worker as bytes, not a
-    # callable. Every executor resolves a str against WorkerWrapperBase, whose execute_method unpickles
-    # bytes: route through it. A module-level function pickles by reference.
-    return llm_engine.collective_rpc("execute_method", args=(cloudpickle.dumps(flush_worker),))
-
-
-def _close(st: _State) -> None:
-    if st.thread is not None:
-        st.thread.close()

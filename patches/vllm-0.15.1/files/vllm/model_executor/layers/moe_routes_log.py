@@ -1,24 +1,46 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Engine-independent half of the per-token MoE routing log (``VLLM_LOG_MOE``), added by the moe-routes
-patch series: settings, client request ids, record formatting, and the writer thread (KV-slot store,
-prefix-cache hits, failure policy, whole-line appends under ``flock``).
+"""Engine-independent half of the per-token MoE routing capture (``VLLM_LOG_MOE`` and
+``enable_return_routed_experts``), added by the moe-routes patch series. Standard library and numpy only, so
+that it is importable and testable without torch or vLLM; ``moe_routes.py`` (the engine glue the upstream hooks
+call) feeds it host arrays.
 
-Standard library and numpy only, so that this logic is importable and testable without torch or vLLM;
-``moe_routes.py`` (the engine glue the upstream hooks call) feeds it host arrays.
+Where each part runs:
+  engine (model runner)  RouteAssembler: capture check, KV-slot -> routing store, prefix-cache read-back;
+                         step_rows(): one step's rows of every request, in position order, as one bundle that
+                         rides on the step's outputs to the front-end.
+  front-end              (the process whose OutputProcessor hands completions to the caller)
+                         ReturnedRows: the rows a completion returns (CompletionOutput.routed_experts);
+                         LogClient: hands the rows the caller received to the writer process.
+  writer process         (``python moe_routes_log.py --writer-fd N``, started by the front-end) LogFile and
+                         format_routes: whole JSONL lines appended under flock, partial-tail repair, failure
+                         policy; formatting runs off the engine's and the front-end's GIL.
+
+The log is written from the rows that reach the front-end, so it holds exactly the positions of what the caller
+received: rows of steps the engine ran past a stop string the front-end found, past an abort, or (async
+scheduling) past an EOS never get there.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import errno
 import fcntl
 import json
 import logging
 import os
+import pickle
 import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import uuid
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -34,19 +56,20 @@ ON_ERROR_POLICIES = ("stop", "fail")
 DEFAULT_FILE = "moe_routes.jsonl"
 SCHEMA_VERSION = 2
 STATE_FILE = ".moe-routes-vllm.json"
-# SamplingParams.extra_args key carrying the id (and choice index) the client sees for a request.
+# SamplingParams.extra_args key under which the OpenAI completions endpoint tags each prompt with the response
+# id and choice indexes the caller sees (a ChoiceTag: a client's JSON cannot create one).
 REQUEST_TAG = "moe_routes"
 # A chunk of whole lines per write(2), under flock: concurrent appenders (a second engine, DP ranks) never
-# interleave inside a line. (A SIGKILL can still cut a write(2) at a page boundary: Writer._repair_tail.)
+# interleave inside a line. (A SIGKILL can still cut a write(2) at a page boundary: LogFile.repair_tail.)
 _WRITE_CHUNK = 1 << 20
 
 
 class MoeRoutesConfigError(ValueError):
-    """A VLLM_LOG_MOE* value or an engine feature that cannot work with the routing log."""
+    """A VLLM_LOG_MOE* value or an engine feature that cannot work with the routing capture."""
 
 
 class MoeRoutesCaptureError(RuntimeError):
-    """The capture of a step is incomplete: logging it would be wrong."""
+    """The capture of a step is incomplete: logging or returning it would be wrong."""
 
 
 @dataclass(frozen=True)
@@ -110,35 +133,23 @@ def read_settings(environ: dict[str, str] | None = None) -> Settings | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Request ids as the client sees them (see moe_routes.py for how the tag gets there).
+# Request ids as the caller sees them (front-end).
 # ----------------------------------------------------------------------------------------------------
-def external_request_id(internal: str) -> str:
-    """vLLM 0.15.1 makes engine ids unique as f"{request_id}-{random_uuid():.8}" (InputProcessor.
-    assign_request_id); RequestOutput.request_id carries the caller's part. For requests without a tag."""
-    if len(internal) > 9 and internal[-9] == "-":
-        return internal[:-9]
-    return internal
+class ChoiceTag(dict):
+    """SamplingParams.extra_args[REQUEST_TAG] set by the OpenAI completions endpoint for one prompt: the response
+    id and the choices [first_choice, first_choice + n) it answers, of num_choices in the response. A dict, so that
+    it travels as one, but only this class counts: a client's vllm_xargs cannot create one."""
 
 
-def client_request(engine_id: str, sampling_params: Any) -> tuple[str, int | None]:
-    """(req_id, completion_index) the client sees for an engine request; completion_index is None when
-    the client's response has a single completion."""
-    extra = getattr(sampling_params, "extra_args", None)
-    tag = extra.get(REQUEST_TAG) if isinstance(extra, dict) else None
-    if not isinstance(tag, dict):
-        return external_request_id(engine_id), None
-    index = 0
-    if int(tag.get("n", 1)) > 1:
-        head, sep, _ = engine_id.partition("_")  # ParentRequest.get_child_info: f"{index}_{parent id}"
-        if not (sep and head.isdigit()):
-            raise MoeRoutesCaptureError(
-                f"request {engine_id!r} has n={tag['n']} but is not a parallel-sampling "
-                "child id '<index>_<parent id>' (a moe_routes bug, please report it)"
-            )
-        index = int(head)
-    if int(tag.get("num_choices", 1)) <= 1:
-        return str(tag["req_id"]), None
-    return str(tag["req_id"]), int(tag.get("first_choice", 0)) + index
+def client_request(external_id: str, tag: Any, child_index: int, n: int) -> tuple[str, int | None]:
+    """(req_id, completion_index) the caller sees for one completion: the tagged response id and choice index,
+    else the request's own id (RequestOutput.request_id) and, with n > 1, the child's index
+    (CompletionOutput.index). completion_index is None when the caller gets a single completion."""
+    if isinstance(tag, ChoiceTag):
+        req_id, first, num = str(tag["req_id"]), int(tag["first_choice"]), int(tag["num_choices"])
+    else:
+        req_id, first, num = str(external_id), 0, int(n)
+    return (req_id, None) if num <= 1 else (req_id, first + int(child_index))
 
 
 def request_field(req_id: str, completion_index: int | None) -> bytes:
@@ -297,26 +308,68 @@ def json_line(record: dict[str, Any]) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The writer: one step of host arrays in, whole JSONL lines out.
+# Dtypes and memory: one owner of what every buffer holds.
 # ----------------------------------------------------------------------------------------------------
+def id_dtype_for(num_experts: int) -> np.dtype:
+    """Smallest unsigned dtype of expert ids, as upstream vLLM (0.22+) returns them: uint8 holds 256 ids, uint16
+    65,536; int32 beyond (upstream's out-of-tree case). The KV-slot store and the rows sent to the front-end use
+    it too."""
+    if num_experts <= 256:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16 if num_experts <= 65536 else np.int32)
+
+
+def capture_dtype_for(num_experts: int) -> np.dtype:
+    """Capture buffers (device, and the pinned staging they are copied into) hold -1 in rows no layer wrote this
+    step: the smallest signed dtype that also holds every id."""
+    return np.dtype(np.int16 if num_experts <= np.iinfo(np.int16).max else np.int32)
+
+
+def footprint(
+    *,
+    captured_layers: int,
+    buffer_rows: int,
+    top_k: int,
+    num_experts: int,
+    max_tokens: int,
+    num_slots: int,
+    weights: bool,
+    staging_depth: int,
+) -> dict[str, int]:
+    """Bytes the capture holds for one engine (the engine's TP rank 0 allocates them):
+    device: capture buffers [max_tokens, buffer_rows, top_k] (ids, and weights when the log or the weights return
+    needs them); pinned: the host staging they are copied into (CUDA), staging_depth copies; store_per_slot and
+    store: the prefix-cache routing store (host, pageable, touched as KV slots fill); rows_per_token: what one
+    position costs on the way to the front-end."""
+    cap_id = capture_dtype_for(num_experts).itemsize
+    w = 4 if weights else 0
+    device_row = buffer_rows * top_k * (cap_id + w)
+    store_per_slot = captured_layers * top_k * (id_dtype_for(num_experts).itemsize + w) + 1  # + the valid flag
+    return {
+        "device": max_tokens * device_row,
+        "pinned": staging_depth * max_tokens * device_row,
+        "store_per_slot": store_per_slot if num_slots else 0,
+        "store": num_slots * store_per_slot,
+        "rows_per_token": captured_layers * top_k * (id_dtype_for(num_experts).itemsize + w),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engine side: one step's raw capture -> every request's rows in position order, prefix-cache hits read back
+# from the KV-slot store; then one bundle (StepRows) that rides on the step's outputs to the front-end.
+# ----------------------------------------------------------------------------------------------------
+# Segment kinds: computed this step, read back from the KV-slot store, and the kinds of gap (positions without
+# routing: not in the store, no store to keep routing by, a step whose capture was incomplete).
+COMPUTED, CACHED, GAP, GAP_NO_STORE, GAP_CAPTURE = 0, 1, 2, 3, 4
+
+
 @dataclass
 class Request:
-    req_id: str  # as the client sees it
-    completion_index: int | None
-    next_pos: int = 0  # first position not yet logged
-    engine_id: str = ""  # the engine's request id (keys the rows returned to the scheduler)
-    # Per-request return (enable_return_routed_experts): first position returned
-    # (SamplingParams.routed_experts_prompt_start), the next one expected, and whether a hole was found
-    # (its rows then stop: the front-end sees a short array and returns None instead of wrong rows).
-    return_from: int = 0
-    return_next: int = -1
-    return_broken: bool = False
-    field: bytes = field(init=False)  # request_field(req_id, completion_index), formatted once
+    """The engine's view of one request's rows."""
 
-    def __post_init__(self) -> None:
-        self.field = request_field(self.req_id, self.completion_index)
-        if self.return_next < 0:
-            self.return_next = self.return_from
+    engine_id: str
+    ship_from: int = 0  # first position sent to the front-end (0 with the log, else routed_experts_prompt_start)
+    next_pos: int = 0  # first position not yet sent (positions recomputed after a preemption lie below it)
 
 
 @dataclass
@@ -325,340 +378,381 @@ class StepJob:
     counts: np.ndarray  # scheduled tokens per request
     positions: np.ndarray  # [n] absolute positions
     slots: np.ndarray  # [n] KV slots (-1: none)
-    emit_from: np.ndarray  # per request: first position not yet logged
-    gap_blocks: dict[int, np.ndarray]  # request index -> its block-table row, when a gap must be filled
+    emit_from: np.ndarray  # per request: first position to send (max of next_pos and ship_from)
+    gap_blocks: dict[int, np.ndarray]  # request index -> its block-table row, when positions before its first
+    # computed one must be read back
     fresh_blocks: np.ndarray  # KV blocks allocated afresh this step: their slots hold no routing yet
-    ids: Any  # [n, rows, K] host tensor / array
-    weights: Any
+    ids: Any  # [n, layers, K] capture rows (host array, or a staged tensor the glue resolves)
+    weights: Any  # same shape, float32, or None when nothing needs weights
     event: Any = None  # CUDA event guarding the async D2H copy
     staging_index: int = -1
 
 
-@dataclass(kw_only=True)
-class WriterState:
-    """What a writer shares with the engine thread that queues its steps (moe_routes._State extends it
-    with the device buffers)."""
-
-    settings: Settings | None  # None: nothing is logged, routing is only returned per request
-    layers: list[int]  # decoder layers captured (host arrays' second axis), ascending
-    rows: list[int]  # buffer row of each captured layer
-    log_cols: list[int] | None = None  # which of `layers` the log writes (None: all)
-    top_k: int
-    num_experts: int
-    manager_block_size: int  # block size of the store's KV-cache manager (scheduler block ids)
-    kernel_block_size: int  # block size of its runner block table (may split manager blocks)
-    num_slots: int  # KV slots the routing store covers (0: none, prefix-cache hits are gaps)
-    meta: dict[str, Any]
-    dp_rank: int | None = None  # set when data_parallel_size > 1: tags every record
-    jobs: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(maxsize=64))
-    staging: Any = None  # host buffers jobs were staged in: the writer puts each index back on .free
-    thread: Any = None
-    error: BaseException | None = None
-    stopped: bool = False  # logging stopped after an error (policy 'stop')
-    stats: dict[str, int] = field(
-        default_factory=lambda: {
-            "route_records": 0,
-            "cached_records": 0,
-            "recomputed_tokens_skipped": 0,
-            "gaps": 0,
-            "gap_positions": 0,
-            "steps_dropped": 0,
-        }
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Assembly: one step's raw capture -> per-request rows in position order, prefix-cache hits read back from
-# the KV-slot store. What the log writes and what the engine returns per request both come from here.
-# ----------------------------------------------------------------------------------------------------
 @dataclass
 class CachedRun:
     """Positions of a prefix-cache hit whose KV slots still hold the routing that computed them."""
 
-    request: Request
+    index: int  # request's batch index
     positions: np.ndarray
     ids: np.ndarray  # [n, layers, K]
-    weights: np.ndarray
+    weights: np.ndarray | None
 
 
 @dataclass
 class Gap:
     """Positions a request never computed here and whose routing is not known (a gap record)."""
 
-    request: Request
+    index: int
     start: int
     end: int
-    reason: str
+    kind: int  # GAP or GAP_NO_STORE
 
 
 @dataclass
 class StepRoutes:
-    prefix: list[CachedRun | Gap]  # per request, positions before this step's computed ones
+    prefix: list[CachedRun | Gap]  # per request, positions before this step's computed ones, in batch order
     requests: list[Request]  # batch order
     tok_req: np.ndarray  # computed token -> index in `requests` (non-decreasing)
     positions: np.ndarray
-    ids: np.ndarray  # [n, layers, K] int32, every captured layer
-    weights: np.ndarray
-    staging_index: int = -1  # already released by the assembler
+    ids: np.ndarray  # [n, layers, K] in id_dtype_for(num_experts)
+    weights: np.ndarray | None
+    skipped: np.ndarray | None = None  # per request: positions recomputed after a preemption, not sent again
+    same_step_hits: dict[int, int] | None = None  # per request: hit positions whose slots this very step filled
 
 
-_GAP_NO_SLOTS = "prefix-cache hit and the KV layout has no per-token full-attention slots to keep routing by"
-_GAP_NOT_STORED = "prefix-cache hit whose KV slots hold no routing captured in this process for these tokens"
+GAP_REASONS = {
+    GAP: "prefix-cache hit whose KV slots hold no routing captured in this process for these tokens",
+    GAP_NO_STORE: "prefix-cache hit and the KV layout has no per-token full-attention slots to keep routing by",
+    GAP_CAPTURE: "the capture of this step was incomplete (a moe_routes bug: the engine log has the error)",
+}
 
 
 class RouteAssembler:
     """Owns the KV-slot -> routing store. assemble() must be called once per step, in step order, from one
-    thread (the writer's, or the engine's when routing is returned per request)."""
+    thread. Ids are kept in id_dtype_for(num_experts), weights only when something reads them."""
 
-    def __init__(self, st: WriterState) -> None:
-        self.st = st
-        if st.num_slots:
-            k, n_layers = st.top_k, len(st.layers)
-            id_dtype = np.int16 if st.num_experts <= np.iinfo(np.int16).max else np.int32
+    def __init__(
+        self,
+        *,
+        layers: list[int],
+        top_k: int,
+        num_experts: int,
+        num_slots: int,
+        manager_block_size: int,
+        kernel_block_size: int,
+        weights: bool,
+    ) -> None:
+        self.layers = list(layers)
+        self.id_dtype = id_dtype_for(num_experts)
+        self.num_experts = num_experts
+        self.num_slots = num_slots
+        self.manager_block_size = manager_block_size
+        self.kernel_block_size = kernel_block_size
+        self.weights = weights
+        if num_slots:
+            shape = (num_slots, len(self.layers), top_k)
             # np.zeros: the OS maps the pages lazily, on first store
-            self.store_ids = np.zeros((st.num_slots, n_layers, k), dtype=id_dtype)
-            self.store_w = np.zeros((st.num_slots, n_layers, k), dtype=np.float32)
-            self.store_valid = np.zeros(st.num_slots, dtype=bool)
+            self.store_ids = np.zeros(shape, dtype=self.id_dtype)
+            self.store_w = np.zeros(shape, dtype=np.float32) if weights else None
+            self.store_valid = np.zeros(num_slots, dtype=bool)
 
-    def assemble(self, job: StepJob) -> StepRoutes:
-        st = self.st
+    def assemble(self, job: StepJob, ids: np.ndarray, w: np.ndarray | None) -> StepRoutes:
+        """ids / w: the job's capture rows as host arrays [n, layers, K] (w None when weights are not kept)."""
         n = len(job.positions)
-        if job.event is not None:
-            job.event.synchronize()
-            ids = job.ids.numpy()[:, st.rows]
-            w = job.weights.numpy()[:, st.rows]
-        else:
-            ids, w = job.ids, job.weights
-        unwritten = (ids < 0).any(axis=2)  # [n, L]: a captured layer left this step's rows at -1
-        if unwritten.any():
-            tok, lay = np.argwhere(unwritten)[0]
-            raise MoeRoutesCaptureError(
-                f"layer {st.layers[lay]} did not capture routing for {int(unwritten[:, lay].sum())} of {n} "
-                f"tokens of a step (first: token {int(job.positions[tok])}); an MoE code path without the "
-                "moe_routes hook ran (a moe_routes bug, please report it with the model and engine arguments)"
-            )
-        if st.num_slots:
-            # 1. blocks allocated afresh this step hold an earlier occupant's KV until they are computed
-            if len(job.fresh_blocks):
-                bs = st.manager_block_size
-                fresh = (job.fresh_blocks[:, None] * bs + np.arange(bs)).ravel()
-                self.store_valid[fresh[fresh < st.num_slots]] = False
-            # 2. this step's computed tokens, remembered by KV slot (before any hit is filled: a request
-            # can hit blocks another request fills in the same step)
+        if self.num_slots and len(job.fresh_blocks):
+            # Blocks allocated afresh this step hold an earlier occupant's KV until this step's forward fills
+            # them: invalid before anything else, so that a capture error below leaves them invalid too.
+            bs = self.manager_block_size
+            fresh = (job.fresh_blocks[:, None] * bs + np.arange(bs)).ravel()
+            self.store_valid[fresh[fresh < self.num_slots]] = False
+        if n and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
+            if self.num_slots:
+                self.store_valid[job.slots[job.slots >= 0]] = False  # never answer a hit from a broken step
+            raise self._capture_error(job, ids)
+        ids = ids.astype(self.id_dtype)  # a copy: the capture rows are reused by the next step
+        if w is not None:
+            w = np.array(w, dtype=np.float32)
+        written = None
+        if self.num_slots:
+            # this step's computed tokens, remembered by KV slot before any hit is filled: a request can hit
+            # blocks another request fills in the same step
             ok = job.slots >= 0
-            s = job.slots[ok]
-            self.store_ids[s] = ids[ok]
-            self.store_w[s] = w[ok]
-            self.store_valid[s] = True
-        # 3. positions this request never computed here (prefix-cache hit): routing from the KV slots
+            written = job.slots[ok]
+            self.store_ids[written] = ids[ok]
+            if self.store_w is not None:
+                self.store_w[written] = w[ok]
+            self.store_valid[written] = True
         prefix: list[CachedRun | Gap] = []
+        same_step: dict[int, int] = {}
         starts = np.concatenate(([0], np.cumsum(job.counts)[:-1]))
         for i, blocks in job.gap_blocks.items():
             first = int(job.positions[starts[i]])
-            prefix.extend(self._read_back(job.requests[i], int(job.emit_from[i]), first, blocks))
-        # 4. this step's computed positions; positions recomputed after preemption were emitted already
+            parts, hits_now = self._read_back(i, int(job.emit_from[i]), first, blocks, written)
+            prefix.extend(parts)
+            if hits_now:
+                same_step[i] = hits_now
+        # positions recomputed after a preemption (below emit_from) were sent already
         keep = job.positions >= np.repeat(job.emit_from, job.counts)
-        st.stats["recomputed_tokens_skipped"] += int((~keep).sum())
-        all_kept = bool(keep.all())
-        return StepRoutes(
-            prefix,
-            job.requests,
-            np.repeat(np.arange(len(job.requests)), job.counts)[keep],
-            job.positions if all_kept else job.positions[keep],
-            ids if all_kept else ids[keep],
-            w if all_kept else w[keep],
+        tok_req = np.repeat(np.arange(len(job.requests)), job.counts)
+        skipped = None
+        if not keep.all():
+            skipped = np.bincount(tok_req[~keep], minlength=len(job.requests))
+            tok_req, positions, ids = tok_req[keep], job.positions[keep], ids[keep]
+            w = None if w is None else w[keep]
+        else:
+            positions = job.positions
+        return StepRoutes(prefix, job.requests, tok_req, positions, ids, w, skipped, same_step or None)
+
+    def _capture_error(self, job: StepJob, ids: np.ndarray) -> MoeRoutesCaptureError:
+        n = len(job.positions)
+        unwritten = (ids < 0).any(axis=2)  # [n, L]: a captured layer left this step's rows at -1
+        if unwritten.any():
+            tok, lay = np.argwhere(unwritten)[0]
+            return MoeRoutesCaptureError(
+                f"layer {self.layers[lay]} did not capture routing for {int(unwritten[:, lay].sum())} of {n} "
+                f"tokens of a step (first: token {int(job.positions[tok])}); an MoE code path without the "
+                "moe_routes hook ran (a moe_routes bug, please report it with the model and engine arguments)"
+            )
+        tok, lay, _ = np.argwhere(ids >= self.num_experts)[0]
+        return MoeRoutesCaptureError(
+            f"layer {self.layers[lay]} captured expert id {int(ids[tok, lay].max())} for token "
+            f"{int(job.positions[tok])}, but the model has {self.num_experts} experts (a moe_routes bug, please "
+            "report it with the model and engine arguments)"
         )
 
-    def _read_back(self, req: Request, start: int, end: int, blocks: np.ndarray) -> list[CachedRun | Gap]:
-        st = self.st
-        if not st.num_slots:
-            return [Gap(req, start, end, _GAP_NO_SLOTS)]
+    def _read_back(
+        self, index: int, start: int, end: int, blocks: np.ndarray, written: np.ndarray | None
+    ) -> tuple[list[CachedRun | Gap], int]:
+        if end <= start:
+            return [], 0
+        if not self.num_slots:
+            return [Gap(index, start, end, GAP_NO_STORE)], 0
         pos = np.arange(start, end, dtype=np.int64)
-        kbs = st.kernel_block_size
+        kbs = self.kernel_block_size
         slots = blocks[pos // kbs].astype(np.int64) * kbs + pos % kbs
         valid = self.store_valid[slots]
+        hits_now = int(np.isin(slots[valid], written).sum()) if written is not None and len(written) else 0
         out: list[CachedRun | Gap] = []
         # runs of positions whose slot does / does not hold the token's routing
         edges = np.flatnonzero(np.diff(valid.astype(np.int8))) + 1
         for lo, hi in zip(np.concatenate(([0], edges)), np.concatenate((edges, [len(pos)])), strict=True):
             if valid[lo]:
                 sl = slots[lo:hi]
-                out.append(CachedRun(req, pos[lo:hi], self.store_ids[sl].astype(np.int32), self.store_w[sl]))
+                w = None if self.store_w is None else self.store_w[sl]
+                out.append(CachedRun(index, pos[lo:hi], self.store_ids[sl], w))
             else:
-                out.append(Gap(req, int(pos[lo]), int(pos[hi - 1]) + 1, _GAP_NOT_STORED))
+                out.append(Gap(index, int(pos[lo]), int(pos[hi - 1]) + 1, GAP))
+        return out, hits_now
+
+
+@dataclass
+class StepRows:
+    """One step's rows for the front-end. Request b (batch index) owns rows [offset[b], offset[b] + count[b]) of
+    ids / weights, which cover its positions in the order of its segments: (kind, first position, positions)
+    triples, kind COMPUTED, CACHED or GAP (a gap has no rows). A request whose only segment is computed has no
+    entry in `segments`: (COMPUTED, first[b], count[b])."""
+
+    ids: np.ndarray  # [rows, layers, K], id_dtype_for(num_experts)
+    weights: np.ndarray | None  # float32, same shape
+    offset: np.ndarray  # int64 [B]
+    count: np.ndarray  # int64 [B]
+    first: np.ndarray  # int64 [B]
+    segments: dict[int, list[int]]
+    skipped: np.ndarray | None  # int64 [B] or None
+    same_step_hits: dict[int, int] | None = None
+    meta: dict[str, Any] | None = None  # the engine's meta record, on its first step's rows only
+    dp_rank: int | None = None
+
+    def segments_of(self, b: int) -> list[int] | None:
+        """Request b's segments, flat (kind, first, count, ...); None when it has no rows this step."""
+        seg = self.segments.get(b)
+        if seg is not None:
+            return seg
+        if self.count[b] == 0:
+            return None
+        return [COMPUTED, int(self.first[b]), int(self.count[b])]
+
+
+def step_rows(routes: StepRoutes) -> StepRows:
+    """Lay one step's rows out per request: its cached runs and gaps first, then its computed run."""
+    nreq = len(routes.requests)
+    count = np.bincount(routes.tok_req, minlength=nreq).astype(np.int64)
+    first = np.full(nreq, -1, dtype=np.int64)
+    offset = np.zeros(nreq, dtype=np.int64)
+    if nreq:
+        offset[1:] = np.cumsum(count)[:-1]
+        has = count > 0
+        first[has] = routes.positions[offset[has]]
+    if not routes.prefix:
+        return StepRows(routes.ids, routes.weights, offset, count, first, {}, routes.skipped, routes.same_step_hits)
+    by_req: dict[int, list[CachedRun | Gap]] = {}
+    for part in routes.prefix:
+        by_req.setdefault(part.index, []).append(part)
+    ids_parts, w_parts, segments = [], [], {}
+    new_offset, new_count = np.zeros(nreq, dtype=np.int64), np.zeros(nreq, dtype=np.int64)
+    row = 0
+    # requests without a prefix keep their computed run as one slice, between those that have one
+    for b in range(nreq):
+        parts = by_req.get(b)
+        lo, n = int(offset[b]), int(count[b])
+        new_offset[b] = row
+        if parts is None:
+            if n:
+                ids_parts.append(routes.ids[lo : lo + n])
+                if routes.weights is not None:
+                    w_parts.append(routes.weights[lo : lo + n])
+            new_count[b] = n
+            row += n
+            continue
+        seg: list[int] = []
+        for part in parts:
+            if isinstance(part, Gap):
+                seg += [part.kind, part.start, part.end - part.start]
+                continue
+            seg += [CACHED, int(part.positions[0]), len(part.positions)]
+            ids_parts.append(part.ids)
+            if routes.weights is not None:
+                w_parts.append(part.weights)
+            row += len(part.positions)
+        if n:
+            seg += [COMPUTED, int(first[b]), n]
+            ids_parts.append(routes.ids[lo : lo + n])
+            if routes.weights is not None:
+                w_parts.append(routes.weights[lo : lo + n])
+            row += n
+        new_count[b] = row - new_offset[b]
+        segments[b] = seg
+    k_shape = routes.ids.shape[1:]
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, *k_shape), dtype=routes.ids.dtype)
+    weights = None
+    if routes.weights is not None:
+        weights = np.concatenate(w_parts) if w_parts else np.zeros((0, *k_shape), dtype=np.float32)
+    return StepRows(ids, weights, new_offset, new_count, first, segments, routes.skipped, routes.same_step_hits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Front-end: the rows a completion returns, and the decoder-layer layout they are returned in.
+# ----------------------------------------------------------------------------------------------------
+class Layout:
+    """Captured MoE layers -> every decoder layer, as upstream vLLM returns routed_experts (rows of dense layers
+    are 0). Copies contiguous runs of layers with slices, never a fancy-index assignment."""
+
+    def __init__(self, captured: list[int], num_hidden_layers: int) -> None:
+        self.captured = list(captured)
+        self.num_hidden_layers = int(num_hidden_layers)
+        self.identity = self.captured == list(range(self.num_hidden_layers))
+        self.runs: list[tuple[int, int, int]] = []  # (first decoder layer, end, first captured column)
+        for col, layer in enumerate(self.captured):
+            if self.runs and self.runs[-1][1] == layer:
+                lo, _, src = self.runs[-1]
+                self.runs[-1] = (lo, layer + 1, src)
+            else:
+                self.runs.append((layer, layer + 1, col))
+
+    def widen(self, rows: np.ndarray) -> np.ndarray:
+        if self.identity:
+            return rows
+        out = np.zeros((rows.shape[0], self.num_hidden_layers, *rows.shape[2:]), dtype=rows.dtype)
+        for lo, hi, src in self.runs:
+            out[:, lo:hi] = rows[:, src : src + hi - lo]
         return out
 
 
-def id_dtype_for(num_experts: int) -> np.dtype:
-    """Smallest unsigned dtype of returned expert ids, as upstream vLLM (0.22+): uint8 holds 256 ids."""
-    return np.dtype(np.uint8 if num_experts <= 256 else np.uint16)
+class ReturnedRows:
+    """The rows one completion returns: positions start.. in order, gathered from the chunks that reach the
+    front-end. A gap, or a position that does not continue where the last rows ended, makes the completion's
+    routed_experts None (with one error line), never a wrong array."""
 
+    __slots__ = ("start", "next", "ids", "weights", "broken", "received")
 
-def returned_rows(
-    routes: StepRoutes, layers: list[int], num_layers: int, id_dtype: np.dtype, with_weights: bool
-) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Per engine request id: this step's rows [n, num_layers, K] for positions >= its return start, in
-    position order (prefix-cache rows first), every decoder layer (rows of layers not captured, i.e. dense
-    ones, are 0 as in upstream vLLM). A request whose rows would not continue where its last ones ended
-    (a gap) gets none from then on, and an error is logged once: the front-end refuses a short array,
-    while a wrong one could not be told."""
-    cols = np.asarray(layers, dtype=np.int64)
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.next = start
+        self.ids: list[np.ndarray] = []
+        self.weights: list[np.ndarray] = []
+        self.broken: str | None = None
+        self.received = False  # any chunk arrived (a completion aborted before its first forward has none)
 
-    def widen(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        rows = np.zeros((len(ids), num_layers, ids.shape[2]), dtype=id_dtype)
-        rows[:, cols] = ids
-        if not with_weights:
-            return rows, None
-        wrows = np.zeros(rows.shape, dtype=np.float32)
-        wrows[:, cols] = weights
-        return rows, wrows
-
-    parts: dict[int, list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = {}
-    index = {id(r): i for i, r in enumerate(routes.requests)}
-    for part in routes.prefix:
-        i = index.get(id(part.request))
-        if i is None:
-            continue
-        if isinstance(part, Gap):
-            parts.setdefault(i, []).append((np.arange(part.start, part.end), None, None))
-        else:
-            parts.setdefault(i, []).append((part.positions, *widen(part.ids, part.weights)))
-    if len(routes.positions):
-        all_ids, all_w = widen(routes.ids, routes.weights)  # one conversion for the whole batch
-        bounds = np.flatnonzero(np.diff(routes.tok_req)) + 1
-        lo = np.concatenate(([0], bounds)).tolist()
-        hi = np.concatenate((bounds, [len(routes.tok_req)])).tolist()
-        for a, b in zip(lo, hi, strict=True):
-            parts.setdefault(int(routes.tok_req[a]), []).append(
-                (routes.positions[a:b], all_ids[a:b], None if all_w is None else all_w[a:b])
-            )
-    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    k = routes.ids.shape[2]
-    for i, req_parts in parts.items():
-        req = routes.requests[i]
-        if req.return_broken:
-            continue
-        got_ids, got_w = [], []
-        for positions, ids, weights in req_parts:
-            first = int(positions[0])
-            if positions[-1] < req.return_from:
+    def add(self, segments: list[int], ids: np.ndarray, weights: np.ndarray | None) -> None:
+        self.received = True
+        if self.broken is not None:
+            return
+        row = 0
+        for j in range(0, len(segments), 3):
+            kind, pos, cnt = segments[j], segments[j + 1], segments[j + 2]
+            end = pos + cnt
+            if kind >= GAP:
+                if end > self.start:
+                    self.broken = f"positions {max(pos, self.start)}..{end - 1} have no routing ({GAP_REASONS[kind]})"
+                    return
                 continue
-            skip = max(0, req.return_from - first)
-            first += skip
-            if ids is None or first != req.return_next:
-                req.return_broken = True
-                logger.error(
-                    "moe_routes: request %s: no routing to return for positions %d.. (%s); its routed_experts "
-                    "will be None",
-                    req.engine_id,
-                    first,
-                    "prefix-cache hit without stored routing"
-                    if ids is None
-                    else f"expected position {req.return_next} next",
-                )
-                break
-            got_ids.append(ids[skip:])
+            lo, row = row, row + cnt
+            if end <= self.start:
+                continue
+            skip = max(0, self.start - pos)
+            if pos + skip != self.next:
+                self.broken = f"rows for position {pos + skip} arrived where position {self.next} was expected"
+                return
+            self.ids.append(ids[lo + skip : lo + cnt])
             if weights is not None:
-                got_w.append(weights[skip:])
-            req.return_next = first + len(positions) - skip
-        if req.return_broken:
-            continue
-        if not got_ids:  # every row lies before the start: an empty chunk, so start == P with one token gives [0, L, K]
-            got_ids = [np.zeros((0, num_layers, k), dtype=id_dtype)]
-            got_w = [np.zeros((0, num_layers, k), dtype=np.float32)]
-        ids_out = got_ids[0] if len(got_ids) == 1 else np.concatenate(got_ids)
-        w_out = (got_w[0] if len(got_w) == 1 else np.concatenate(got_w)) if with_weights else None
-        out[req.engine_id] = (ids_out, w_out)
-    return out
+                self.weights.append(weights[lo + skip : lo + cnt])
+            self.next = end
+
+    @property
+    def rows(self) -> int:
+        return self.next - self.start
+
+    def take(self, layout: Layout, id_dtype: np.dtype, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every row so far, widened to every decoder layer: fresh arrays (a chunk may be a read-only view into a
+        received message frame)."""
+
+        def cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+            if not parts:
+                return np.zeros((0, len(layout.captured), k), dtype=dtype)
+            return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+        ids = layout.widen(cat(self.ids, id_dtype))
+        weights = layout.widen(cat(self.weights, np.dtype(np.float32))) if self.weights else None
+        return ids, weights
 
 
 # ----------------------------------------------------------------------------------------------------
-# Failure policy. 'stop' (default): a server must keep serving when its routing log cannot be written
-# (full disk) or a step's capture is incomplete: logging stops, the log gets a final "error" record and
-# the engine log a loud error. 'fail' (VLLM_LOG_MOE_ON_ERROR=fail): the next step or flush raises.
+# The log file: whole lines, appended under flock by any number of writers (a writer per front-end process).
+# Failure policy. 'stop' (default): a server must keep serving when its routing log cannot be written (full
+# disk): logging stops, the log gets a final "error" record and the front-end log a loud error. 'fail'
+# (VLLM_LOG_MOE_ON_ERROR=fail): the next output the front-end processes, or the flush, raises.
 # ----------------------------------------------------------------------------------------------------
-def fail(st: WriterState, exc: BaseException) -> None:
-    if st.error is not None:
-        return
-    st.error = exc
-    if st.settings.on_error == "fail":
-        logger.error(
-            "moe_routes: the routing log failed (%s: %s); %s=fail stops the engine",
-            type(exc).__name__,
-            exc,
-            ENV_ON_ERROR,
-        )
-        return
-    st.stopped = True
-    logger.error(
-        "moe_routes: ROUTING LOG STOPPED, %s is incomplete from here on (%s: %s). The engine keeps "
-        "serving; set %s=fail to stop it instead.",
-        st.settings.path,
-        type(exc).__name__,
-        exc,
-        ENV_ON_ERROR,
-    )
-
-
-class Failure:
-    """A failure the engine thread found, handed to the writer so that it is recorded in order."""
-
-    staging_index = -1
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-class Writer(threading.Thread):
-    def __init__(self, st: WriterState, assembles: bool = True) -> None:
-        super().__init__(name="moe-routes-writer", daemon=True)
-        self.st = st
+class LogFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
         # O_RDWR: repairing a partial tail and cutting our own tail on a full disk read the file back.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(st.settings.path, flags, 0o644)
-        self.log_cols = st.log_cols
-        self.layers = list(st.layers) if st.log_cols is None else [st.layers[c] for c in st.log_cols]
-        # Steps arrive raw (StepJob) and are assembled here, or assembled by the engine thread when the
-        # engine also returns routing per request (StepRoutes): one owner of the KV-slot store either way.
-        self.assembler = RouteAssembler(st) if assembles else None
+        self.fd = os.open(path, flags, 0o644)
         self._last_write: tuple[int, int] | None = None  # [start, end) of our latest whole-line write
+
+    def open_lines(self) -> int:
+        """Under the lock, before this writer's first line: cut a partial last line back to the last newline.
+        Linux stops a write(2) to a regular file between pages once a fatal signal is pending, so a writer
+        killed by SIGKILL can leave part of a line at a page boundary. Returns the bytes cut."""
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
-            repaired = self._repair_tail()
-            if repaired:
-                # Never silently: the log says which writer cut how much, and so does the engine log.
-                st.meta["repaired_partial_tail_bytes"] = repaired
-                logger.warning(
-                    "moe_routes: %s ended in a partial line (a writer was killed mid-write); cut its "
-                    "last %d bytes back to the last whole line before appending",
-                    st.settings.path,
-                    repaired,
-                )
-            self._append(json_line(st.meta))
+            size = os.fstat(self.fd).st_size
+            if size == 0 or os.pread(self.fd, 1, size - 1) == b"\n":
+                return 0
+            keep, end = 0, size
+            while end > 0:
+                begin = max(0, end - (1 << 16))
+                cut = os.pread(self.fd, end - begin, begin).rfind(b"\n")
+                if cut >= 0:
+                    keep = begin + cut + 1
+                    break
+                end = begin
+            os.ftruncate(self.fd, keep)
+            return size - keep
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
-        atexit.register(self.close)
 
-    # ---- file ----
-    def _repair_tail(self) -> int:
-        """Under the lock, before this writer's first line: cut a partial last line back to the last
-        newline. Linux stops a write(2) to a regular file between pages once a fatal signal is pending, so
-        a writer killed by SIGKILL can leave part of a line at a page boundary. Returns the bytes cut."""
-        size = os.fstat(self.fd).st_size
-        if size == 0 or os.pread(self.fd, 1, size - 1) == b"\n":
-            return 0
-        keep, end = 0, size
-        while end > 0:
-            begin = max(0, end - (1 << 16))
-            cut = os.pread(self.fd, end - begin, begin).rfind(b"\n")
-            if cut >= 0:
-                keep = begin + cut + 1
-                break
-            end = begin
-        os.ftruncate(self.fd, keep)
-        return size - keep
-
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         """Append whole lines under an exclusive lock."""
         if not data:
             return
@@ -669,8 +763,8 @@ class Writer(threading.Thread):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _append(self, data: bytes) -> None:
-        """With the lock held. A failed chunk is cut off again (ftruncate to the chunk's start), so a write
-        error never leaves a partial line; only a killed process can (see _repair_tail)."""
+        """With the lock held. A failed chunk is cut off again (ftruncate to the chunk's start), so a write error
+        never leaves a partial line; only a killed process can (see open_lines)."""
         begin = os.fstat(self.fd).st_size
         offset = begin
         start = 0
@@ -679,11 +773,13 @@ class Writer(threading.Thread):
             if end <= start:
                 end = data.index(b"\n", start) + 1
             try:
-                self._write_all(memoryview(data)[start:end])
+                view = memoryview(data)[start:end]
+                while view:
+                    view = view[os.write(self.fd, view) :]
             except OSError:
                 os.ftruncate(self.fd, offset)
                 # A write that got nothing on disk leaves our previous write at the end of the file: keep it,
-                # so that _cut_own_tail can still make room for the error record there.
+                # so that cut_own_tail can still make room for the error record there.
                 if offset > begin:
                     self._last_write = (begin, offset)
                 raise
@@ -691,32 +787,15 @@ class Writer(threading.Thread):
             start = end
         self._last_write = (begin, offset)
 
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
-
-    def _write_error_record(self, exc: BaseException) -> None:
-        """Best effort: the final line says the log stopped. On a full disk, room is made by cutting whole
-        lines off the end of this writer's own latest write (counted in the record)."""
-        st = self.st
-        record: dict[str, Any] = {"type": "error"}
-        if st.dp_rank is not None:
-            record["dp_rank"] = st.dp_rank
-        record.update(
-            error=f"{type(exc).__name__}: {exc}",
-            policy=st.settings.on_error,
-            message="routing log stopped: records after this line are missing, and requests that "
-            "were running may lack positions",
-            writer_id=st.meta["writer"]["id"],
-            time_unix=time.time(),
-            records_dropped=0,
-        )
+    def write_error_record(self, record: dict[str, Any]) -> bool:
+        """Best effort: the final line says the log stopped. On a full disk, room is made by cutting whole lines off
+        the end of this writer's own latest write (counted in the record's records_dropped)."""
+        record = dict(record, records_dropped=0)
         for _ in range(4):
             line = json_line(record)
             try:
-                self._write(line)
-                return
+                self.write(line)
+                return True
             except OSError as err:
                 if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     break
@@ -724,11 +803,11 @@ class Writer(threading.Thread):
                 if not dropped:
                     break
                 record["records_dropped"] += dropped
-        logger.error("moe_routes: could not write the final error record to %s", st.settings.path)
+        return False
 
     def _cut_own_tail(self, need: int) -> int:
-        """Remove whole lines (at least `need` bytes) from the end of our latest write, if it is still
-        the end of the file. Returns the number of lines removed."""
+        """Remove whole lines (at least `need` bytes) from the end of our latest write, if it is still the end of
+        the file. Returns the number of lines removed."""
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
             size = os.fstat(self.fd).st_size
@@ -743,85 +822,364 @@ class Writer(threading.Thread):
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
-    # ---- thread ----
-    def run(self) -> None:
-        st = self.st
-        while True:
-            job = st.jobs.get()
-            if job is None:
-                return
-            if isinstance(job, threading.Event):
-                job.set()
-                continue
-            try:
-                if isinstance(job, Failure):
-                    raise job.exc
-                if st.error is None:
-                    self._write(self._process(job))
-                else:
-                    st.stats["steps_dropped"] += 1
-            except BaseException as exc:
-                failed_before = st.error is not None
-                fail(st, exc)
-                if not failed_before and st.settings.on_error == "stop":
-                    self._write_error_record(exc)
-            finally:
-                if job.staging_index >= 0:  # exactly once per job, whatever happened
-                    st.staging.free.put(job.staging_index)
-
-    def _process(self, job: StepJob | StepRoutes) -> bytes:
-        routes = job if isinstance(job, StepRoutes) else self.assembler.assemble(job)
-        st, cols = self.st, self.log_cols
-        out = []
-        for part in routes.prefix:
-            if isinstance(part, Gap):
-                st.stats["gaps"] += 1
-                st.stats["gap_positions"] += part.end - part.start
-                out.append(self._gap_record(part))
-                continue
-            st.stats["cached_records"] += len(part.positions) * len(self.layers)
-            out.append(
-                format_routes(
-                    [part.request.field],
-                    np.zeros(len(part.positions), dtype=np.int64),
-                    part.positions,
-                    self.layers,
-                    part.ids if cols is None else part.ids[:, cols],
-                    part.weights if cols is None else part.weights[:, cols],
-                    cached=True,
-                    dp_rank=st.dp_rank,
-                )
-            )
-        if len(routes.positions):
-            out.append(
-                format_routes(
-                    [r.field for r in routes.requests],
-                    routes.tok_req,
-                    routes.positions,
-                    self.layers,
-                    routes.ids if cols is None else routes.ids[:, cols],
-                    routes.weights if cols is None else routes.weights[:, cols],
-                    dp_rank=st.dp_rank,
-                )
-            )
-            st.stats["route_records"] += len(routes.positions) * len(self.layers)
-        return b"".join(out)
-
-    def _gap_record(self, gap: Gap) -> bytes:
-        record: dict[str, Any] = {"type": "gap"}
-        if self.st.dp_rank is not None:
-            record["dp_rank"] = self.st.dp_rank
-        record["req_id"] = gap.request.req_id
-        if gap.request.completion_index is not None:
-            record["completion_index"] = gap.request.completion_index
-        record.update(token_start=gap.start, token_end=gap.end, reason=gap.reason)
-        return json_line(record)
-
     def close(self) -> None:
-        if self.is_alive():
-            self.st.jobs.put(None)
-            self.join(timeout=60)
         try:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def new_stats() -> dict[str, int]:
+    return {
+        "route_records": 0,
+        "cached_records": 0,
+        "gaps": 0,
+        "gap_positions": 0,
+        "steps_dropped": 0,
+        "recomputed_tokens_skipped": 0,
+        "same_step_hits": 0,
+    }
+
+
+@dataclass
+class Chunk:
+    """One completion's rows that reached the front-end with one output, as the writer formats them."""
+
+    field: bytes  # request_field(req_id, completion_index)
+    dp_rank: int | None
+    segments: list[int]
+    ids: np.ndarray  # [rows, captured layers, K]
+    weights: np.ndarray  # float32
+
+
+def format_chunks(chunks: list[Chunk], layers: list[int], cols: list[int] | None, stats: dict[str, int]) -> bytes:
+    """The records of one batch of chunks: gap records, then every cached-run record, then every computed one
+    (a prefix-cache hit on blocks another request computed in the same step is written before that request's
+    records), grouped per data-parallel rank. `cols`: which captured layers the log writes (None: all)."""
+    gaps: list[bytes] = []
+    groups: dict[tuple[bool, int | None], tuple[list[bytes], list[int], list[np.ndarray], list[tuple]]] = {}
+    for ch in chunks:
+        row = 0
+        for j in range(0, len(ch.segments), 3):
+            kind, pos, cnt = ch.segments[j], ch.segments[j + 1], ch.segments[j + 2]
+            if kind >= GAP:
+                dp = f'"dp_rank":{ch.dp_rank},' if ch.dp_rank is not None else ""
+                gaps.append(
+                    f'{{"type":"gap",{dp}"req_id":{ch.field.decode()},"token_start":{pos},"token_end":{pos + cnt},'
+                    f'"reason":{json.dumps(GAP_REASONS[kind])}}}\n'.encode()
+                )
+                stats["gaps"] += 1
+                stats["gap_positions"] += cnt
+                continue
+            fields, req_index, positions, rows = groups.setdefault((kind == CACHED, ch.dp_rank), ([], [], [], []))
+            if not fields or fields[-1] is not ch.field:
+                fields.append(ch.field)
+            req_index.append(np.full(cnt, len(fields) - 1, dtype=np.int64))
+            positions.append(np.arange(pos, pos + cnt, dtype=np.int64))
+            rows.append((ch, row, row + cnt))
+            row += cnt
+    out = list(gaps)
+    n_layers = len(layers) if cols is None else len(cols)
+    for cached in (True, False):
+        for (is_cached, dp), (fields, req_index, positions, rows) in groups.items():
+            if is_cached != cached:
+                continue
+            ids = np.concatenate([ch.ids[a:b] for ch, a, b in rows])
+            w = np.concatenate([ch.weights[a:b] for ch, a, b in rows])
+            if cols is not None:
+                ids, w = ids[:, cols], w[:, cols]
+            logged = layers if cols is None else [layers[c] for c in cols]
+            out.append(
+                format_routes(fields, np.concatenate(req_index), np.concatenate(positions), logged, ids, w, cached, dp)
+            )
+            stats["cached_records" if cached else "route_records"] += len(ids) * n_layers
+    return b"".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The writer process and its front-end client. Messages on one socketpair: a pickled header, then the raw bytes of
+# each array it lists (sent as they lie in memory: no pickling of array data).
+# ----------------------------------------------------------------------------------------------------
+_QUEUE_JOBS = 256  # jobs the front-end may queue before submit() waits for the writer (back-pressure, no drops)
+
+
+def _send_job(conn: Connection, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+    header["arrays"] = [(a.dtype.str, a.shape) for a in arrays]
+    conn.send_bytes(pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL))
+    for a in arrays:
+        conn.send_bytes(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+def _recv_job(conn: Connection) -> tuple[dict[str, Any], list[np.ndarray]]:
+    header = pickle.loads(conn.recv_bytes())
+    arrays = [np.frombuffer(conn.recv_bytes(), dtype=np.dtype(d)).reshape(s) for d, s in header["arrays"]]
+    return header, arrays
+
+
+class LogClient:
+    """The front-end's side of the routing log: a writer process (this file run as a script) fed over a
+    socketpair by a sender thread, so that neither formatting nor the file costs the front-end's GIL. Jobs are
+    never dropped while logging runs: past _QUEUE_JOBS queued jobs, submit() waits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = new_stats()  # the writer's counts as of the last flush, plus the front-end's own
+        self.front = {"recomputed_tokens_skipped": 0, "same_step_hits": 0, "steps_dropped": 0}
+        self.error: str | None = None  # first failure (the writer's, or the process's death)
+        self.closed = False
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_JOBS)
+        self._replies: dict[int, threading.Event] = {}
+        self._results: dict[int, Any] = {}
+        self._token = 0
+        self._lock = threading.Lock()
+        parent, child = socket.socketpair()
+        cmd = [sys.executable, os.path.abspath(__file__), "--writer-fd", str(child.fileno()), "--path", settings.path]
+        try:
+            # Its own session: a Ctrl-C or a signal to the server's process group does not cut it short; it ends
+            # when the front-end closes it or is gone, after writing everything it was sent.
+            self.proc = subprocess.Popen(
+                [*cmd, "--on-error", settings.on_error],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            child.close()
+        self.conn = Connection(parent.detach())
+        self._sender = threading.Thread(target=self._send_loop, name="moe-routes-log-sender", daemon=True)
+        self._receiver = threading.Thread(target=self._recv_loop, name="moe-routes-log-replies", daemon=True)
+        self._sender.start()
+        self._receiver.start()
+        _LIVE_CLIENTS.add(self)
+
+    # ---- front-end threads ----
+    def submit(self, header: dict[str, Any], arrays: list[np.ndarray] | None = None) -> None:
+        self.check()
+        if self.error is not None or self.closed:  # policy 'stop': logging stopped, the engine keeps serving
+            self.front["steps_dropped"] += 1
+            return
+        self._jobs.put((header, arrays or []))
+
+    def meta(self, meta: dict[str, Any]) -> None:
+        self.submit({"op": "meta", "meta": meta})
+
+    def routes(self, chunks: list[Chunk], layers: list[int], cols: list[int] | None) -> None:
+        if chunks:
+            self.submit({"op": "routes", "chunks": chunks, "layers": layers, "cols": cols})
+
+    def check(self) -> None:
+        """Raise the writer's failure under VLLM_LOG_MOE_ON_ERROR=fail."""
+        if self.error is not None and self.settings.on_error == "fail":
+            raise RuntimeError(
+                f"moe_routes: the routing log {self.settings.path} failed ({ENV_ON_ERROR}=fail): {self.error}"
+            )
+
+    def flush(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until every job submitted before is on disk. Returns the writer's statistics."""
+        if self.error is None and not self.closed:
+            with self._lock:
+                self._token += 1
+                token, done = self._token, threading.Event()
+                self._replies[token] = done
+            self._jobs.put(({"op": "flush", "token": token}, []))
+            if not done.wait(timeout):
+                raise TimeoutError(f"moe_routes: the routing log writer did not drain {self.settings.path} in time")
+            self.stats.update(self._results.pop(token, {}))
+        self.check()
+        stats: dict[str, Any] = dict(self.stats)
+        for key, value in self.front.items():
+            stats[key] = stats.get(key, 0) + value
+        if self.error is not None:
+            stats["stopped"] = self.error
+        return stats
+
+    def close(self, timeout: float = 120) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._jobs.put(None)
+        self._sender.join(timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("moe_routes: the routing log writer did not finish in %s s; killing it", timeout)
+            self.proc.kill()
+        self._receiver.join(5)
+        self.conn.close()
+
+    # ---- sender / receiver threads ----
+    def _send_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                try:
+                    _send_job(self.conn, {"op": "close"}, [])
+                except OSError:
+                    pass
+                return
+            header, arrays = job
+            try:
+                if header["op"] == "routes":
+                    header, arrays = self._pack_routes(header)
+                _send_job(self.conn, header, arrays)
+            except OSError as exc:
+                self._failed(f"the writer process is gone ({type(exc).__name__}: {exc})")
+            except BaseException as exc:  # never leave the queue undrained: submit() and close() wait on it
+                self._failed(f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _pack_routes(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """One ids and one weights array per job: many small chunks are concatenated, a few large ones travel as
+        they are."""
+        chunks: list[Chunk] = header["chunks"]
+        desc, arrays = [], []
+        if len(chunks) > 4:
+            arrays = [np.concatenate([c.ids for c in chunks]), np.concatenate([c.weights for c in chunks])]
+            row = 0
+            for c in chunks:
+                desc.append((c.field, c.dp_rank, c.segments, 0, row, len(c.ids)))
+                row += len(c.ids)
+        else:
+            for c in chunks:
+                desc.append((c.field, c.dp_rank, c.segments, len(arrays), 0, len(c.ids)))
+                arrays += [c.ids, c.weights]
+        return {"op": "routes", "chunks": desc, "layers": header["layers"], "cols": header["cols"]}, arrays
+
+    def _recv_loop(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                if not self.closed:
+                    rc = self.proc.poll()
+                    self._failed(f"the writer process exited unexpectedly (exit status {rc})")
+                for done in list(self._replies.values()):
+                    done.set()
+                return
+            kind = msg[0]
+            if kind == "flushed":
+                _, token, stats = msg
+                self._results[token] = stats
+                self._replies.pop(token).set()
+            elif kind == "repaired":
+                logger.warning(
+                    "moe_routes: %s ended in a partial line (a writer was killed mid-write); cut its last %d bytes "
+                    "back to the last whole line before appending",
+                    self.settings.path,
+                    msg[1],
+                )
+            elif kind == "error":
+                self._failed(msg[1], recorded=msg[2])
+            elif kind == "closed":
+                self.stats.update(msg[1])
+
+    def _failed(self, error: str, recorded: bool = False) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        if self.settings.on_error == "fail":
+            logger.error("moe_routes: the routing log failed (%s); %s=fail stops the engine", error, ENV_ON_ERROR)
+            return
+        logger.error(
+            "moe_routes: ROUTING LOG STOPPED, %s is incomplete from here on (%s). The engine keeps serving; set "
+            "%s=fail to stop it instead.%s",
+            self.settings.path,
+            error,
+            ENV_ON_ERROR,
+            "" if recorded else " (no error record could be written to the log)",
+        )
+
+
+_LIVE_CLIENTS: weakref.WeakSet[LogClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_clients() -> None:
+    for client in list(_LIVE_CLIENTS):
+        client.close()
+
+
+def _writer_process(fd: int, path: str, policy: str) -> int:
+    """Body of the writer process: jobs in, whole lines out, until the front-end closes (or is gone: what it sent
+    before is written)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = Connection(fd)
+    log = LogFile(path)
+    writer_id = uuid.uuid4().hex[:12]
+    repaired = log.open_lines()
+    if repaired:
+        conn.send(("repaired", repaired))
+    stats = {k: 0 for k in ("route_records", "cached_records", "gaps", "gap_positions", "steps_dropped")}
+    error: BaseException | None = None
+    while True:
+        try:
+            header, arrays = _recv_job(conn)
+        except (EOFError, OSError):
+            break
+        op = header["op"]
+        if op == "flush":
+            conn.send(("flushed", header["token"], dict(stats)))
+            continue
+        if op == "close":
+            break
+        if error is not None:
+            stats["steps_dropped"] += 1
+            continue
+        try:
+            if op == "meta":
+                meta = dict(header["meta"])
+                meta["writer"] = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "id": writer_id,
+                    "data_parallel_rank": meta.pop("writer_data_parallel_rank", None),
+                }
+                meta["created_unix"] = time.time()
+                if repaired:
+                    # Never silently: the log says which writer cut how much, and so does the front-end's log.
+                    meta["repaired_partial_tail_bytes"], repaired = repaired, 0
+                log.write(json_line(meta))
+            else:
+                chunks = [
+                    Chunk(field_, dp, segs, arrays[a][r0 : r0 + n], arrays[a + 1][r0 : r0 + n])
+                    for field_, dp, segs, a, r0, n in header["chunks"]
+                ]
+                log.write(format_chunks(chunks, header["layers"], header["cols"], stats))
+        except BaseException as exc:  # the file failed, or a record could not be formatted
+            error = exc
+            recorded = False
+            if policy == "stop":
+                recorded = log.write_error_record(
+                    {
+                        "type": "error",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "policy": policy,
+                        "message": "routing log stopped: records after this line are missing, and requests that "
+                        "were running may lack positions",
+                        "writer_id": writer_id,
+                        "time_unix": time.time(),
+                    }
+                )
+            try:
+                conn.send(("error", f"{type(exc).__name__}: {exc}", recorded))
+            except OSError:
+                pass
+    try:
+        conn.send(("closed", dict(stats)))
+    except OSError:
+        pass
+    log.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="moe-routes routing-log writer process (started by the front-end)")
+    ap.add_argument("--writer-fd", type=int, required=True)
+    ap.add_argument("--path", required=True)
+    ap.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="stop")
+    a = ap.parse_args(argv)
+    return _writer_process(a.writer_fd, a.path, a.on_error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
