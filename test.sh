@@ -3,8 +3,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$ROOT"
-# shellcheck disable=SC1091
-source <(grep -E '^[A-Z_]+=' PINS)
+source scripts/pins.sh
 
 usage() {
   cat <<EOF
@@ -15,6 +14,8 @@ moe_routes.jsonl, timing.json, generations.jsonl, expert_hist.png, expert_heatma
 expert_stats.json in --out-dir.
 
   --device auto|gpu|cpu  auto (default): gpu when nvidia-smi sees a GPU, else cpu
+  --vllm VERSION         which pinned vLLM (environment, lock file and patch series): $VLLM_VERSIONS
+                         (PINS VLLM_VERSIONS; default: the newest, $VLLM_DEFAULT)
   --model M              default: $GPU_DEFAULT_MODEL on gpu, $CPU_DEFAULT_MODEL on cpu;
                          offline cpu: a tiny random-weight MoE built locally
   --offline              no Hugging Face access: local model (or the tiny random one) and --prompts-file
@@ -28,15 +29,17 @@ Examples:
   ./test.sh                                   # GPU box with network: the full job; on CPU with no
                                               #   reachable hub it takes the offline path, loudly
   ./test.sh --offline --prompts-file ../shared/data/gsm8k/test.jsonl   # no GPU, no network
+  ./test.sh --vllm 0.15.1 ...                 # an older pin
 EOF
 }
 
 GPU_DEFAULT_MODEL="Qwen/Qwen1.5-MoE-A2.7B-Chat"
 CPU_DEFAULT_MODEL="ibm-granite/granite-3.1-1b-a400m-instruct"
-DEVICE=auto; MODEL=""; OFFLINE=0; PROMPTS=""; NUM_PROMPTS=25; MAX_TOKENS=""; REPEATS=3; EAGER=""; OUT="$ROOT/out"
+DEVICE=auto; VLLM=$VLLM_DEFAULT; MODEL=""; OFFLINE=0; PROMPTS=""; NUM_PROMPTS=25; MAX_TOKENS=""; REPEATS=3; EAGER=""; OUT="$ROOT/out"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
+    --vllm) VLLM=$2; shift 2 ;;
     --model) MODEL=$2; shift 2 ;;
     --offline) OFFLINE=1; shift ;;
     --prompts-file) PROMPTS=$2; shift 2 ;;
@@ -51,6 +54,7 @@ while [ $# -gt 0 ]; do
 done
 die() { echo "test.sh: $*" >&2; exit 1; }
 say() { echo "== test.sh: $*"; }
+vllm_pin_or_die "$VLLM"
 CACHE=${MOE_ROUTES_CACHE:-$HOME/.cache/moe-routes}
 mkdir -p "$CACHE" "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -66,7 +70,8 @@ case "$DEVICE" in
 esac
 if [ "$DEVICE" = gpu ]; then
   drv=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n1)
-  [ "${drv%%.*}" -ge "$MIN_NVIDIA_DRIVER" ] || die "NVIDIA driver $drv is too old: torch $TORCH_GPU_VERSION (CUDA 12.8) needs >= $MIN_NVIDIA_DRIVER"
+  min_drv=$(vllm_fact "$VLLM" MIN_NVIDIA_DRIVER)
+  [ "${drv%%.*}" -ge "$min_drv" ] || die "NVIDIA driver $drv is too old: vLLM $VLLM's torch $(vllm_fact "$VLLM" TORCH_GPU) (CUDA $(vllm_fact "$VLLM" CUDA)) needs >= $min_drv"
   need_gb=40
 else
   need_gb=12
@@ -99,31 +104,32 @@ if [ $OFFLINE = 1 ] && [ -z "$PROMPTS" ]; then
   die "--offline needs --prompts-file (a JSONL with a 'question' field, e.g. ../shared/data/gsm8k/test.jsonl)"
 fi
 [ -z "$PROMPTS" ] || [ -f "$PROMPTS" ] || die "--prompts-file $PROMPTS does not exist"
-say "device: $DEVICE, offline: $OFFLINE, artifacts: $OUT"
+say "vLLM $VLLM, device: $DEVICE, offline: $OFFLINE, artifacts: $OUT"
 
 # ---- environment + patches ------------------------------------------------------------------------
 if [ "$DEVICE" = gpu ]; then
-  key=$(cat requirements-lock.txt | sha256sum | cut -c1-12)
+  LOCK=$(vllm_lock "$VLLM" gpu)
+  key=$(cat "$LOCK" | sha256sum | cut -c1-12)
   VENV="$CACHE/venv-gpu-$key"
   if [ ! -f "$VENV/.complete" ]; then
-    say "creating $VENV from requirements-lock.txt"
+    say "creating $VENV from $LOCK"
     rm -rf "$VENV"; python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -r requirements-lock.txt
+    "$VENV/bin/python" -m pip install -q -r "$LOCK"
     touch "$VENV/.complete"
   fi
   PY="$VENV/bin/python"
-  scripts/ensure_vllm_patched.sh "$PY" vllm
+  scripts/ensure_vllm_patched.sh "$PY" vllm "$VLLM"
   [ -n "$MAX_TOKENS" ] || MAX_TOKENS=256
 else
-  PY=$(scripts/setup_cpu_env.sh | tail -n 1)
+  PY=$(scripts/setup_cpu_env.sh --vllm "$VLLM" | tail -n 1)
   [ -n "$MAX_TOKENS" ] || MAX_TOKENS=64
 fi
-say "verifying the vLLM series: installed copy, then the clean pinned release"
-"$PY" -m moe_routes patch status --engine vllm --python "$PY"
-if [ $OFFLINE = 1 ]; then "$PY" -m moe_routes verify --engine vllm --offline || \
-    die "the clean vLLM $VLLM_VERSION wheel is not cached under $CACHE/dist; run once with network"
-else "$PY" -m moe_routes verify --engine vllm; fi
+say "verifying the vLLM $VLLM series: installed copy, then the clean pinned release"
+"$PY" -m moe_routes patch status --engine vllm --pin "$VLLM" --python "$PY"
+if [ $OFFLINE = 1 ]; then "$PY" -m moe_routes verify --engine vllm --pin "$VLLM" --offline || \
+    die "the clean vLLM $VLLM releases are not cached under $CACHE/dist; run once with network"
+else "$PY" -m moe_routes verify --engine vllm --pin "$VLLM"; fi
 
 # ---- model + prompts ------------------------------------------------------------------------------
 DTYPE=auto

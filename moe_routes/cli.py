@@ -2,10 +2,10 @@
 
 Examples:
   moe-routes patch apply --engine vllm --python .venv/bin/python   # patch an installed engine
-  moe-routes verify                                                  # both series on the clean pinned releases
+  moe-routes verify                                                  # every series on the clean pinned releases
   moe-routes generate --num-prompts 25 --out-dir out                 # the GSM8K run (needs a patched engine)
   moe-routes plot out/moe_routes.jsonl --out-dir out                 # histogram + statistics
-  moe-routes pins VLLM_VERSION                                       # a pinned version
+  moe-routes pins --vllm                                             # the default (newest) vLLM pin
 Without installing: python -m moe_routes <command> ... from the repository root.
 """
 
@@ -18,7 +18,7 @@ import sys
 # with nothing but the stdlib, `plot` needs numpy/matplotlib, `generate` an engine.
 COMMANDS: dict[str, tuple[str, str]] = {
     "patch": ("moe_routes.patching.cli", "apply / check / reverse / status / lint / verify / refresh a series"),
-    "verify": ("moe_routes.patching.cli", "both series apply and reverse byte-identically on the pinned releases"),
+    "verify": ("moe_routes.patching.cli", "every series applies and reverses byte-identically on its releases"),
     "generate": ("moe_routes.generate", "GSM8K prompts with and without logging -> moe_routes.jsonl, timing.json"),
     "plot": ("moe_routes.plot", "expert histogram and statistics from a moe_routes.jsonl"),
     "pins": ("moe_routes.pins", "print pinned versions from PINS"),

@@ -101,11 +101,12 @@ def git_info() -> dict:
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
 
 
-def series_info(engine: str) -> dict:
-    from moe_routes.patching.engines import series_dir
+def series_info(engine: str, engine_version: str) -> dict:
+    """The series of the pin the installed engine is (its version without a local label, e.g. 0.32.0+cpu)."""
+    from moe_routes.patching.engines import check_pin, series_dir
     from moe_routes.patching.series import load_patches
 
-    d = series_dir(engine)
+    d = series_dir(engine, check_pin(engine, engine_version.split("+")[0]))
     return {"series": d.name, "patches": [{"name": p.name, "sha256": p.sha256} for p in load_patches(d)]}
 
 
@@ -244,7 +245,7 @@ def routes_meta(args, *, engine: str, engine_version: str, source: str, **fields
     """The meta record of a moe_routes.jsonl that run_generate writes from routing returned per request (SGLang,
     vLLM's offline and http sources); the engine log writes its own. fields: num_experts, top_k,
     num_hidden_layers, moe_layers, kernel_routed_scaling_factor, config_routed_scaling_factor."""
-    series = series_info(engine)
+    series = series_info(engine, engine_version)
     meta = {
         "type": "meta",
         "schema_version": schema_version(),
@@ -733,7 +734,7 @@ def run_sglang(args, questions: list[str], out_dir: Path) -> dict:
     except ImportError:
         raise SystemExit(
             "run_generate: --engine sglang needs SGLang installed and patched: create its "
-            "environment from requirements-sglang-lock.txt and apply patches/sglang-* with "
+            "environment from locks/sglang-<pin>.txt and apply patches/sglang-* with "
             "moe-routes patch apply --engine sglang --python <venv>/bin/python"
         ) from None
     from transformers import AutoConfig, AutoTokenizer
@@ -926,7 +927,7 @@ def main(argv=None) -> int:
         "random_weights": is_random_weight_model(args.model),
         "provenance": {
             "git": git_info(),
-            **series_info(args.engine),
+            **series_info(args.engine, result["engine_version"]),
             "host": socket.gethostname(),
             "python": sys.version.split()[0],
             "args": vars(args),

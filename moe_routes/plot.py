@@ -65,8 +65,8 @@ HIST_NAME = "expert_hist.png"
 HEATMAP_NAME = "expert_heatmap.png"
 READERS = ("auto", "arrow", "regex")  # load_routes(reader=...): auto = arrow when pyarrow imports
 PYARROW_HINT = (
-    "pyarrow is not installed: pip install pyarrow (pinned in requirements-lock.txt / "
-    "requirements-cpu-lock.txt), or use reader 'regex' (same results, slower)"
+    "pyarrow is not installed: pip install pyarrow (pinned in every lock file under locks/, e.g. "
+    "locks/vllm-<pin>-cpu.txt), or use reader 'regex' (same results, slower)"
 )
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (idempotently) the CPU test venv for tests/test_sglang_*.py:
-#   torch (PINS TORCH_CPU_VERSION, PyPI build, runs on CPU) + numpy + pytest
+#   torch (PINS SGLANG_TORCH_CPU, PyPI build, runs on CPU) + numpy + pytest
 #   + sglang==SGLANG_VERSION --no-deps (pure-Python wheel) + the light deps its
 #   request/scheduler/topk modules import, then applies patches/sglang-<pin>/ to it.
 # sgl_kernel (CUDA-only) is NOT installed; the tests stub it in-process.
@@ -9,8 +9,7 @@
 # Env: SGLANG_TEST_VENV (default $MOE_ROUTES_CACHE/sglang-test-venv), PYTHON (python3).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck disable=SC1091
-source <(grep -E '^[A-Z_]+=' "$ROOT/PINS")
+source "$ROOT/scripts/pins.sh"
 CACHE="${MOE_ROUTES_CACHE:-$HOME/.cache/moe-routes}"
 VENV="${SGLANG_TEST_VENV:-$CACHE/sglang-test-venv}"
 PY="${PYTHON:-python3}"
@@ -22,14 +21,14 @@ LIGHT_DEPS=(tqdm pybase64 requests ipython pydantic aiohttp orjson pillow starle
   jsonschema python-multipart)   # the last two: the OpenAI serving modules import them
 # versions of the packages whose API the tests touch come from the SGLang lock (never written here)
 LOCKED=(transformers openai jsonschema jsonschema-specifications referencing rpds-py python-multipart)
-LOCK="$ROOT/requirements-sglang-lock.txt"
+LOCK="$ROOT/locks/sglang-${SGLANG_VERSION}.txt"
 locked_pins() { local n; for n in "${LOCKED[@]}"; do
   grep -E "^${n}==" "$LOCK" || { echo "setup_sglang_test_env: $n not pinned in $LOCK" >&2; exit 1; }; done; }
 
 locked_pins >/dev/null   # fail early, not inside the marker's subshell
 
 marker_of() {
-  { echo "sglang=$SGLANG_VERSION torch=$TORCH_CPU_VERSION deps=${LIGHT_DEPS[*]}"; locked_pins;
+  { echo "sglang=$SGLANG_VERSION torch=$SGLANG_TORCH_CPU deps=${LIGHT_DEPS[*]}"; locked_pins;
     cat "$SERIES/series"; for p in $(grep -v '^#' "$SERIES/series" | grep .); do cat "$SERIES/$p"; done; } | sha256sum | cut -d' ' -f1
 }
 WANT="$(marker_of)"
@@ -40,10 +39,10 @@ fi
 
 quiet_pip() { grep -v "^WARNING: Location 'file:" >&2 || true; }
 CONS="$(mktemp)"; trap 'rm -f "$CONS"' EXIT
-{ printf 'torch==%s\n' "$TORCH_CPU_VERSION"; locked_pins; } > "$CONS"
+{ printf 'torch==%s\n' "$SGLANG_TORCH_CPU"; locked_pins; } > "$CONS"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONS")
-"${PIP[@]}" "torch==$TORCH_CPU_VERSION" numpy pytest 2>&1 | quiet_pip
+"${PIP[@]}" "torch==$SGLANG_TORCH_CPU" numpy pytest 2>&1 | quiet_pip
 "${PIP[@]}" "${LIGHT_DEPS[@]}" 2>&1 | quiet_pip
 WHL="$DIST/sglang-${SGLANG_VERSION}-py3-none-any.whl"
 SRC="sglang==$SGLANG_VERSION"; [[ -f "$WHL" ]] && SRC="$WHL"
@@ -54,6 +53,6 @@ rm -rf "$SP/sglang"                   # also drops files the series added
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$SRC" 2>&1 | quiet_pip
 rm -f "$SP/.moe-routes-sglang.json"   # patch state file of the replaced install
 PYTHONPATH="$ROOT" "$PY" -m moe_routes patch apply --engine sglang --python "$VENV/bin/python"
-"$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_CPU_VERSION'), torch.__version__"
+"$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('$SGLANG_TORCH_CPU'), torch.__version__"
 echo "$WANT" > "$MARK"
 echo "setup_sglang_test_env: ready $VENV"

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_LOG_MODULE = "vllm.model_executor.layers.moe_routes_log"
-VLLM_LOG_SOURCE = ROOT / "patches/vllm-0.15.1/files" / (VLLM_LOG_MODULE.replace(".", "/") + ".py")
+# shared by every vLLM series (patches/shared/vllm/files/)
+VLLM_LOG_SOURCE = ROOT / "patches/shared/vllm/files" / (VLLM_LOG_MODULE.replace(".", "/") + ".py")
+
+
+def vllm_pin() -> str:
+    """The vLLM pin under test: scripts/run_tests.sh sets MOE_ROUTES_VLLM_PIN for each pin's run; else the default."""
+    from moe_routes.pins import default_pin
+
+    return os.environ.get("MOE_ROUTES_VLLM_PIN") or default_pin("vllm")
 
 
 def load_vllm_log_module() -> ModuleType:

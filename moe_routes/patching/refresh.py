@@ -1,8 +1,9 @@
 """refresh: regenerate the series' patch files; patches are never edited by hand.
 
-Without a target it regenerates the new-file hunks from their sources under ``files/`` (no engine tree needed).
-With ``--tree``/``--python`` it also diffs every upstream file a patch owns in that edited tree against the clean
-pinned release. A patch is rewritten, with Last-Update = today, only when its diff changes.
+Without a target it regenerates the new-file hunks of every series of the engine (or ``--pin``'s) from their
+sources under ``files/`` and ``shared/`` (no engine tree needed). With ``--tree``/``--python`` it also diffs every
+upstream file a patch owns in that edited tree against the clean release of the tree's pin (the series is the
+one of that pin). A patch is rewritten, with Last-Update = today, only when its diff changes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from moe_routes.patching import newfiles
 from moe_routes.patching.commit import write_atomic
 from moe_routes.patching.console import say, warn
-from moe_routes.patching.engines import ENGINES, new_files_dir
+from moe_routes.patching.engines import ENGINES, new_files_dir, series_dir
 from moe_routes.patching.errors import PatchError, UsageError
 from moe_routes.patching.gendiff import diff_file
 from moe_routes.patching.patchfile import bump_last_update, check_relpath, header_template
@@ -25,26 +26,27 @@ from moe_routes.patching.simulate import read_files
 from moe_routes.patching.targets import resolve_tree, target_from_args
 
 
-def refresh_new_files(pdir: Path) -> int:
-    """Regenerate the new-file hunks from files/; touches nothing else."""
+def refresh_new_files(pdir: Path, engine: str | None = None) -> int:
+    """Regenerate the new-file hunks from files/ and shared/; touches nothing else."""
     patches = load_patches(pdir)
-    changed = newfiles.regenerate(pdir, patches)
+    changed = newfiles.regenerate(pdir, patches, engine)
     for name, data in changed.items():
         write_atomic(pdir / name, data)
     nnew = sum(fp.op == "new" for p in patches for fp in p.files)
     for p in patches:
         if any(fp.op == "new" for fp in p.files):
-            say(f"{pdir.name}/{p.name}: {'regenerated' if p.name in changed else 'unchanged'} (new files from files/)")
+            what = "regenerated" if p.name in changed else "unchanged"
+            say(f"{pdir.name}/{p.name}: {what} (new files from files/, shared/)")
     if not nnew:
         say(f"{pdir.name}: the series adds no files; nothing to regenerate")
     return 0
 
 
-def extract_new_files(pdir: Path) -> int:
+def extract_new_files(pdir: Path, engine: str | None = None) -> int:
     patches = load_patches(pdir)
-    done = newfiles.extract(pdir, patches)
+    done = newfiles.extract(pdir, patches, engine)
     for path, what in done:
-        say(f"{newfiles.shown(pdir, path)}: {what} (from the committed patch)")
+        say(f"{newfiles.shown(pdir, path, engine)}: {what} (from {pdir.name}'s committed patch)")
     if not done:
         say(f"{pdir.name}: the series adds no files; nothing to extract")
     return 0
@@ -105,8 +107,9 @@ class _Plan:
             self.dropped.append(f)
 
 
-def refresh_from_tree(args, pdir: Path) -> int:
+def refresh_from_tree(args, pdir_override: Path | None) -> int:
     t = target_from_args(args)
+    pdir = pdir_override or series_dir(args.engine, t.pin)
     pkg = ENGINES[args.engine]["pkg"]
     plan = _Plan(pdir)
     if args.new:
@@ -126,9 +129,9 @@ def refresh_from_tree(args, pdir: Path) -> int:
         say(f"{args.engine}: no patches in {pdir.name}; use --new to create one")
         return 0
     all_files = sorted({f for fs in plan.own.values() for f in fs})
-    clean = _clean_release_files(args, all_files)
+    clean = _clean_release_files(args, t.pin, all_files)
     work = read_files(t.root, all_files)
-    sources, new_sources, errors = _new_file_contents(pdir, t.root, clean, work)
+    sources, new_sources, errors = _new_file_contents(pdir, args.engine, t.root, clean, work)
     results, errors2 = _diff_patches(plan, clean, {**work, **sources}, t.root)
     errors += errors2
     if errors:
@@ -137,12 +140,15 @@ def refresh_from_tree(args, pdir: Path) -> int:
         dest = new_files_dir(pdir) / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
-        say(f"{newfiles.shown(pdir, path)}: created from {t.root / path}; edit it there from now on")
+        say(f"{newfiles.shown(pdir, path, args.engine)}: created from {t.root / path}; edit it there from now on")
     for path in plan.dropped:
         src = new_files_dir(pdir) / path
         if src.is_file():
+            shown = newfiles.shown(pdir, path, args.engine)
             src.unlink()
-            say(f"{newfiles.shown(pdir, path)}: removed (dropped from the series)")
+            say(f"{shown}: removed (dropped from the series)")
+        elif newfiles.source_path(pdir, path, args.engine).is_file():
+            say(f"{newfiles.shown(pdir, path, args.engine)}: kept (shared; lint reports it once no series adds it)")
     for name, data in results.items():
         if data is not None:
             write_atomic(pdir / name, data)
@@ -158,31 +164,33 @@ def refresh_from_tree(args, pdir: Path) -> int:
     return 0
 
 
-def _clean_release_files(args, paths: list[str]) -> dict[str, bytes | None]:
+def _clean_release_files(args, pin: str, paths: list[str]) -> dict[str, bytes | None]:
     tmp = Path(tempfile.mkdtemp(prefix="moe-patch-clean-"))
     try:
         if args.clean:
             croot = resolve_tree(args.engine, Path(args.clean)).root
         else:
             kind = REFRESH_BASE[args.engine]
-            croot = extract_release(args.engine, kind, ensure_artifact(args.engine, kind), tmp, only=paths)
+            art = ensure_artifact(args.engine, kind, pin)
+            croot = extract_release(args.engine, "wheel" if kind.endswith("wheel") else kind, art, tmp, pin, only=paths)
         return read_files(croot, paths)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _new_file_contents(pdir: Path, root: Path, clean: dict, work: dict) -> tuple[dict, dict, list[str]]:
-    """The content of each file the series adds comes from files/, never from the tree. Returns (contents from
-    files/, first-time sources to create from the tree, errors)."""
+def _new_file_contents(pdir: Path, engine: str, root: Path, clean: dict, work: dict) -> tuple[dict, dict, list[str]]:
+    """The content of each file the series adds comes from files/ or shared/, never from the tree. Returns
+    (contents from the sources, first-time sources to create from the tree under the series' files/, errors)."""
     sources, created, errors = {}, {}, []
-    existing = newfiles.source_files(pdir)
+    existing = newfiles.source_files(pdir, engine)
     for path in (p for p in work if clean[p] is None):
         if path in existing:
             sources[path] = existing[path].read_bytes()
             if work[path] is not None and work[path] != sources[path]:
                 errors.append(
-                    f"{root / path} differs from its source {newfiles.shown(pdir, path)}, the only copy to edit: "
-                    f"move your change there (cp {root / path} {newfiles.shown(pdir, path)}), then refresh again"
+                    f"{root / path} differs from its source {newfiles.shown(pdir, path, engine)}, the only copy to "
+                    f"edit: move your change there (cp {root / path} {newfiles.shown(pdir, path, engine)}), then "
+                    "refresh again"
                 )
         elif work[path] is not None:
             created[path] = work[path]

@@ -1,5 +1,5 @@
 """What a command patches: the directory holding the engine package (``--tree`` or an interpreter's install via
-``--python``) and the engine version found there."""
+``--python``), the engine version found there and the pin (so the series) that goes with it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_routes.patching.console import warn
-from moe_routes.patching.engines import ENGINES, pin_of
+from moe_routes.patching.engines import ENGINES, check_pin, pin_of_dir, pins_of, supported
 from moe_routes.patching.errors import PatchError, UsageError
 
 _VERSION_RE = re.compile(r"""^__version__\s*=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""", re.M)
@@ -43,6 +43,7 @@ class Target:
     version: str | None
     source: str
     python: str | None = None
+    pin: str | None = None  # the pin whose series applies (select_pin)
 
     @property
     def state_file(self) -> Path:
@@ -125,7 +126,7 @@ def resolve_tree(engine: str, tree: Path) -> Target:
     return Target(engine, root, ver, src)
 
 
-def resolve_python(engine: str, python: str, pin: str | None = None) -> Target:
+def resolve_python(engine: str, python: str, pins: list[str] | None = None) -> Target:
     pkg = ENGINES[engine]["pkg"]
     probe_cwd = tempfile.mkdtemp(prefix="moe-patch-probe-")
     try:
@@ -143,7 +144,7 @@ def resolve_python(engine: str, python: str, pin: str | None = None) -> Target:
     vers = info["versions"]
     if vers:
         distinct = sorted(set(vers.values()))
-        ver = pin if pin in distinct else distinct[0]
+        ver = next((v for v in distinct if v.split("+")[0] in (pins or [])), distinct[0])
         src = "importlib.metadata: " + ", ".join(f"{d}=={v}" for d, v in sorted(vers.items()))
         if len(distinct) > 1:
             warn(f"several distributions provide {pkg}: {src}; using {ver}")
@@ -162,7 +163,7 @@ def check_version(t: Target, pin: str, force: bool, assume: str | None) -> None:
         )
     if t.version.split("+")[0] != pin:
         msg = (
-            f"version mismatch: the {t.engine} series expects {t.engine} {pin} (PINS) but found "
+            f"version mismatch: the {t.engine}-{pin} series expects {t.engine} {pin} but found "
             f"{t.version} ({t.source}) at {t.root}"
         )
         if not force:
@@ -170,13 +171,45 @@ def check_version(t: Target, pin: str, force: bool, assume: str | None) -> None:
         warn(msg + " (--force-version)")
 
 
+def select_pin(t: Target, pin: str | None, force: bool, assume: str | None, pdir: Path | None = None) -> str:
+    """The pin whose series a command uses on t: --pin, else the pin a --patches-dir is named after, else the
+    version found in the target (or --assume-version) when it is pinned. A version without a series is an error
+    naming the pinned versions; --force-version applies a series to another version only with an explicit --pin.
+    Sets t.pin and checks the version (check_version)."""
+    if pin is None and pdir is not None:
+        pin = pin_of_dir(pdir)
+    if pin is not None:
+        if pdir is None:
+            check_pin(t.engine, pin)
+    else:
+        if assume:
+            t.version, t.source = assume, "--assume-version"
+        if t.version is None:
+            check_version(t, "", force, None)  # raises: names --assume-version
+        pin = t.version.split("+")[0]
+        if pin not in pins_of(t.engine):
+            hint = (
+                "pass --pin PIN to choose the series (--force-version then applies it to this version)"
+                if force
+                else "install one of those, or pass --pin PIN --force-version to apply that series anyway"
+            )
+            raise PatchError(
+                f"{t.engine} {t.version} ({t.source}) at {t.root} has no series: the series exist for "
+                f"{supported(t.engine)}; {hint}"
+            )
+    check_version(t, pin, force, assume)
+    t.pin = pin
+    return pin
+
+
 def target_from_args(args, need_version: bool = True) -> Target:
     if bool(args.python) == bool(args.tree):
         raise UsageError("give exactly one of --python PATH or --tree DIR")
     if args.python:
-        t = resolve_python(args.engine, args.python, pin_of(args.engine))
+        t = resolve_python(args.engine, args.python, pins_of(args.engine))
     else:
         t = resolve_tree(args.engine, Path(args.tree))
     if need_version:
-        check_version(t, pin_of(args.engine), args.force_version, args.assume_version)
+        pdir = Path(args.patches_dir).resolve() if getattr(args, "patches_dir", None) else None
+        select_pin(t, getattr(args, "pin", None), args.force_version, args.assume_version, pdir)
     return t
