@@ -104,9 +104,13 @@ def git_info() -> dict:
 def series_info(engine: str, engine_version: str) -> dict:
     """The series of the pin the installed engine is (its version without a local label, e.g. 0.32.0+cpu)."""
     from moe_routes.patching.engines import check_pin, series_dir
+    from moe_routes.patching.errors import PatchError
     from moe_routes.patching.series import load_patches
 
-    d = series_dir(engine, check_pin(engine, engine_version.split("+")[0]))
+    try:
+        d = series_dir(engine, check_pin(engine, engine_version.split("+")[0]))
+    except PatchError as exc:  # an engine this repository has no series for: say so, do not fail the run
+        return {"series": f"none ({exc})", "patches": []}
     return {"series": d.name, "patches": [{"name": p.name, "sha256": p.sha256} for p in load_patches(d)]}
 
 

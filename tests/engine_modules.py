@@ -36,31 +36,3 @@ def load_vllm_log_module() -> ModuleType:
         sys.modules[name] = module  # dataclasses look their module up in sys.modules
         spec.loader.exec_module(module)
     return module
-
-
-def start_writer_state(state_cls, tmp_path, *, num_slots=0, block_size=4, layers=(0, 1), k=2, staging=None,
-                       on_error="stop", **engine_fields):  # fmt: skip
-    """A writer state (`state_cls`: the log module's WriterState, or the engine's state that extends it with
-    `engine_fields`) whose writer thread runs, appending to tmp_path/'r.jsonl'."""
-    ml = load_vllm_log_module()
-    st = state_cls(
-        settings=ml.Settings(str(tmp_path / "r.jsonl"), None, on_error),
-        layers=list(layers),
-        rows=list(range(len(layers))),
-        top_k=k,
-        num_experts=8,
-        manager_block_size=block_size,
-        kernel_block_size=block_size,
-        num_slots=num_slots,
-        meta={"type": "meta", "writer": {"id": "test"}},
-        staging=staging,
-        **engine_fields,
-    )
-    st.thread = ml.Writer(st)
-    st.thread.start()
-    return st
-
-
-def request(name, index=None):
-    """The writer's view of one completion: client id and completion index."""
-    return load_vllm_log_module().Request(name, index)

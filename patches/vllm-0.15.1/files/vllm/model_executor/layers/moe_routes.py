@@ -1114,8 +1114,14 @@ def _chunk(scheduler: Any, rows_list: list[StepRows], req_index: int, client_ind
         w = None if rows.weights is None else rows.weights[lo : lo + n]
         same = 0 if rows.same_step_hits is None else rows.same_step_hits.get(req_index, 0)
         parts.append((segments, rows.ids[lo : lo + n], w, skipped, same, rows.dp_rank))
+    seen = scheduler._moe_routes_clients
     if not parts:
-        return None
+        if client_index in seen or getattr(scheduler, "_moe_routes_meta", None) is None:
+            return None
+        # no rows for this request yet (all before its prompt start), but the client has not met this engine:
+        # the meta record, alone, so that the front-end knows how to return rows (an empty array included)
+        seen.add(client_index)
+        return RoutesChunk([], meta=scheduler._moe_routes_meta)
     if len(parts) == 1:
         segments, ids, w, skipped, same, dp = parts[0]
     else:  # two forwards before one output (not seen in 0.15.1; kept exact anyway)
@@ -1124,7 +1130,6 @@ def _chunk(scheduler: Any, rows_list: list[StepRows], req_index: int, client_ind
         w = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
         skipped, same, dp = sum(p[3] for p in parts), sum(p[4] for p in parts), parts[0][5]
     chunk = RoutesChunk(segments, ids, w, skipped=skipped, same_step_hits=same, dp_rank=dp)
-    seen = scheduler._moe_routes_clients
     if client_index not in seen:
         chunk.meta = scheduler._moe_routes_meta
         seen.add(client_index)
@@ -1278,6 +1283,8 @@ def _absorb(output_processor: Any, state: _Completion, chunk: RoutesChunk) -> _F
     fe = _front(output_processor)
     if chunk.meta is not None:
         fe.add_meta(json.loads(chunk.meta), chunk.dp_rank, output_processor)
+    if not chunk.segments:
+        return fe
     if fe.log is not None:
         fe.log.front["recomputed_tokens_skipped"] += chunk.skipped
         fe.log.front["same_step_hits"] += chunk.same_step_hits
@@ -1347,7 +1354,7 @@ def _returned(
                 expected,
             )
             return None, None
-    return got.take(fe.layout, fe.id_dtype, fe.top_k)
+    return got.take(fe.layout, fe.id_dtype, fe.top_k, fe.return_weights)
 
 
 def abort_routes(output_processor: Any, req_state: Any) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -702,9 +702,11 @@ class ReturnedRows:
     def rows(self) -> int:
         return self.next - self.start
 
-    def take(self, layout: Layout, id_dtype: np.dtype, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def take(
+        self, layout: Layout, id_dtype: np.dtype, k: int, weights: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Every row so far, widened to every decoder layer: fresh arrays (a chunk may be a read-only view into a
-        received message frame)."""
+        received message frame). Weights (float32) when they are returned, also when there is no row."""
 
         def cat(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
             if not parts:
@@ -712,8 +714,7 @@ class ReturnedRows:
             return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
         ids = layout.widen(cat(self.ids, id_dtype))
-        weights = layout.widen(cat(self.weights, np.dtype(np.float32))) if self.weights else None
-        return ids, weights
+        return ids, layout.widen(cat(self.weights, np.dtype(np.float32))) if weights else None
 
 
 # ----------------------------------------------------------------------------------------------------
