@@ -253,10 +253,20 @@ def get_field(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
+def _has_key(obj: Any, name: str) -> bool:
+    """Whether the response carried the key at all (vLLM 0.22+ and this series send ``"routed_experts": null`` on
+    every non-streamed choice; a streamed non-final chunk has no such key)."""
+    if isinstance(obj, Mapping):
+        return name in obj
+    extra = getattr(obj, "model_extra", None)
+    return (isinstance(extra, Mapping) and name in extra) or name in getattr(type(obj), "model_fields", {})
+
+
 def from_choice(choice: Any, prompt_start: int | None = None) -> RoutedExperts:
     """Decode the routing of one OpenAI ``choice``: ``/v1/completions``, ``/v1/chat/completions`` (the fields sit
-    on the choice, not on ``message``), or the final chunk of a streamed choice (the chunk carrying its
-    finish_reason). ``choice``: an openai-python object or a plain dict.
+    on the choice, not on ``message``), SageMaker ``/invocations``, ``/inference/v1/generate`` (its JSON choices),
+    or the final chunk of a streamed choice (the chunk carrying its finish_reason). ``choice``: an openai-python
+    object or a plain dict.
 
     prompt_start: the ``routed_experts_prompt_start`` the request sent, for servers that do not echo it
     (upstream vLLM); when the choice echoes it, the two must agree. Default 0."""
@@ -272,6 +282,11 @@ def from_choice(choice: Any, prompt_start: int | None = None) -> RoutedExperts:
         message = get_field(choice, "message")
         if message is not None and get_field(message, IDS_FIELD) is not None:
             raise ValueError(f"{IDS_FIELD!r} found on choice.message: the server puts it on the choice itself")
+        if _has_key(choice, IDS_FIELD):
+            raise RoutedExpertsMissing(
+                f"choice has {IDS_FIELD!r}: null: the server returns no routing ({_SERVER_HINT}), the request used "
+                "beam search, or it was aborted before any forward pass"
+            )
         raise RoutedExpertsMissing(
             f"choice has no {IDS_FIELD!r} field: {_SERVER_HINT}; a null value also means the request was aborted "
             "before any forward pass"

@@ -256,6 +256,8 @@ def test_missing_routing_says_how_to_start_the_server():
     ):
         with pytest.raises(RoutedExpertsMissing, match="--enable-return-routed-experts"):
             from_choice(choice)
+    with pytest.raises(RoutedExpertsMissing, match="null: the server returns no routing.*beam search"):
+        from_choice({"index": 0, "token_ids": [1], "finish_reason": "stop", "routed_experts": None})  # generate
     with pytest.raises(RoutedExpertsMissing, match="final chunk"):
         from_choice({"index": 0, "delta": {"content": "x"}, "finish_reason": None})
     with pytest.raises(RoutedExpertsMissing, match="sglang_routing"):

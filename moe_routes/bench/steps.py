@@ -11,7 +11,9 @@ CPU tensors, in one process, side by side with a run that has the feature off:
   wire     the rows of one step through the scheduler (take/attach), msgpack encoding and decoding as the
            engine core and the front-end do it (frames per step), and the front-end's chunk handling
   finish   the front-end's work when a completion finishes: concatenation, row check, base64 of the .npy
-           files of one completion of --finish-tokens positions
+           files of one completion of --finish-tokens positions; then the OpenAI server's part: that base64
+           inline on the event loop vs. awaited off the loop (encode_choice_routes), the longest the loop was
+           blocked, and the JSON body
 
 Modes: log (VLLM_LOG_MOE: the writer runs beside the steps), ids (enable_return_routed_experts), weights
 (ids + enable_return_routed_expert_weights), log+weights. "ms/step added" is the median step time with the
@@ -364,6 +366,99 @@ def finish(mr, args) -> list[str]:
     return lines
 
 
+def finish_http(mr, args) -> list[str]:
+    """The OpenAI server's encoding of one finished completion of --finish-tokens positions (ids + weights, then
+    ids alone) into its choice, in one event loop: wall ms, the CPU time of the event-loop thread (what the
+    loop spent on it), and in a second run the longest the loop could not run meanwhile (a ticker coroutine's
+    largest gap between two turns; on a shared VM it includes the OS scheduler's preemptions). "inline" is
+    add_choice_fields on the loop (the series before issue 17 did only that); "off-loop" awaits
+    encode_choice_routes first, as the serving code does now, then add_choice_fields reads the cached strings.
+    "json" is the response body's json.dumps (Starlette's JSONResponse), which stays on the loop, upstream
+    too."""
+    import asyncio
+    import json
+
+    rng = np.random.default_rng(3)
+    dtype = np.uint8 if args.experts <= 256 else np.uint16
+    t = args.finish_tokens
+    shape = (t, args.layers, args.top_k)
+    request = types.SimpleNamespace(model_fields_set=set(), vllm_xargs=None)
+    lines = []
+
+    async def timed(fn, ticker: bool) -> tuple[float, float]:
+        """ticker False: (wall, CPU time of the event-loop thread); True: (wall, its longest stall)."""
+        done, worst = False, 0.0
+
+        async def tick():
+            nonlocal worst
+            last = time.perf_counter()
+            while not done:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                worst, last = max(worst, now - last), now
+
+        task = asyncio.ensure_future(tick()) if ticker else None
+        await asyncio.sleep(0)
+        c0, t0 = time.thread_time(), time.perf_counter()
+        await fn()
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        done = True
+        if task is not None:
+            await task
+        return wall, worst if ticker else cpu
+
+    for weights in (True, False):
+        ids = rng.integers(0, args.experts, shape).astype(dtype)
+        w = rng.random(shape, dtype=np.float32) if weights else None
+        label = f"{t} positions, {'ids+weights' if weights else 'ids':11}"
+        mb = (ids.nbytes + (0 if w is None else w.nbytes)) / 1e6
+        modes = [("inline", False)] + ([("off-loop", True)] if hasattr(mr, "encode_choice_routes") else [])
+        for name, off_loop in modes:
+            walls, cpus, worsts = [], [], []
+
+            async def repeats(off_loop, ids, w, walls, cpus, worsts):  # one event loop, as in a server
+                body = None
+                for i in range(args.finish_repeats + 1):
+                    for ticker in (False, True):
+                        output = types.SimpleNamespace(routed_experts=ids, routed_expert_weights=w)
+                        choice = types.SimpleNamespace(__pydantic_extra__={})
+
+                        async def run(output=output, choice=choice, off_loop=off_loop):
+                            if off_loop:
+                                await mr.encode_choice_routes(output)
+                            mr.add_choice_fields(choice, output, request)
+
+                        wall, x = await timed(run, ticker)
+                        if i:  # the first round starts the executor's thread
+                            (worsts if ticker else cpus).append(x)
+                            if not ticker:
+                                walls.append(wall)
+                        body = choice.__pydantic_extra__
+                return body
+
+            body = asyncio.run(repeats(off_loop, ids, w, walls, cpus, worsts))
+            med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+            lines.append(
+                f"  {label} ({mb:5.1f} MB): {name:8} wall {med(walls):6.2f} ms, event-loop thread CPU "
+                f"{med(cpus):6.2f} ms, longest loop stall {med(worsts):6.2f} ms"
+            )
+        t_json = []
+        for _ in range(args.finish_repeats):
+            t0 = time.perf_counter()
+            json.dumps({"choices": [body]}, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+            t_json.append(time.perf_counter() - t0)
+        lines.append(f"  {label}: json response body {1e3 * statistics.median(t_json):7.2f} ms (on the loop)")
+    try:
+        import pybase64
+
+        lines.append(
+            f"  base64: pybase64 {pybase64.__version__} (installed; the series before issue 17 used the stdlib)"
+        )
+    except ImportError:
+        lines.append("  base64: the stdlib (pybase64 not installed)")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -381,6 +476,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finish-tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=60, help="timed steps per scenario and mode")
     ap.add_argument("--wire-repeats", type=int, default=20)
+    ap.add_argument("--finish-repeats", type=int, default=7, help="repeats of each finish measurement (medians)")
     ap.add_argument("--python-work-ms", type=float, default=10.0, help="host-side Python per step (GIL held)")
     ap.add_argument("--mode", action="append", choices=MODES, help="repeatable (default: every mode)")
     ap.add_argument("--skip", action="append", default=[], choices=("engine", "wire", "finish"))
@@ -429,6 +525,9 @@ def main(argv=None) -> int:
     if "finish" not in a.skip:
         print("front-end at a completion's finish:")
         for line in finish(mr, a):
+            print(line)
+        print("OpenAI server at a completion's finish (base64 into the choice; event loop):")
+        for line in finish_http(mr, a):
             print(line)
     return 0
 

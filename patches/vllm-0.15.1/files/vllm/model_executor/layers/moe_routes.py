@@ -1406,36 +1406,48 @@ def flush_engine(llm_engine: Any, timeout: float | None = None) -> list[dict[str
 # Requests and choices of the OpenAI server (routed_experts_prompt_start, the choice fields).
 # ----------------------------------------------------------------------------------------------------
 def prompt_start_of(request: Any) -> int | None:
-    """OpenAI request: routed_experts_prompt_start as sent (a field, or a vllm_xargs key); None if absent."""
-    if PROMPT_START in request.model_fields_set:
-        return int(getattr(request, PROMPT_START))
-    xargs = getattr(request, "vllm_xargs", None) or {}
-    return xargs.get(PROMPT_START) if PROMPT_START in xargs else None
+    """routed_experts_prompt_start as the client sent it; None if absent. OpenAI /v1/completions and
+    /v1/chat/completions (and SageMaker /invocations, which dispatches to them): the request field (lax int,
+    as upstream 0.30+) or a vllm_xargs key. /inference/v1/generate (GenerateRequest, no such field): inside
+    sampling_params, as upstream reads it, or in its extra_args (our other endpoints' vllm_xargs)."""
+    if PROMPT_START in getattr(type(request), "model_fields", {}):
+        if PROMPT_START in request.model_fields_set:
+            return int(getattr(request, PROMPT_START))
+        xargs = getattr(request, "vllm_xargs", None) or {}
+        return xargs.get(PROMPT_START) if PROMPT_START in xargs else None
+    params = getattr(request, "sampling_params", None)
+    if params is None:
+        return None
+    start = getattr(params, PROMPT_START, 0)
+    if start:
+        return int(start)
+    extra = getattr(params, "extra_args", None)
+    if isinstance(extra, dict) and PROMPT_START in extra:
+        return extra[PROMPT_START]
+    return None
 
 
-def http_request(request: Any, sampling_params: Any, model_config: Any) -> None:
-    """OpenAI /v1/completions and /v1/chat/completions, after to_sampling_params: a start sent to a server
-    that does not return routing is refused (400); a start sent as a field is the engine's."""
-    start = prompt_start_of(request)
-    if start is None:
+def http_request(request: Any, sampling_params: Any) -> None:
+    """OpenAI /v1/completions and /v1/chat/completions, after to_sampling_params: the field's start becomes
+    the engine's (InputProcessor.process_inputs then range-checks it, as upstream, whether or not the server
+    returns routing). As upstream 0.30+: a start sent to a server without the flag is accepted (the choice's
+    routed_experts is null), and beam search ignores it (BeamSearchParams has no such field; upstream's
+    to_beam_search_params does not read it). Our extension's rule: field and vllm_xargs must agree."""
+    if PROMPT_START not in request.model_fields_set:
         return
+    start = getattr(request, PROMPT_START)
     xargs = getattr(request, "vllm_xargs", None) or {}
-    if PROMPT_START in request.model_fields_set and PROMPT_START in xargs and xargs[PROMPT_START] != start:
+    if PROMPT_START in xargs and xargs[PROMPT_START] != start:
         raise _validation_error(f"{PROMPT_START} given twice ({start} and vllm_xargs {xargs[PROMPT_START]})", start)
-    if not hasattr(sampling_params, PROMPT_START):
-        raise _validation_error(f"{PROMPT_START}: routed experts are not returned for beam search", start)
-    if return_settings(model_config) is None:
-        raise _validation_error(
-            f"{PROMPT_START}: this server does not return routed experts; start it with {RETURN_FLAG}", start
-        )
-    if PROMPT_START in request.model_fields_set:
+    if hasattr(sampling_params, PROMPT_START):
         sampling_params.routed_experts_prompt_start = start
 
 
 def check_request(sampling_params: Any, prompt_len: int, model_config: Any, resumable: bool = False) -> None:
-    """InputProcessor.process_inputs (every front-end: LLM, AsyncLLM, the OpenAI server): a start given as
-    SamplingParams.routed_experts_prompt_start or as extra_args (vllm_xargs) is checked and made the
-    field's value."""
+    """InputProcessor.process_inputs (every front-end: LLM, AsyncLLM, the OpenAI server, /inference/v1/generate):
+    a start given as SamplingParams.routed_experts_prompt_start or as extra_args (vllm_xargs) is range-checked
+    with upstream's message (0.32.0 input_processor.py:454-463: for every request, the flag on or off) and made
+    the field's value. An engine without the flag accepts it and returns None, as upstream."""
     returns = return_settings(model_config)
     if returns is not None and resumable:
         raise _validation_error(
@@ -1447,6 +1459,8 @@ def check_request(sampling_params: Any, prompt_len: int, model_config: Any, resu
     start = getattr(sampling_params, PROMPT_START, 0)
     if isinstance(extra, dict) and PROMPT_START in extra:
         xstart = extra[PROMPT_START]
+        if isinstance(xstart, bool) or not isinstance(xstart, int):
+            raise _validation_error(f"{PROMPT_START} must be an integer, got {type(xstart).__name__}", xstart)
         if start not in (0, xstart):
             raise _validation_error(f"{PROMPT_START} given twice ({start} and vllm_xargs {xstart})", xstart)
         start = xstart
@@ -1454,12 +1468,6 @@ def check_request(sampling_params: Any, prompt_len: int, model_config: Any, resu
         return
     if isinstance(start, bool) or not isinstance(start, int):
         raise _validation_error(f"{PROMPT_START} must be an integer, got {type(start).__name__}", start)
-    if returns is None:
-        raise _validation_error(
-            f"{PROMPT_START}: this engine does not return routed experts; start it with {RETURN_FLAG} "
-            "(enable_return_routed_experts=True)",
-            start,
-        )
     if not 0 <= start <= prompt_len:
         raise _validation_error(
             f"{PROMPT_START} must be between 0 and the prompt length ({prompt_len}), inclusive.", start
@@ -1468,33 +1476,129 @@ def check_request(sampling_params: Any, prompt_len: int, model_config: Any, resu
 
 
 def _validation_error(message: str, value: Any) -> Exception:
+    """A 400 on the OpenAI server (BadRequestError, param routed_experts_prompt_start), as upstream's."""
     from vllm.exceptions import VLLMValidationError
 
     return VLLMValidationError(message, parameter=PROMPT_START, value=value)
 
 
+# bytes -> base64 str: pybase64.b64encode_as_string (pybase64 is a vLLM 0.15.1 dependency, as upstream's
+# numpy2base64 uses it; it releases the GIL while it encodes), else the stdlib's: the same characters. Looked
+# up at the first encoding.
+_B64ENCODE: Any = None
+# Arrays above this many bytes (ids + weights of one completion) are encoded in a worker thread by
+# encode_choice_routes; below it, inline (a thread hop costs more than encoding them: ~0.1 ms).
+_B64_OFF_LOOP_BYTES = 1 << 16
+# The cached strings on a CompletionOutput: (ids, ids_b64, weights, weights_b64); ids and weights are the
+# arrays they encode, checked by identity before use.
+_B64_ATTR = "_moe_routes_b64"
+
+
+def _b64encode() -> Any:
+    global _B64ENCODE
+    if _B64ENCODE is None:
+        try:
+            from pybase64 import b64encode_as_string as encode
+        except ImportError:  # vLLM requires pybase64; the stdlib gives identical characters
+            from base64 import b64encode
+
+            def encode(data: Any) -> str:
+                return b64encode(data).decode("ascii")
+
+        _B64ENCODE = encode
+    return _B64ENCODE
+
+
 def _npy_base64(array: np.ndarray) -> str:
-    """As upstream vLLM (utils/serial_utils.numpy2base64): base64 of the array's .npy file."""
-    import base64
+    """Byte for byte upstream's numpy2base64 (0.32.0 utils/serial_utils.py:67-71: base64 of the bytes
+    np.save(allow_pickle=False) writes), built without np.save's two copies and the bytes -> str decode: the
+    .npy header, then the data copied once by numpy after it. numpy's copy and pybase64's encoding release the
+    GIL, so in a worker thread (encode_choice_routes) the event loop keeps running."""
     import io
 
+    encode = _b64encode()
+    fmt = np.lib.format
+    if array.flags.c_contiguous and not array.dtype.hasobject:
+        with io.BytesIO() as head:
+            try:  # np.save's own header (version 1.0: every array this module returns fits it)
+                fmt.write_array_header_1_0(head, fmt.header_data_from_array_1_0(array))
+                header = head.getvalue()
+            except ValueError:
+                header = None
+        if header is not None:
+            npy = np.empty(len(header) + array.nbytes, np.uint8)  # not zero-filled (bytearray(n) is, holding the GIL)
+            npy[: len(header)] = np.frombuffer(header, np.uint8)
+            npy[len(header) :] = array.reshape(-1).view(np.uint8)
+            return encode(npy)
     with io.BytesIO() as buf:
         np.save(buf, array, allow_pickle=False)
-        return base64.b64encode(buf.getbuffer()).decode("ascii")
+        return encode(buf.getbuffer())
+
+
+def _encode_pair(ids: np.ndarray, weights: np.ndarray | None) -> tuple[str, str | None]:
+    return _npy_base64(ids), None if weights is None else _npy_base64(weights)
+
+
+def _completion_outputs(outputs: Any) -> list[Any]:
+    """The CompletionOutputs in a RequestOutput, a CompletionOutput, or a list of either (None skipped)."""
+    if outputs is None:
+        return []
+    if hasattr(outputs, "outputs"):
+        return list(outputs.outputs)
+    if hasattr(outputs, "routed_experts"):
+        return [outputs]
+    return [o for item in outputs for o in _completion_outputs(item)]
+
+
+async def encode_choice_routes(outputs: Any) -> None:
+    """Awaited by the async serving code before it builds choices from `outputs` (a RequestOutput, a
+    CompletionOutput, or a list of either): the routing of each finished completion above
+    _B64_OFF_LOOP_BYTES is base64-encoded in a worker thread (asyncio.to_thread), not on the event loop
+    (DeepSeek-V3, 4096 positions with weights: ~10 MB of .npy), and cached on its CompletionOutput for
+    add_choice_fields. Smaller arrays are left to add_choice_fields, which encodes them inline."""
+    todo = []
+    for out in _completion_outputs(outputs):
+        ids = getattr(out, "routed_experts", None)
+        if ids is None:
+            continue
+        weights = getattr(out, "routed_expert_weights", None)
+        if ids.nbytes + (0 if weights is None else weights.nbytes) <= _B64_OFF_LOOP_BYTES:
+            continue
+        cached = getattr(out, _B64_ATTR, None)
+        if cached is not None and cached[0] is ids and cached[2] is weights:
+            continue
+        todo.append((out, ids, weights))
+    if not todo:
+        return
+    import asyncio
+
+    encoded = await asyncio.gather(*(asyncio.to_thread(_encode_pair, ids, w) for _, ids, w in todo))
+    for (out, ids, weights), (ids_b64, w_b64) in zip(todo, encoded, strict=True):
+        setattr(out, _B64_ATTR, (ids, ids_b64, weights, w_b64))
 
 
 def add_choice_fields(choice: Any, output: Any, request: Any) -> None:
-    """An OpenAI choice (or a stream choice's final chunk) gets the completion's routing as extra fields:
-    routed_experts (base64 .npy, as vLLM 0.22+), routed_expert_weights, and the start used. Set on the
-    built model: passed to its constructor they would pass OpenAIBaseModel's validator, which logs every
-    extra field as "present in the request but ignored"; present only when routing is returned, so
-    stream chunks do not grow."""
+    """A choice (or a stream choice's final chunk) gets the completion's routing: routed_experts (base64 .npy,
+    as vLLM 0.22+) in the field upstream declares on non-streamed choices (`str | None = None`: null when no
+    routing is returned), else as an extra field (stream choices, which upstream leaves without it); our
+    extensions routed_expert_weights and routed_experts_prompt_start (the start used) as extra fields, present
+    only when routing is returned, so stream chunks and null choices do not grow. Set on the built model:
+    passed to its constructor they would pass OpenAIBaseModel's validator, which logs every extra field as
+    "present in the request but ignored". Uses the strings encode_choice_routes cached, else encodes here."""
     ids = getattr(output, "routed_experts", None)
     if ids is None:
         return
-    fields = {"routed_experts": _npy_base64(ids)}
     weights = getattr(output, "routed_expert_weights", None)
-    if weights is not None:
-        fields["routed_expert_weights"] = _npy_base64(weights)
-    fields[PROMPT_START] = int(prompt_start_of(request) or 0)
-    choice.__pydantic_extra__.update(fields)
+    cached = getattr(output, _B64_ATTR, None)
+    if cached is not None and cached[0] is ids and cached[2] is weights:
+        ids_b64, w_b64 = cached[1], cached[3]
+    else:
+        ids_b64, w_b64 = _encode_pair(ids, weights)
+    extra = choice.__pydantic_extra__
+    if "routed_experts" in getattr(type(choice), "model_fields", {}):
+        choice.routed_experts = ids_b64
+    else:
+        extra["routed_experts"] = ids_b64
+    if w_b64 is not None:
+        extra["routed_expert_weights"] = w_b64
+    extra[PROMPT_START] = int(prompt_start_of(request) or 0)
