@@ -5,19 +5,23 @@ synthetic steps of a model shape (default DeepSeek-V3: 61 decoder layers, 58 MoE
 CPU tensors, in one process, side by side with a run that has the feature off:
 
   engine   the engine thread's step: a fixed amount of pure-Python work standing in for a GPU step's host
-           side (input preparation, scheduling; it holds the GIL, so a writer that takes the GIL slows it
-           down), then the hooks (step begin, after the forward, the ModelRunnerOutput); a decode step of
-           --decode-requests requests x 1 token and a prefill step of --prefill-tokens tokens
-  wire     the rows of one step through the scheduler (take/attach), msgpack encoding and decoding as the
-           engine core and the front-end do it (frames per step), and the front-end's chunk handling
-  finish   the front-end's work when a completion finishes: concatenation, row check, base64 of the .npy
-           files of one completion of --finish-tokens positions; then the OpenAI server's part: that base64
-           inline on the event loop vs. awaited off the loop (encode_choice_routes), the longest the loop was
-           blocked, and the JSON body
+           side (input preparation, scheduling; it holds the GIL, so anything else holding it slows the step
+           down), then the hooks (step begin, after the forward, the ModelRunnerOutput: capture check, KV-slot
+           store, the step's rows per request); a decode step of --decode-requests requests x 1 token and a
+           prefill step of --prefill-tokens tokens. The log adds nothing else to the engine process: its
+           records are written by a writer process the front-end starts.
+  wire     one step's rows through the scheduler (a RoutesChunk per request), the frame the engine core's
+           output thread packs, msgpack encoding and decoding as the engine core and the front-end do it
+           (frames per step), and the front-end's hooks (returned rows gathered; the log's rows handed to a
+           real writer process)
+  finish   the front-end's work when a completion finishes: its rows concatenated and widened to every decoder
+           layer, and base64 of the .npy files, for one completion of --finish-tokens positions; then the
+           OpenAI server's part: that base64 inline on the event loop vs. awaited off the loop
+           (encode_choice_routes), the longest the loop was blocked, and the JSON body
 
-Modes: log (VLLM_LOG_MOE: the writer runs beside the steps), ids (enable_return_routed_experts), weights
-(ids + enable_return_routed_expert_weights), log+weights. "ms/step added" is the median step time with the
-mode on minus the same with it off, measured alternately in this run.
+Modes: log (VLLM_LOG_MOE), ids (enable_return_routed_experts), weights (ids +
+enable_return_routed_expert_weights), log+weights. "ms/step added" is the median step time with the mode on
+minus the same with it off, measured alternately in this run.
 
 Examples:
   moe-routes bench steps                               # DeepSeek-V3 shape, every mode, 256-request decode
@@ -88,7 +92,7 @@ class Scenario:
         self.name, self.reqs, self.tokens, self.prompt, self.new_each_step = name, reqs, tokens, prompt, new_each_step
 
 
-def _engine(mr, args, mode: str, workdir: str, settings_cls):
+def _engine(mr, args, mode: str, workdir: str):
     """A capture state built the way on_kv_cache_ready builds it, on CPU, and a runner stand-in."""
     import torch
     from vllm.model_executor.layers import moe_routes_log as ml
@@ -113,39 +117,9 @@ def _engine(mr, args, mode: str, workdir: str, settings_cls):
         num_slots=num_slots,
         meta={"type": "meta", "bench": True, "writer": {"id": "bench"}},
     )
-    st = mr.new_state(**kw) if hasattr(mr, "new_state") else _old_state(mr, ml, torch, kw)
+    st = mr.new_state(**kw)
     runner = types.SimpleNamespace(_moe_routes_state=st, requests={}, use_async_scheduling=False)
     return st, runner
-
-
-def _old_state(mr, ml, torch, kw):
-    """The series before issue 17 had no new_state(): build its _State as on_kv_cache_ready did."""
-    n_rows = kw["num_hidden_layers"] if kw["returns"] is not None else len(kw["layers"])
-    rows = kw["layers"] if kw["returns"] is not None else list(range(len(kw["layers"])))
-    st = mr._State(
-        settings=kw["settings"],
-        layers=kw["layers"],
-        rows=rows,
-        top_k=kw["top_k"],
-        num_experts=kw["num_experts"],
-        max_tokens=kw["max_tokens"],
-        ids_buf=torch.full((kw["max_tokens"], n_rows, kw["top_k"]), -1, dtype=torch.int32),
-        w_buf=torch.zeros((kw["max_tokens"], n_rows, kw["top_k"]), dtype=torch.float32),
-        device=kw["device"],
-        kv_group=kw["kv_group"],
-        manager_block_size=kw["block_size"],
-        kernel_block_size=kw["block_size"],
-        num_slots=kw["num_slots"],
-        meta=kw["meta"],
-        returns=kw["returns"],
-        num_hidden_layers=kw["num_hidden_layers"],
-    )
-    if kw["returns"] is not None:
-        st.assembler = ml.RouteAssembler(st)
-    if kw["settings"] is not None:
-        st.thread = ml.Writer(st, assembles=kw["returns"] is None)
-        st.thread.start()
-    return st
 
 
 class _Forward:
@@ -176,7 +150,7 @@ def run_steps(mr, args, mode: str | None, sc: Scenario, steps: int, units: int, 
     rng = np.random.default_rng(0)
     st = runner = forward = None
     if mode is not None:
-        st, runner = _engine(mr, args, mode, workdir, None)
+        st, runner = _engine(mr, args, mode, workdir)
         forward = _Forward(st, rng)
     kv = _Kv(args.block_size)
     params = SamplingParams(max_tokens=1 << 20)
@@ -239,128 +213,154 @@ def run_steps(mr, args, mode: str | None, sc: Scenario, steps: int, units: int, 
             forward.run(st, n)  # the forward itself: not counted
             t_after = time.perf_counter()
             mr.on_forward(runner, so, n, req_ids, counts_np)
-            if st.returns is not None:
-                out = types.SimpleNamespace(routed_experts=None)
-                mr.on_model_runner_output(runner, out)
+            out = types.SimpleNamespace(routed_experts=None)  # the step's rows, whatever asked for them
+            mr.on_model_runner_output(runner, out)
             t_end = time.perf_counter()
             hooks = (t_fwd - th) + (t_end - t_after)
         t1 = th + hooks
         if step > 0:  # step 0 is the first (prefill) step of a decode scenario, and warms caches
             times.append(t1 - t0)
             hook_times.append(hooks)
-    if st is not None:
-        mr.flush(runner, timeout=600)
-        if st.thread is not None:
-            mr._close(st)
     return {"step_ms": 1e3 * statistics.median(times), "hook_ms": 1e3 * statistics.median(hook_times)}
 
 
+def _step_rows(ml, args, reqs: int, tokens: int, weights: bool, rng) -> object:
+    """One step's rows as the model runner hands them to the scheduler (moe_routes_log.StepRows)."""
+    n = reqs * tokens
+    ids = rng.integers(0, args.experts, (n, args.moe_layers, args.top_k)).astype(ml.id_dtype_for(args.experts))
+    w = rng.random(ids.shape, dtype=np.float32) if weights else None
+    routes = ml.StepRoutes(
+        [], [ml.Request(f"r{i}") for i in range(reqs)], np.repeat(np.arange(reqs), tokens),
+        np.tile(np.arange(tokens) + 100, reqs), ids, w,
+    )  # fmt: skip
+    return ml.step_rows(routes)
+
+
 def wire(mr, args, workdir: str) -> list[str]:
-    """Rows of one decode step and one prefill step through scheduler, msgpack and front-end."""
+    """One step's rows from the scheduler to the front-end: RoutesChunk per request, the frame on the engine
+    core's output thread, msgpack encode / decode (vLLM's encoder and decoder), the OutputProcessor hooks (the
+    log's rows handed to a real writer process with the log on)."""
+    from vllm.model_executor.layers import moe_routes_log as ml
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     lines = []
     rng = np.random.default_rng(1)
-    dtype = np.uint8 if args.experts <= 256 else np.uint16
     enc, dec = MsgpackEncoder(), MsgpackDecoder(EngineCoreOutputs)
+    moe = list(range(args.layers - args.moe_layers, args.layers))
     for name, reqs, tokens in (
         ("decode", args.decode_requests, 1),
         ("prefill", max(1, args.prefill_tokens // 1024), min(1024, args.prefill_tokens)),
     ):
-        for weights in (False, True):
-            rows = {
-                f"r{i}": (
-                    rng.integers(0, args.experts, (tokens, args.layers, args.top_k)).astype(dtype),
-                    rng.random((tokens, args.layers, args.top_k), dtype=np.float32) if weights else None,
-                )
-                for i in range(reqs)
+        for mode in ("ids", "weights", "log+weights"):
+            rows = _step_rows(ml, args, reqs, tokens, mode != "ids", rng)
+            meta = {
+                "type": "meta",
+                "num_hidden_layers": args.layers,
+                "num_experts": args.experts,
+                "top_k": args.top_k,
+                "_capture": {
+                    "layers": moe,
+                    "log": [os.path.join(workdir, f"{name}-{mode}.jsonl"), None, "stop"] if "log" in mode else None,
+                    "log_cols": None,
+                    "returns": True,
+                    "weights": mode != "ids",
+                    "return_weights": mode != "ids",
+                },
             }
-            reqs_objs = [types.SimpleNamespace(request_id=r) for r in rows]
-            states = {
-                r: types.SimpleNamespace(
-                    _moe_routes_chunks=[],
-                    _moe_routes_start=0,
-                    prompt_len=1,
-                    request_id=r,
-                    detokenizer=types.SimpleNamespace(output_token_ids=[]),
-                )
-                for r in rows
-            }
-            t_sched, t_enc, t_dec, t_front, frames = [], [], [], [], 0
-            for _ in range(args.wire_repeats):
+            rows.meta = meta
+            scheduler = types.SimpleNamespace()
+            op = types.SimpleNamespace()
+            requests = [types.SimpleNamespace(request_id=f"r{i}", client_index=0) for i in range(reqs)]
+            states = []
+            for i in range(reqs):
+                st = types.SimpleNamespace(
+                    parent_req=None, request_index=0, external_req_id=f"r{i}", prompt_len=100,
+                    request_id=f"r{i}", detokenizer=types.SimpleNamespace(output_token_ids=[]),
+                )  # fmt: skip
+                mr.on_output_request(op, st, types.SimpleNamespace(sampling_params=_Params()))
+                states.append(st)
+            t_sched, t_pack, t_enc, t_dec, t_front, frames = [], [], [], [], [], 0
+            for rep in range(args.wire_repeats + 1):
                 t0 = time.perf_counter()
                 outs = []
-                for req in reqs_objs:
-                    mr.take_step_rows(req, rows)
+                for b, req in enumerate(requests):
                     eco = EngineCoreOutput(request_id=req.request_id, new_token_ids=[1])
-                    mr.attach_rows(eco, req)
+                    mr.attach_rows(scheduler, eco, req, [rows], b)
                     outs.append(eco)
                 batch = EngineCoreOutputs(outputs=outs)
-                if hasattr(mr, "pack_step_rows"):
-                    mr.pack_step_rows(batch)
                 t1 = time.perf_counter()
-                bufs = enc.encode(batch)
+                mr.pack_outputs(batch)
                 t2 = time.perf_counter()
-                got = dec.decode(bufs)
+                bufs = enc.encode(batch)
                 t3 = time.perf_counter()
-                for eco in got.outputs:
-                    mr.completion_routes(states[eco.request_id], eco, None)
+                got = dec.decode(bufs)
                 t4 = time.perf_counter()
-                for s in states.values():
-                    s._moe_routes_chunks.clear()
+                for st, eco in zip(states, got.outputs, strict=True):
+                    mr.completion_routes(op, st, eco, None)
+                mr.end_of_outputs(op)
+                t5 = time.perf_counter()
+                for st in states:
+                    st._moe_routes.returned = ml.ReturnedRows(0)
                 frames = len(bufs)
-                t_sched.append(t1 - t0)
-                t_enc.append(t2 - t1)
-                t_dec.append(t3 - t2)
-                t_front.append(t4 - t3)
+                if rep:  # the first round starts the log's writer process
+                    t_sched.append(t1 - t0)
+                    t_pack.append(t2 - t1)
+                    t_enc.append(t3 - t2)
+                    t_dec.append(t4 - t3)
+                    t_front.append(t5 - t4)
+            fe = getattr(op, "_moe_routes", None)
+            if fe is not None and fe.log is not None:
+                fe.log.close()
             med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
             lines.append(
-                f"  {name:7} {reqs:4d} req x {tokens:4d} tok, {'ids+weights' if weights else 'ids':11}: "
-                f"scheduler {med(t_sched):7.3f} ms  encode {med(t_enc):7.3f} ms  decode {med(t_dec):7.3f} ms  "
+                f"  {name:7} {reqs:4d} req x {tokens:4d} tok, {mode:11}: scheduler {med(t_sched):7.3f} ms  "
+                f"frame {med(t_pack):6.3f} ms  encode {med(t_enc):6.3f} ms  decode {med(t_dec):6.3f} ms  "
                 f"front-end {med(t_front):7.3f} ms  frames/step {frames}"
             )
     return lines
 
 
+class _Params:
+    """The SamplingParams fields the front-end hook reads."""
+
+    n = 1
+    extra_args = None
+    routed_experts_prompt_start = 0
+
+
 def finish(mr, args) -> list[str]:
-    """The front-end's work at the end of one completion of --finish-tokens positions: concatenation of its
-    per-step chunks, row check, base64 .npy of ids (and weights)."""
+    """The front-end's work at the end of one completion of --finish-tokens positions that arrived one decode step
+    at a time: the chunks concatenated, checked and widened to every decoder layer (CompletionOutput
+    .routed_experts), and the base64 .npy of ids (and weights) for an OpenAI choice."""
+    from vllm.model_executor.layers import moe_routes_log as ml
+
     lines = []
     rng = np.random.default_rng(2)
-    dtype = np.uint8 if args.experts <= 256 else np.uint16
+    dtype = ml.id_dtype_for(args.experts)
     t = args.finish_tokens
+    layout = ml.Layout(list(range(args.layers - args.moe_layers, args.layers)), args.layers)
     for weights in (False, True):
-        chunks = [
-            (
-                rng.integers(0, args.experts, (1, args.layers, args.top_k)).astype(dtype),
-                rng.random((1, args.layers, args.top_k), dtype=np.float32) if weights else None,
-            )
-            for _ in range(t)
-        ]
+        ids = rng.integers(0, args.experts, (t, args.moe_layers, args.top_k)).astype(dtype)
+        w = rng.random(ids.shape, dtype=np.float32) if weights else None
         times_cat, times_b64 = [], []
         for _ in range(5):
-            state = types.SimpleNamespace(
-                _moe_routes_chunks=list(chunks[:-1]),
-                _moe_routes_start=0,
-                prompt_len=1,
-                request_id="r",
-                detokenizer=types.SimpleNamespace(output_token_ids=[0] * t),
-            )
-            eco = types.SimpleNamespace(routed_experts=chunks[-1][0], routed_expert_weights=chunks[-1][1])
+            got = ml.ReturnedRows(0)
+            for p in range(t):
+                got.add([ml.COMPUTED, p, 1], ids[p : p + 1], None if w is None else w[p : p + 1])
             t0 = time.perf_counter()
-            ids, w = mr.completion_routes(state, eco, "stop")
+            out_ids, out_w = got.take(layout, dtype, args.top_k, weights)
             t1 = time.perf_counter()
             choice = types.SimpleNamespace(__pydantic_extra__={})
-            output = types.SimpleNamespace(routed_experts=ids, routed_expert_weights=w)
+            output = types.SimpleNamespace(routed_experts=out_ids, routed_expert_weights=out_w)
             request = types.SimpleNamespace(model_fields_set=set(), vllm_xargs=None)
             mr.add_choice_fields(choice, output, request)
             t2 = time.perf_counter()
-            assert ids is not None and len(ids) == t
+            assert out_ids.shape == (t, args.layers, args.top_k)
             times_cat.append(t1 - t0)
             times_b64.append(t2 - t1)
         lines.append(
-            f"  {t} positions, {'ids+weights' if weights else 'ids':11}: concatenate+check "
+            f"  {t} positions, {'ids+weights' if weights else 'ids':11}: concatenate+widen "
             f"{1e3 * statistics.median(times_cat):7.2f} ms  base64 .npy {1e3 * statistics.median(times_b64):7.2f} ms"
         )
     return lines
@@ -487,7 +487,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from vllm.model_executor.layers import moe_routes as mr
 
-    mr._ensure_op()
+    mr._activate()  # this process plays an engine (and its front-end) with the feature on
     modes = list(dict.fromkeys(a.mode or MODES))
     print(
         f"shape: {a.layers} decoder layers ({a.moe_layers} MoE), {a.experts} experts, top-{a.top_k}; "
@@ -503,6 +503,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as work:
             for sc in scenarios:
                 steps = a.steps if sc.name == "decode" else max(5, a.steps // 6)
+                run_steps(mr, a, modes[0], sc, 3, units, work)  # untimed: first-use costs (imports, allocator)
                 label = f"{sc.reqs} requests x {sc.tokens or sc.prompt} tokens"
                 for mode in modes:
                     on, off = [], []
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
                         f"hooks in the engine thread {hook:7.3f} ms"
                     )
     if "wire" not in a.skip:
-        print("rows returned per request, one step (scheduler -> msgpack -> front-end):")
+        print("one step's rows, scheduler -> frame -> msgpack -> front-end (OutputProcessor, log writer):")
         with tempfile.TemporaryDirectory() as work:
             for line in wire(mr, a, work):
                 print(line)
