@@ -9,13 +9,19 @@ core process inherits at spawn), which saves the interpreter start-up per engine
 
 spec = {"model": DIR, "runs": [{"env": {...}, "llm": {...LLM kwargs}, "sampling": {...},
         "prompts": ["text" | [token ids], ...]  |  "batches": [[prompt, ...], [prompt, ...]],
-        "file_size_limit": BYTES, "save_routes": "FILE.npz"}]}
+        "file_size_limit": BYTES, "save_routes": "FILE.npz",
+        "gpu_defaults": {"async_scheduling": true, "fork": true, "record": "FILE.jsonl"}}]}
 
-The environment of a run is set after `from vllm import LLM` (as users do). "file_size_limit" lowers
+The environment of a run is set after `from vllm import LLM` (as users do), and vLLM's environment cache
+is cleared after each run, so each run reads its own. "file_size_limit" lowers
 RLIMIT_FSIZE while the engine starts and runs (its processes inherit it; CPython ignores SIGXFSZ, so a
 write past the limit fails with EFBIG like one on a full disk), and restores it before results are
-written. Every completion of every request is reported ("completion_index" = CompletionOutput.index
-when the request has n > 1).
+written. "gpu_defaults" runs the engine the way a GPU box does by default (async scheduling, engine core
+started by fork; tests/gpu_defaults.py): installed before the engine is built and removed after it is
+shut down, so a forked engine core inherits it and the driver's later engines do not; the result's
+"gpu_defaults_marker" is the marker the engine core's record must show. Every completion of every
+request is reported ("completion_index" = CompletionOutput.index when the request has n > 1; its
+finish_reason and stop_reason too).
 """
 
 from __future__ import annotations
@@ -29,8 +35,13 @@ import sys
 import time
 import traceback
 
+import gpu_defaults  # tests/ (this script's directory) is on sys.path
+
+_IN_PROCESS_ENGINE_RAN = False
+
 
 def run_one(model: str, run: dict) -> dict:
+    global _IN_PROCESS_ENGINE_RAN
     from vllm import LLM, SamplingParams
 
     saved = {k: os.environ.get(k) for k in run.get("env", {})}
@@ -40,8 +51,18 @@ def run_one(model: str, run: dict) -> dict:
         else:
             os.environ[k] = str(v)
     llm = None
+    gpu = run.get("gpu_defaults")
     fsize = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
+        if gpu is not None:
+            if gpu.get("fork", True) and _IN_PROCESS_ENGINE_RAN:
+                # libgomp is not fork-safe: once this process has run OpenMP work (an in-process engine
+                # core's forward), a forked child that runs OpenMP again can hang or segfault in libgomp
+                # (seen: "segfault ... in libgomp.so.1" in EngineCore, and the caller waiting forever)
+                raise RuntimeError("gpu_defaults: fork after an in-process engine ran in this driver; run it first")
+            gpu_defaults.install(**gpu)
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            _IN_PROCESS_ENGINE_RAN = True
         if run.get("file_size_limit"):
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(run["file_size_limit"]), fsize[1]))
         t0 = time.time()
@@ -72,12 +93,15 @@ def run_one(model: str, run: dict) -> dict:
             "startup_s": startup,
             "generate_s": gen,
             "writer_stats": stats,
+            "gpu_defaults_marker": gpu_defaults.PARENT_MARKER if gpu is not None else None,
             "outputs": [
                 {
                     "request_id": o.request_id,
                     "completion_index": c.index if multi else None,
                     "prompt_token_ids": list(o.prompt_token_ids),
                     "token_ids": list(c.token_ids),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
                 }
                 for o in outs
                 for c in o.outputs
@@ -94,6 +118,14 @@ def run_one(model: str, run: dict) -> dict:
                 pass
             del llm
             gc.collect()
+        if gpu is not None:
+            gpu_defaults.uninstall()
+        # An in-process engine core turns vLLM's environment cache on in this process (EngineCore.__init__ ->
+        # envs.enable_envs_cache()): without this, every later run of the driver would keep that run's
+        # VLLM_ENABLE_V1_MULTIPROCESSING=0 (and VLLM_WORKER_MULTIPROC_METHOD) whatever its own "env" says.
+        from vllm import envs
+
+        envs.disable_envs_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
