@@ -228,7 +228,7 @@ def test_a_failed_capture_still_invalidates_the_blocks_of_its_step():
     fill = _job(["A"], [8], list(range(8)), list(range(8, 16)), [[[p + 1]] for p in range(8)])
     _assemble(asm, fill)
     # block 2 goes to C afresh; C's forward left layer 0 unwritten for one token (-1)
-    broken = _job(["C"], [2], [0, 1], [8, 9], [[[3]], [[-1]]], fresh=[2])
+    broken = _job(["C"], [2], [0, 1], [8, 9], [[[3]], [[ml.unwritten_id(16)]]], fresh=[2])
     with pytest.raises(ml.MoeRoutesCaptureError, match="layer 0 did not capture routing for 1 of 2 tokens"):
         _assemble(asm, broken)
     hit = _job(["D"], [1], [8], [20], [[[4]]])
@@ -250,6 +250,20 @@ def test_positions_recomputed_after_a_preemption_are_not_sent_twice():
     rows = _assemble(asm, job)
     assert _by_request(rows, job) == {"A": [(ml.COMPUTED, 2, 2)], "B": [(ml.COMPUTED, 0, 3), (ml.COMPUTED, 1, 4)]}
     assert rows.skipped.tolist() == [2, 0]
+
+
+def test_capture_dtype_leaves_a_value_no_id_takes():
+    for experts, dtype, unwritten in [
+        (8, np.uint8, 255),
+        (255, np.uint8, 255),
+        (256, np.int16, -1),
+        (70000, np.int32, -1),
+    ]:
+        assert ml.capture_dtype_for(experts) == dtype and ml.unwritten_id(experts) == unwritten
+        assert not 0 <= unwritten < experts and np.iinfo(dtype).min <= unwritten <= np.iinfo(dtype).max
+        asm = _assembler(experts=experts)
+        with pytest.raises(ml.MoeRoutesCaptureError, match="did not capture routing"):
+            _assemble(asm, _job(["A"], [1], [0], [0], [[[unwritten]]], experts=experts))
 
 
 def test_store_and_rows_keep_ids_in_the_narrowest_dtype_and_weights_only_when_read():
@@ -347,6 +361,16 @@ def _routes(name, segments, first_id=0, layers=2, k=2, index=None):
     return ml.Chunk(ml.request_field(name, index), None, segments, ids, np.full(ids.shape, 0.25, np.float32))
 
 
+def _send(client, chunks, layers, cols):
+    """As the front-end hands a step over: the step's arrays and (field, dp_rank, segments, first row, rows)."""
+    entries, row = [], 0
+    for c in chunks:
+        entries.append((c.field, c.dp_rank, c.segments, row, len(c.ids)))
+        row += len(c.ids)
+    client.routes(np.concatenate([c.ids for c in chunks]), np.concatenate([c.weights for c in chunks]), entries,
+                  layers, cols)  # fmt: skip
+
+
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -354,7 +378,8 @@ def _lines(path):
 def test_writer_process_writes_meta_gaps_cached_then_computed_records(tmp_path):
     client = _client(tmp_path)
     client.meta(dict(META))
-    client.routes(
+    _send(
+        client,
         [_routes("A", [ml.COMPUTED, 0, 3]), _routes("B", [ml.GAP, 0, 2, ml.CACHED, 2, 2, ml.COMPUTED, 4, 1], index=1)],
         layers=[3, 5],
         cols=[1],
@@ -380,11 +405,11 @@ def test_writer_process_writes_meta_gaps_cached_then_computed_records(tmp_path):
     assert client.proc.returncode == 0
 
 
-def test_many_chunks_travel_as_one_frame_and_keep_their_rows(tmp_path):
+def test_many_completions_of_one_step_keep_their_rows(tmp_path):
     client = _client(tmp_path)
     client.meta(dict(META))
     chunks = [_routes(f"r{i}", [ml.COMPUTED, i, 1], first_id=i % 3) for i in range(40)]
-    client.routes(chunks, layers=[0, 1], cols=None)
+    _send(client, chunks, layers=[0, 1], cols=None)
     client.flush(30)
     recs = [r for r in _lines(tmp_path / "r.jsonl") if r["type"] == "route"]
     assert len(recs) == 80
@@ -406,7 +431,7 @@ def test_full_disk_stops_the_log_with_an_error_record_and_keeps_serving(tmp_path
 
     def fill(client):
         client.meta(dict(META))
-        client.routes([_routes("A", [ml.COMPUTED, 0, 20])], layers=[0, 1], cols=None)
+        _send(client, [_routes("A", [ml.COMPUTED, 0, 20])], layers=[0, 1], cols=None)
         client.flush(30)
 
     scratch = _client(tmp_path, name="scratch.jsonl")
@@ -420,10 +445,10 @@ def test_full_disk_stops_the_log_with_an_error_record_and_keeps_serving(tmp_path
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
     fill(full)
-    full.routes([_routes("B", [ml.COMPUTED, 0, 20])], layers=[0, 1], cols=None)  # does not fit
+    _send(full, [_routes("B", [ml.COMPUTED, 0, 20])], layers=[0, 1], cols=None)  # does not fit
     stats = full.flush(30)
     assert "File too large" in stats["stopped"]
-    full.routes([_routes("C", [ml.COMPUTED, 0, 1])], layers=[0, 1], cols=None)
+    _send(full, [_routes("C", [ml.COMPUTED, 0, 1])], layers=[0, 1], cols=None)
     assert full.flush(30)["steps_dropped"] == 1
     data = (tmp_path / "r.jsonl").read_bytes()
     assert data.endswith(b"\n")
@@ -445,7 +470,7 @@ def test_fail_policy_raises_at_the_next_use(tmp_path):
         time.sleep(0.05)
     assert "writer process" in client.error
     with pytest.raises(RuntimeError, match="VLLM_LOG_MOE_ON_ERROR=fail"):
-        client.routes([_routes("A", [ml.COMPUTED, 0, 1])], layers=[0, 1], cols=None)
+        _send(client, [_routes("A", [ml.COMPUTED, 0, 1])], layers=[0, 1], cols=None)
     with pytest.raises(RuntimeError, match="VLLM_LOG_MOE_ON_ERROR=fail"):
         client.flush(5)
     client.close()
@@ -515,7 +540,7 @@ def test_writer_process_writes_what_it_was_sent_when_the_front_end_is_gone(tmp_p
         client = ml.LogClient(ml.Settings({str(tmp_path / "r.jsonl")!r}, None, "stop"))
         client.meta({{"type": "meta"}})
         ids = np.zeros((500, 2, 2), np.uint8)
-        client.routes([ml.Chunk(b'"A"', None, [0, 0, 500], ids, ids.astype(np.float32))], [0, 1], None)
+        client.routes(ids, ids.astype(np.float32), [(b'"A"', None, [0, 0, 500], 0, 500)], [0, 1], None)
         import time; time.sleep(0.5)
         print(client.proc.pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

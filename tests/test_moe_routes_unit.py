@@ -390,10 +390,11 @@ def test_zero_token_steps_still_forget_finished_requests():
 
 
 def test_capture_buffers_hold_only_what_is_read():
-    """Issue 17 item 10: int16 ids (-1 = unwritten), weights only for the log or the weights return."""
-    ids_only = _bare_state(returns=mr.ReturnSettings())
-    assert ids_only.ids_buf.dtype == torch.int16 and ids_only.w_buf is None
-    assert ids_only.assembler.store_w is None if ids_only.num_slots else ids_only.assembler.weights is False
+    """Issue 17 item 10: ids in the narrowest dtype that leaves a value for "unwritten" (uint8 up to 255 experts),
+    weights only for the log or the weights return."""
+    ids_only = _bare_state(returns=mr.ReturnSettings(), num_slots=16)
+    assert ids_only.ids_buf.dtype == torch.uint8 and ids_only.w_buf is None and ids_only.assembler.store_w is None
+    assert (ids_only.ids_buf == 255).all() and ids_only.unwritten == 255
     weights = _bare_state(returns=mr.ReturnSettings(weights=True), num_slots=16)
     assert weights.w_buf is not None and weights.assembler.store_w.dtype == np.float32
     assert weights.assembler.store_ids.dtype == np.uint8
@@ -418,7 +419,7 @@ def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch)
         st = _bare_state(k=k, n_rows=rows, max_tokens=max_tokens, settings=settings, returns=returns)
         st.ids_buf.copy_(torch.randint(0, 8, st.ids_buf.shape, dtype=st.ids_buf.dtype))
         st.staging = mr._HostStaging(st.ids_buf, st.w_buf, mr._STAGING_DEPTH, alloc=alloc)
-        assert pinned == ([torch.int16, torch.float32] if st.w_buf is not None else [torch.int16]) * 2
+        assert pinned == ([torch.uint8, torch.float32] if st.w_buf is not None else [torch.uint8]) * 2
         for n in sorted({n for n in (1, 2, max_tokens // 2, max_tokens - 1, max_tokens) if 1 <= n <= max_tokens}):
             idx, h_ids, h_w = mr._stage(st, n)
             buf_ids, buf_w = st.staging.buffers[idx]
@@ -469,7 +470,7 @@ def test_a_step_with_an_incomplete_capture_sends_gaps_and_never_raises_on_the_ou
     mr.resolve_output(output)
     (rows,) = output.routed_experts
     assert rows.segments_of(0) == [ml.COMPUTED, 0, 2] and rows.ids.dtype == np.uint8 and rows.meta is not None
-    runner = _step(st, ["a"], [2], [[[1, -1], [3, 4]]])  # layer 0 left one id unwritten
+    runner = _step(st, ["a"], [2], [[[1, st.unwritten], [3, 4]]])  # layer 0 left one id unwritten
     runner.use_async_scheduling = True
     output = types.SimpleNamespace(routed_experts=None)
     mr.on_model_runner_output(runner, output)
@@ -501,40 +502,56 @@ def test_without_the_log_positions_before_the_prompt_start_are_not_sent():
 # ---------------------------------------------------------------------------------------------------
 # the wire: one frame per step; the front-end's view
 # ---------------------------------------------------------------------------------------------------
-def test_a_steps_chunks_travel_in_one_frame_and_come_back_as_views():
-    """Issue 17 item 11: the rows of every request of a step are one array each on the wire, not two frames per
-    request; through vLLM's own msgpack encoder/decoder (EngineCoreOutputs.__post_init__ unpacks)."""
+def test_a_steps_rows_travel_on_one_carrier_and_reach_only_the_completions_still_served(monkeypatch):
+    """Issue 17 items 5 and 11: the scheduler puts a step's rows, every request's at once, on one carrier output
+    per client (no work per request in the engine process, a fixed number of serialised frames per step instead
+    of two per request); through vLLM's own msgpack encoder and decoder, the front-end takes the rows of the
+    completions it still serves: the rows of one it finished before (a stop string it found) are dropped, as its
+    tokens are."""
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-    n_req, layers, k = 256, 61, 8
-    bundle = np.random.default_rng(0).integers(0, 256, (n_req, layers, k)).astype(np.uint8)
-    weights = np.random.default_rng(1).random((n_req, layers, k), dtype=np.float32)
-    outs = []
-    for i in range(n_req):
-        o = EngineCoreOutput(request_id=f"r{i}", new_token_ids=[1])
-        o.moe_routes = mr.RoutesChunk([ml.COMPUTED, 100 + i, 1], bundle[i : i + 1], weights[i : i + 1])
-        outs.append(o)
-    batch = EngineCoreOutputs(outputs=outs)
-    mr.pack_outputs(batch)
-    assert batch.moe_routes_frame.ids is bundle, "views of one step's bundle are sent as the bundle itself"
-    frames = MsgpackEncoder().encode(batch)
-    assert len(frames) == 3  # the message, the ids, the weights
+    monkeypatch.setattr(mr, "ENABLED", True)
+    n_req, layers, k = 256, 3, 2
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 8, (n_req, layers, k)).astype(np.uint8)
+    w = rng.random((n_req, layers, k), dtype=np.float32)
+    reqs = [ml.Request(f"r{i}") for i in range(n_req)]
+    routes = ml.StepRoutes([], reqs, np.arange(n_req), np.zeros(n_req, np.int64), ids, w)  # each one's position 0
+    rows = ml.step_rows(routes)
+    rows.meta = {"type": "meta", "num_hidden_layers": layers, "num_experts": 8, "top_k": k,
+                 "_capture": {"layers": [0, 1, 2], "log": None, "log_cols": None, "returns": True, "weights": True,
+                              "return_weights": True}}  # fmt: skip
+    scheduler = types.SimpleNamespace()
+    outputs = {0: [EngineCoreOutput(request_id=f"r{i}", new_token_ids=[1]) for i in range(n_req)]}
+    mr.attach_step(scheduler, outputs, [rows])
+    carrier = outputs[0][0]
+    assert carrier.request_id == mr.CARRIER_ID and len(outputs[0]) == n_req + 1
+    assert all(o.moe_routes is None for o in outputs[0][1:]), "work per request in the scheduler"
+    frames = MsgpackEncoder().encode(EngineCoreOutputs(outputs=outputs[0]))
+    assert len(frames) <= 7, len(frames)  # the message and the step's arrays, whatever the number of requests
     got = MsgpackDecoder(EngineCoreOutputs).decode(frames)
-    assert got.moe_routes_frame is None
-    for i, o in enumerate(got.outputs):
-        np.testing.assert_array_equal(o.moe_routes.ids, bundle[i : i + 1])
-        np.testing.assert_array_equal(o.moe_routes.weights, weights[i : i + 1])
-    # chunks that are not views of one array (two clients' subsets) are concatenated
-    a = EngineCoreOutput(request_id="a", new_token_ids=[1])
-    a.moe_routes = mr.RoutesChunk([ml.COMPUTED, 0, 2], bundle[:2].copy(), None)
-    b = EngineCoreOutput(request_id="b", new_token_ids=[1])
-    b.moe_routes = mr.RoutesChunk([ml.GAP, 0, 3, ml.COMPUTED, 3, 1], bundle[5:6].copy(), None)
-    batch = EngineCoreOutputs(outputs=[a, b])
-    mr.pack_outputs(batch)
-    got = MsgpackDecoder(EngineCoreOutputs).decode(MsgpackEncoder().encode(batch))
-    np.testing.assert_array_equal(got.outputs[1].moe_routes.ids, bundle[5:6])
-    assert got.outputs[0].moe_routes.weights is None and len(got.outputs[0].moe_routes.ids) == 2
+    op = types.SimpleNamespace(request_states={})
+    for i in (3, 200):
+        state = types.SimpleNamespace(parent_req=None, request_index=0, external_req_id=f"r{i}")
+        mr.on_output_request(op, state, types.SimpleNamespace(sampling_params=_Sampling()))
+        op.request_states[f"r{i}"] = state
+    mr.take_step_rows(op, got.outputs[0].moe_routes)
+    for i in (3, 200):
+        returned = op.request_states[f"r{i}"]._moe_routes.returned
+        assert returned.rows == 1 and returned.next == 1 and returned.broken is None
+        np.testing.assert_array_equal(returned.ids[0], ids[i : i + 1][:, :, :])
+        np.testing.assert_array_equal(returned.weights[0], w[i : i + 1])
+    # the meta goes to a client once
+    outputs = {0: [EngineCoreOutput(request_id="r3", new_token_ids=[1])]}
+    mr.attach_step(scheduler, outputs, [rows])
+    assert outputs[0][0].moe_routes[0].meta is None
+
+
+class _Sampling:
+    n = 1
+    extra_args = None
+    routed_experts_prompt_start = 0
 
 
 def test_choice_tags_ride_on_each_prompts_own_sampling_params(monkeypatch):

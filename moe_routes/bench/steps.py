@@ -118,6 +118,11 @@ def _engine(mr, args, mode: str, workdir: str):
         meta={"type": "meta", "bench": True, "writer": {"id": "bench"}},
     )
     st = mr.new_state(**kw)
+    # An engine that has run a while has touched its whole KV-slot store (the OS maps its pages lazily); the
+    # bench's KV "allocator" never recycles a block, so without this every step would pay first-touch faults.
+    for store in (getattr(st.assembler, "store_ids", None), getattr(st.assembler, "store_w", None)):
+        if store is not None:
+            store.fill(0)
     runner = types.SimpleNamespace(_moe_routes_state=st, requests={}, use_async_scheduling=False)
     return st, runner
 
@@ -225,21 +230,22 @@ def run_steps(mr, args, mode: str | None, sc: Scenario, steps: int, units: int, 
 
 
 def _step_rows(ml, args, reqs: int, tokens: int, weights: bool, rng) -> object:
-    """One step's rows as the model runner hands them to the scheduler (moe_routes_log.StepRows)."""
+    """One step's rows as the model runner hands them to the scheduler (moe_routes_log.StepRows): each request's
+    positions 0 .. tokens-1."""
     n = reqs * tokens
     ids = rng.integers(0, args.experts, (n, args.moe_layers, args.top_k)).astype(ml.id_dtype_for(args.experts))
     w = rng.random(ids.shape, dtype=np.float32) if weights else None
     routes = ml.StepRoutes(
         [], [ml.Request(f"r{i}") for i in range(reqs)], np.repeat(np.arange(reqs), tokens),
-        np.tile(np.arange(tokens) + 100, reqs), ids, w,
+        np.tile(np.arange(tokens), reqs), ids, w,
     )  # fmt: skip
     return ml.step_rows(routes)
 
 
 def wire(mr, args, workdir: str) -> list[str]:
-    """One step's rows from the scheduler to the front-end: RoutesChunk per request, the frame on the engine
-    core's output thread, msgpack encode / decode (vLLM's encoder and decoder), the OutputProcessor hooks (the
-    log's rows handed to a real writer process with the log on)."""
+    """One step's rows from the scheduler to the front-end: the carrier output the scheduler adds per client,
+    msgpack encode / decode (vLLM's encoder and decoder), the OutputProcessor's take of the rows (returned rows
+    gathered; the log's handed to a real writer process with the log on)."""
     from vllm.model_executor.layers import moe_routes_log as ml
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
@@ -270,55 +276,51 @@ def wire(mr, args, workdir: str) -> list[str]:
             }
             rows.meta = meta
             scheduler = types.SimpleNamespace()
-            op = types.SimpleNamespace()
-            requests = [types.SimpleNamespace(request_id=f"r{i}", client_index=0) for i in range(reqs)]
-            states = []
+            op = _OutputProcessor()
+            op.request_states = {}
             for i in range(reqs):
-                st = types.SimpleNamespace(
-                    parent_req=None, request_index=0, external_req_id=f"r{i}", prompt_len=100,
-                    request_id=f"r{i}", detokenizer=types.SimpleNamespace(output_token_ids=[]),
-                )  # fmt: skip
+                st = types.SimpleNamespace(parent_req=None, request_index=0, external_req_id=f"r{i}")
                 mr.on_output_request(op, st, types.SimpleNamespace(sampling_params=_Params()))
-                states.append(st)
-            t_sched, t_pack, t_enc, t_dec, t_front, frames = [], [], [], [], [], 0
+                op.request_states[f"r{i}"] = st
+            t_sched, t_enc, t_dec, t_front, frames = [], [], [], [], 0
             for rep in range(args.wire_repeats + 1):
+                outs = {0: [EngineCoreOutput(request_id=f"r{i}", new_token_ids=[1]) for i in range(reqs)]}
                 t0 = time.perf_counter()
-                outs = []
-                for b, req in enumerate(requests):
-                    eco = EngineCoreOutput(request_id=req.request_id, new_token_ids=[1])
-                    mr.attach_rows(scheduler, eco, req, [rows], b)
-                    outs.append(eco)
-                batch = EngineCoreOutputs(outputs=outs)
+                mr.attach_step(scheduler, outs, [rows])
+                batch = EngineCoreOutputs(outputs=outs[0])
                 t1 = time.perf_counter()
-                mr.pack_outputs(batch)
-                t2 = time.perf_counter()
                 bufs = enc.encode(batch)
-                t3 = time.perf_counter()
+                t2 = time.perf_counter()
                 got = dec.decode(bufs)
-                t4 = time.perf_counter()
-                for st, eco in zip(states, got.outputs, strict=True):
-                    mr.completion_routes(op, st, eco, None)
+                t3 = time.perf_counter()
+                for eco in got.outputs:
+                    if eco.moe_routes is not None:
+                        mr.take_step_rows(op, eco.moe_routes)
                 mr.end_of_outputs(op)
-                t5 = time.perf_counter()
-                for st in states:
+                t4 = time.perf_counter()
+                for st in op.request_states.values():
                     st._moe_routes.returned = ml.ReturnedRows(0)
                 frames = len(bufs)
                 if rep:  # the first round starts the log's writer process
                     t_sched.append(t1 - t0)
-                    t_pack.append(t2 - t1)
-                    t_enc.append(t3 - t2)
-                    t_dec.append(t4 - t3)
-                    t_front.append(t5 - t4)
+                    t_enc.append(t2 - t1)
+                    t_dec.append(t3 - t2)
+                    t_front.append(t4 - t3)
+                rows.meta = None
             fe = getattr(op, "_moe_routes", None)
             if fe is not None and fe.log is not None:
                 fe.log.close()
             med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
             lines.append(
-                f"  {name:7} {reqs:4d} req x {tokens:4d} tok, {mode:11}: scheduler {med(t_sched):7.3f} ms  "
-                f"frame {med(t_pack):6.3f} ms  encode {med(t_enc):6.3f} ms  decode {med(t_dec):6.3f} ms  "
-                f"front-end {med(t_front):7.3f} ms  frames/step {frames}"
+                f"  {name:7} {reqs:4d} req x {tokens:4d} tok, {mode:11}: scheduler {med(t_sched):6.3f} ms  "
+                f"encode {med(t_enc):6.3f} ms  decode {med(t_dec):6.3f} ms  front-end {med(t_front):7.3f} ms  "
+                f"frames/step {frames}"
             )
     return lines
+
+
+class _OutputProcessor:
+    """Stands in for vLLM's OutputProcessor (the hooks keep their state on it; it must be weakly referable)."""
 
 
 class _Params:
@@ -503,7 +505,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as work:
             for sc in scenarios:
                 steps = a.steps if sc.name == "decode" else max(5, a.steps // 6)
-                run_steps(mr, a, modes[0], sc, 3, units, work)  # untimed: first-use costs (imports, allocator)
+                for mode in modes:  # untimed: first-use costs (imports, the allocator's first pages)
+                    run_steps(mr, a, mode, sc, 3, units, work)
                 label = f"{sc.reqs} requests x {sc.tokens or sc.prompt} tokens"
                 for mode in modes:
                     on, off = [], []
@@ -519,7 +522,7 @@ def main(argv=None) -> int:
                         f"hooks in the engine thread {hook:7.3f} ms"
                     )
     if "wire" not in a.skip:
-        print("one step's rows, scheduler -> frame -> msgpack -> front-end (OutputProcessor, log writer):")
+        print("one step's rows, scheduler (carrier) -> msgpack -> front-end (OutputProcessor, log writer):")
         with tempfile.TemporaryDirectory() as work:
             for line in wire(mr, a, work):
                 print(line)

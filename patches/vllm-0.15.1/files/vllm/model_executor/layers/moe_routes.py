@@ -51,13 +51,11 @@ from vllm.model_executor.layers.moe_routes_log import (
     ENV_LAYERS,
     ENV_ON_ERROR,
     ENV_PATH,
-    GAP,
     GAP_CAPTURE,
     REQUEST_TAG,
     SCHEMA_VERSION,
     STATE_FILE,
     ChoiceTag,
-    Chunk,
     Layout,
     LogClient,
     MoeRoutesCaptureError,
@@ -76,6 +74,7 @@ from vllm.model_executor.layers.moe_routes_log import (
     read_settings,
     request_field,
     step_rows,
+    unwritten_id,
 )
 
 logger = init_logger(__name__)
@@ -315,8 +314,8 @@ def _new_buffers(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Capture buffers [max_tokens, n_rows, top_k], token-major; on the device the model is being built on (the
     loader's default-device context) unless one is given."""
-    dtype = torch.int16 if capture_dtype_for(num_experts) == np.int16 else torch.int32
-    ids = torch.full((max_tokens, n_rows, top_k), -1, dtype=dtype, device=device)
+    dtype = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}[capture_dtype_for(num_experts).name]
+    ids = torch.full((max_tokens, n_rows, top_k), unwritten_id(num_experts), dtype=dtype, device=device)
     w = torch.zeros((max_tokens, n_rows, top_k), dtype=torch.float32, device=device) if weights else None
     return ids, w
 
@@ -561,8 +560,10 @@ class _State:
     meta_shipped: bool = False
     capture_errors: int = 0
     row_slice: slice | None = None  # `rows` as a slice when they are consecutive
+    unwritten: int = -1  # what the capture buffers hold where no layer wrote this step
 
     def __post_init__(self) -> None:
+        self.unwritten = unwritten_id(self.num_experts)
         if self.rows and self.rows == list(range(self.rows[0], self.rows[0] + len(self.rows))):
             self.row_slice = slice(self.rows[0], self.rows[0] + len(self.rows))
 
@@ -925,8 +926,8 @@ def on_step_begin(runner: Any, so: Any) -> None:
     if st.num_slots:
         st.fresh_blocks = _fresh_blocks(so, st.kv_group, st.manager_block_size)
     n = int(so.total_num_scheduled_tokens)
-    if n:
-        st.ids_buf[:n].fill_(-1)  # rows a captured layer does not write this step stay -1: caught at assembly
+    if n:  # rows a captured layer does not write this step keep a value no id takes: caught at assembly
+        st.ids_buf[:n].fill_(st.unwritten)
 
 
 def _stage(st: _State, n: int) -> tuple[int, torch.Tensor, torch.Tensor | None]:
@@ -961,29 +962,27 @@ def on_forward(
     counts = np.asarray(num_scheduled_tokens[: len(req_ids)], dtype=np.int64).copy()
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     first_pos = positions[np.minimum(starts, n - 1)]
-    emit_from = np.empty(len(req_ids), dtype=np.int64)
     gap_blocks: dict[int, np.ndarray] = {}
     bt = runner.input_batch.block_table[st.kv_group] if st.num_slots else None
     slots = bt.slot_mapping.np[:n].copy() if bt is not None else np.full(n, -1, dtype=np.int64)
-    batch = []
     requests = st.requests
-    for i, rid in enumerate(req_ids):
-        req = requests.get(rid)
-        if req is None:  # a request the step-begin hook did not see as new (should not happen)
-            req = requests[rid] = _new_request(st, rid, runner.requests[rid].sampling_params)
-        batch.append(req)
-        emit_from[i] = req.next_pos
-        c = int(counts[i])
-        if c == 0:
-            continue
+    batch = [requests.get(rid) for rid in req_ids]
+    if any(r is None for r in batch):  # a request the step-begin hook did not see as new (should not happen)
+        for i, rid in enumerate(req_ids):
+            if batch[i] is None:
+                batch[i] = requests[rid] = _new_request(st, rid, runner.requests[rid].sampling_params)
+    emit_from = np.fromiter((r.next_pos for r in batch), dtype=np.int64, count=len(batch))
+    has = counts > 0
+    # positions before a request's first one this step that it never sent: a prefix-cache hit, read back
+    for i in np.flatnonzero(has & (first_pos > emit_from)).tolist():
         first = int(first_pos[i])
-        if first > req.next_pos:  # positions before this step's first one that it never sent: a prefix-cache hit
-            if bt is not None:
-                gap_blocks[i] = bt.block_table.np[i, : (first + bt.block_size - 1) // bt.block_size].copy()
-            else:
-                gap_blocks[i] = np.zeros(0, dtype=np.int32)
-        if first + c > req.next_pos:
-            req.next_pos = first + c
+        if bt is not None:
+            gap_blocks[i] = bt.block_table.np[i, : (first + bt.block_size - 1) // bt.block_size].copy()
+        else:
+            gap_blocks[i] = np.zeros(0, dtype=np.int32)
+    ends = np.where(has, np.maximum(emit_from, first_pos + counts), emit_from).tolist()
+    for req, end in zip(batch, ends, strict=True):
+        req.next_pos = end
     event, idx = None, -1
     if st.staging is not None:
         idx, ids, weights = _stage(st, n)
@@ -1078,135 +1077,79 @@ def _gap_rows(st: _State, job: StepJob) -> StepRows:
     return StepRows(empty, weights, zeros, zeros, zeros - 1, segments, None)
 
 
-class RoutesChunk(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):  # type: ignore[call-arg]
-    """EngineCoreOutput.moe_routes: one request's rows of one step (segments as in moe_routes_log.StepRows). Over
-    the wire the arrays travel in the step's RoutesFrame; `offset` is where they start in it."""
+class RoutesStep(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):  # type: ignore[call-arg]
+    """EngineCoreOutput.moe_routes of a step's carrier output: every scheduled request's rows of the step, as
+    moe_routes_log.StepRows lays them out (request b owns rows offset[b] .. offset[b] + count[b]); the arrays
+    are one serialised frame each."""
 
-    segments: list[int]
-    ids: np.ndarray | None = None
-    weights: np.ndarray | None = None
-    offset: int = -1
-    meta: str | None = None  # the engine's meta record (JSON), on the first chunk each client gets
-    dp_rank: int | None = None
-    skipped: int = 0  # positions recomputed after a preemption and not sent again
-    same_step_hits: int = 0  # prefix-cache hit positions whose KV slots this very step filled
-
-
-class RoutesFrame(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):  # type: ignore[call-arg]
-    """EngineCoreOutputs.moe_routes_frame: the rows of every chunk of a step, one contiguous block per array (one
-    serialised frame each instead of two per request)."""
-
+    req_ids: list[str]  # engine request ids, batch order
     ids: np.ndarray
-    weights: np.ndarray | None = None
+    weights: np.ndarray | None
+    offset: np.ndarray
+    count: np.ndarray
+    first: np.ndarray
+    segments: dict[int, list[int]] | None = None
+    skipped: np.ndarray | None = None
+    same_step_hits: dict[int, int] | None = None
+    meta: str | None = None  # the engine's meta record (JSON), with the first step each client receives
+    dp_rank: int | None = None
+
+    def segments_of(self, b: int) -> list[int] | None:
+        return StepRows.segments_of(self, b)  # type: ignore[arg-type]
 
 
-def _chunk(scheduler: Any, rows_list: list[StepRows], req_index: int, client_index: int) -> RoutesChunk | None:
-    parts = []
-    for rows in rows_list:
-        if rows.meta is not None and getattr(scheduler, "_moe_routes_meta", None) is None:
-            scheduler._moe_routes_meta = json.dumps(rows.meta)
-            scheduler._moe_routes_clients = set()
-        segments = rows.segments_of(req_index)
-        if segments is None:
-            continue
-        lo, n = int(rows.offset[req_index]), int(rows.count[req_index])
-        skipped = 0 if rows.skipped is None else int(rows.skipped[req_index])
-        w = None if rows.weights is None else rows.weights[lo : lo + n]
-        same = 0 if rows.same_step_hits is None else rows.same_step_hits.get(req_index, 0)
-        parts.append((segments, rows.ids[lo : lo + n], w, skipped, same, rows.dp_rank))
-    seen = scheduler._moe_routes_clients
-    if not parts:
-        if client_index in seen or getattr(scheduler, "_moe_routes_meta", None) is None:
-            return None
-        # no rows for this request yet (all before its prompt start), but the client has not met this engine:
-        # the meta record, alone, so that the front-end knows how to return rows (an empty array included)
-        seen.add(client_index)
-        return RoutesChunk([], meta=scheduler._moe_routes_meta)
-    if len(parts) == 1:
-        segments, ids, w, skipped, same, dp = parts[0]
-    else:  # two forwards before one output (not seen in 0.15.1; kept exact anyway)
-        segments = [s for p in parts for s in p[0]]
-        ids = np.concatenate([p[1] for p in parts])
-        w = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
-        skipped, same, dp = sum(p[3] for p in parts), sum(p[4] for p in parts), parts[0][5]
-    chunk = RoutesChunk(segments, ids, w, skipped=skipped, same_step_hits=same, dp_rank=dp)
-    if client_index not in seen:
-        chunk.meta = scheduler._moe_routes_meta
-        seen.add(client_index)
-    return chunk
+# The request id of a step's carrier output: no request has it, so the front-end skips the output once it has
+# taken its rows (OutputProcessor.process_outputs ignores outputs of requests it does not know).
+CARRIER_ID = ""
 
 
-def attach_rows(scheduler: Any, engine_core_output: Any, request: Any, rows_list: Any, req_index: int) -> None:
-    """Scheduler.update_from_output: this step's rows of a request ride on its output of the step."""
+def note_rows_only(scheduler: Any, request: Any) -> None:
+    """Scheduler.update_from_output, for a request the step gave no token (a chunk of a long prefill): its
+    client gets the step's rows even when no other output of this step goes to it."""
+    pending = getattr(scheduler, "_moe_routes_pending", None)
+    if pending is None:
+        pending = scheduler._moe_routes_pending = set()
+    pending.add(request.client_index)
+
+
+def attach_step(scheduler: Any, outputs: dict[int, list[Any]], rows_list: list[StepRows]) -> None:
+    """Scheduler.update_from_output, once per step: the step's rows go to each client with outputs (or with a
+    request whose prefill chunk ran), first in its list, on a carrier output. No work per request here: the
+    front-end picks the rows of the completions it still serves and drops the others (requests it finished on a
+    stop string or an abort, as it drops their tokens)."""
     global ENABLED
-    ENABLED = True  # the engine core's output thread packs frames (this process may build no model: TP > 1)
-    engine_core_output.moe_routes = _chunk(scheduler, rows_list, req_index, request.client_index)
-
-
-def rows_only_output(scheduler: Any, outputs: list[Any], request: Any, rows_list: Any, req_index: int) -> None:
-    """Scheduler.update_from_output, for a request the step gave no token (a chunk of a long prefill): its rows
-    still go to the front-end now, in an output with no token that the front-end only reads the rows of, so that
-    a completion aborted before its first token returns the prompt rows computed so far."""
-    global ENABLED
-    chunk = _chunk(scheduler, rows_list, req_index, request.client_index)
-    if chunk is None:
-        return
     ENABLED = True
     from vllm.v1.engine import EngineCoreOutput
 
-    outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[], moe_routes=chunk))
-
-
-def _shares(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]] | None:
-    """(base, row offsets) when every array is a run of rows of one C-contiguous base array."""
-    base = arrays[0].base
-    if base is None or not isinstance(base, np.ndarray) or not base.flags.c_contiguous or base.ndim != 3:
-        return None
-    row_bytes = base.strides[0]
-    start = base.__array_interface__["data"][0]
-    offsets = []
-    for a in arrays:
-        if a.base is not base or not a.flags.c_contiguous:
-            return None
-        off, rem = divmod(a.__array_interface__["data"][0] - start, row_bytes)
-        if rem:
-            return None
-        offsets.append(off)
-    return base, offsets
-
-
-def pack_outputs(outputs: Any) -> None:
-    """EngineCoreProc's output thread, before a step's outputs are serialised: the chunks' rows as one frame."""
-    chunks = [o.moe_routes for o in outputs.outputs if o.moe_routes is not None and o.moe_routes.ids is not None]
-    if not chunks:
-        return
-    shared = _shares([c.ids for c in chunks])
-    with_w = chunks[0].weights is not None
-    w_shared = _shares([c.weights for c in chunks]) if with_w and shared is not None else None
-    if shared is not None and (not with_w or (w_shared is not None and w_shared[1] == shared[1])):
-        # the usual case: every chunk is a view of the step's bundle; send the bundle itself
-        ids, offsets = shared
-        weights = w_shared[0] if with_w else None
-    else:
-        ids = np.concatenate([c.ids for c in chunks])
-        weights = np.concatenate([c.weights for c in chunks]) if with_w else None
-        offsets = np.concatenate(([0], np.cumsum([len(c.ids) for c in chunks])[:-1])).tolist()
-    for c, off in zip(chunks, offsets, strict=True):
-        c.offset, c.ids, c.weights = int(off), None, None
-    outputs.moe_routes_frame = RoutesFrame(ids, weights)
-
-
-def unpack_outputs(outputs: Any) -> None:
-    """EngineCoreOutputs.__post_init__ when the front-end decodes a step: each chunk's rows, as views."""
-    frame, outputs.moe_routes_frame = outputs.moe_routes_frame, None
-    for o in outputs.outputs:
-        c = o.moe_routes
-        if c is None or c.offset < 0:
-            continue
-        n = sum(c.segments[j + 2] for j in range(0, len(c.segments), 3) if c.segments[j] < GAP)
-        c.ids = frame.ids[c.offset : c.offset + n]
-        c.weights = None if frame.weights is None else frame.weights[c.offset : c.offset + n]
-        c.offset = -1
+    meta = getattr(scheduler, "_moe_routes_meta", None)
+    for rows in rows_list:
+        if rows.meta is not None and meta is None:
+            meta = scheduler._moe_routes_meta = json.dumps(rows.meta)
+            scheduler._moe_routes_clients = set()
+    pending = getattr(scheduler, "_moe_routes_pending", None) or set()
+    scheduler._moe_routes_pending = None
+    seen = scheduler._moe_routes_clients
+    for client in {c for c, outs in outputs.items() if outs} | pending:
+        steps = [
+            RoutesStep(
+                rows.req_ids,
+                rows.ids,
+                rows.weights,
+                rows.offset,
+                rows.count,
+                rows.first,
+                rows.segments or None,
+                rows.skipped,
+                rows.same_step_hits,
+                None,
+                rows.dp_rank,
+            )
+            for rows in rows_list
+        ]
+        if client not in seen:
+            steps[0].meta = meta
+            seen.add(client)
+        outputs[client].insert(0, EngineCoreOutput(request_id=CARRIER_ID, new_token_ids=[], moe_routes=steps))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1225,7 +1168,6 @@ class _FrontEnd:
         self.log: LogClient | None = None
         self.log_layers: list[int] = []
         self.log_cols: list[int] | None = None
-        self.pending: list[Chunk] = []
         self.metas_seen: set[int | None] = set()
         self.on_error = "stop"
         self.capture_gaps_seen = False
@@ -1279,54 +1221,57 @@ def on_output_request(output_processor: Any, req_state: Any, request: Any) -> No
     req_state._moe_routes = _Completion(request_field(req_id, index), ReturnedRows(start))
 
 
-def _absorb(output_processor: Any, state: _Completion, chunk: RoutesChunk) -> _FrontEnd:
+def take_step_rows(output_processor: Any, steps: list[RoutesStep]) -> None:
+    """OutputProcessor.process_outputs, for a step's carrier output (first in its batch): the rows of every
+    completion this front-end still serves; the log gets them as one job (end_of_outputs), the completions
+    gather them for their return. Rows of completions it already finished (a stop string it found, an abort)
+    are dropped here, as their tokens are."""
     fe = _front(output_processor)
-    if chunk.meta is not None:
-        fe.add_meta(json.loads(chunk.meta), chunk.dp_rank, output_processor)
-    if not chunk.segments:
-        return fe
-    if fe.log is not None:
-        fe.log.front["recomputed_tokens_skipped"] += chunk.skipped
-        fe.log.front["same_step_hits"] += chunk.same_step_hits
-        if chunk.ids is not None:
-            fe.pending.append(Chunk(state.field, chunk.dp_rank, chunk.segments, chunk.ids, chunk.weights))
-    if fe.returns:
-        state.returned.add(chunk.segments, chunk.ids, chunk.weights if fe.return_weights else None)
-    if not fe.capture_gaps_seen and GAP_CAPTURE in chunk.segments[0::3]:
-        fe.capture_gaps_seen = True
-        if fe.on_error == "fail" and fe.log is not None:
-            raise RuntimeError(
-                f"moe_routes: the engine could not capture the routing of a step ({ENV_ON_ERROR}=fail); its engine "
-                "log has the error"
-            )
-    return fe
-
-
-def rows_only(output_processor: Any, req_state: Any, engine_core_output: Any) -> bool:
-    """OutputProcessor.process_outputs, before anything else for an output: an output that carries only rows (a
-    chunk of a long prefill) is taken here and goes no further (no token, no stats, no RequestOutput)."""
-    chunk = engine_core_output.moe_routes
-    if chunk is None or engine_core_output.new_token_ids or engine_core_output.finish_reason is not None:
-        return False
-    state = getattr(req_state, "_moe_routes", None)
-    if state is not None:
-        _absorb(output_processor, state, chunk)
-    return True
+    states = output_processor.request_states
+    for step in steps:
+        if step.meta is not None:
+            fe.add_meta(json.loads(step.meta), step.dp_rank, output_processor)
+        entries = []
+        for b, rid in enumerate(step.req_ids):
+            req_state = states.get(rid)
+            state = None if req_state is None else getattr(req_state, "_moe_routes", None)
+            if state is None:
+                continue
+            segments = step.segments_of(b)
+            if segments is None:
+                continue
+            lo, n = int(step.offset[b]), int(step.count[b])
+            if fe.returns:
+                w = step.weights[lo : lo + n] if fe.return_weights else None
+                state.returned.add(segments, step.ids[lo : lo + n], w)
+            entries.append((state.field, step.dp_rank, segments, lo, n))
+            if segments[0] == GAP_CAPTURE and not fe.capture_gaps_seen:
+                fe.capture_gaps_seen = True
+                if fe.on_error == "fail" and fe.log is not None:
+                    raise RuntimeError(
+                        f"moe_routes: the engine could not capture the routing of a step ({ENV_ON_ERROR}=fail); "
+                        "its engine log has the error"
+                    )
+        if fe.log is not None and entries:
+            stats = fe.log.front
+            if step.skipped is not None:
+                stats["recomputed_tokens_skipped"] += int(step.skipped.sum())
+            if step.same_step_hits:
+                stats["same_step_hits"] += sum(step.same_step_hits.values())
+            fe.log.routes(step.ids, step.weights, entries, fe.log_layers, fe.log_cols)
 
 
 def completion_routes(
     output_processor: Any, req_state: Any, engine_core_output: Any, finish_reason: Any
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """OutputProcessor.process_outputs: take this output's rows (all of them reach the caller: the front-end only
-    finishes a completion at or after the token they came with), and on the finishing output (also when a stop
-    string, found here, finishes it) return (routed_experts, routed_expert_weights): rows [P + G - 1 - start,
-    num_hidden_layers, top_k], as upstream. The last sampled token has no forward."""
+    """OutputProcessor.process_outputs, for each output: on the finishing one (also when a stop string, found
+    here, finishes it) (routed_experts, routed_expert_weights): rows [P + G - 1 - start, num_hidden_layers,
+    top_k], as upstream; the last sampled token has no forward. The step's rows arrived before, on its carrier
+    (all of them reach the caller: the front-end only finishes a completion at or after the token they came
+    with)."""
     state = getattr(req_state, "_moe_routes", None)
-    if state is None:
-        return None, None
-    chunk = engine_core_output.moe_routes
-    fe = _absorb(output_processor, state, chunk) if chunk is not None else _front(output_processor)
-    if finish_reason is None or not fe.returns:
+    fe = getattr(output_processor, "_moe_routes", None)
+    if finish_reason is None or state is None or fe is None or not fe.returns:
         return None, None
     return _returned(fe, req_state, state, aborted=False)
 
@@ -1385,12 +1330,11 @@ def take_abort_outputs(output_processor: Any) -> list[Any]:
 
 
 def end_of_outputs(output_processor: Any) -> None:
-    """OutputProcessor.process_outputs, after the batch: its rows go to the log's writer as one job."""
+    """OutputProcessor.process_outputs, after the batch: under VLLM_LOG_MOE_ON_ERROR=fail, a failed log stops
+    the engine here (the caller's generate() or the server's output handler gets the error)."""
     fe = getattr(output_processor, "_moe_routes", None)
-    if fe is None or fe.log is None:
-        return
-    pending, fe.pending = fe.pending, []
-    fe.log.routes(pending, fe.log_layers, fe.log_cols)
+    if fe is not None and fe.log is not None:
+        fe.log.check()
 
 
 def flush_engine(llm_engine: Any, timeout: float | None = None) -> list[dict[str, Any]]:

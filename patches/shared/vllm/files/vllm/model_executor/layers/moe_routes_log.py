@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -320,9 +320,17 @@ def id_dtype_for(num_experts: int) -> np.dtype:
 
 
 def capture_dtype_for(num_experts: int) -> np.dtype:
-    """Capture buffers (device, and the pinned staging they are copied into) hold -1 in rows no layer wrote this
-    step: the smallest signed dtype that also holds every id."""
+    """Capture buffers (device, and the pinned staging they are copied into): the smallest dtype that holds every
+    id and a value no id takes, left in rows no layer wrote this step (unwritten_id). Up to 255 experts the
+    capture is already in the dtype the rows travel in (no conversion on the host)."""
+    if num_experts <= 255:
+        return np.dtype(np.uint8)
     return np.dtype(np.int16 if num_experts <= np.iinfo(np.int16).max else np.int32)
+
+
+def unwritten_id(num_experts: int) -> int:
+    """What the capture buffers hold where no layer wrote this step: 255 in uint8, else -1."""
+    return 255 if capture_dtype_for(num_experts) == np.uint8 else -1
 
 
 def footprint(
@@ -465,22 +473,24 @@ class RouteAssembler:
             bs = self.manager_block_size
             fresh = (job.fresh_blocks[:, None] * bs + np.arange(bs)).ravel()
             self.store_valid[fresh[fresh < self.num_slots]] = False
-        if n and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
+        # one pass each: the unwritten value (-1, or 255 in uint8) and foreign ids are both out of range
+        if n and (int(ids.max()) >= self.num_experts or (ids.dtype.kind == "i" and int(ids.min()) < 0)):
             if self.num_slots:
                 self.store_valid[job.slots[job.slots >= 0]] = False  # never answer a hit from a broken step
             raise self._capture_error(job, ids)
-        ids = ids.astype(self.id_dtype)  # a copy: the capture rows are reused by the next step
+        ids = ids.astype(self.id_dtype, copy=False)  # the glue hands over fresh host copies
         if w is not None:
-            w = np.array(w, dtype=np.float32)
+            w = np.asarray(w, dtype=np.float32)
         written = None
         if self.num_slots:
             # this step's computed tokens, remembered by KV slot before any hit is filled: a request can hit
             # blocks another request fills in the same step
             ok = job.slots >= 0
-            written = job.slots[ok]
-            self.store_ids[written] = ids[ok]
+            every = bool(ok.all())
+            written = job.slots if every else job.slots[ok]
+            self.store_ids[written] = ids if every else ids[ok]
             if self.store_w is not None:
-                self.store_w[written] = w[ok]
+                self.store_w[written] = w if every else w[ok]
             self.store_valid[written] = True
         prefix: list[CachedRun | Gap] = []
         same_step: dict[int, int] = {}
@@ -505,7 +515,7 @@ class RouteAssembler:
 
     def _capture_error(self, job: StepJob, ids: np.ndarray) -> MoeRoutesCaptureError:
         n = len(job.positions)
-        unwritten = (ids < 0).any(axis=2)  # [n, L]: a captured layer left this step's rows at -1
+        unwritten = (ids == unwritten_id(self.num_experts)).any(axis=2)  # [n, L]: a layer left its rows as they were
         if unwritten.any():
             tok, lay = np.argwhere(unwritten)[0]
             return MoeRoutesCaptureError(
@@ -513,7 +523,7 @@ class RouteAssembler:
                 f"tokens of a step (first: token {int(job.positions[tok])}); an MoE code path without the "
                 "moe_routes hook ran (a moe_routes bug, please report it with the model and engine arguments)"
             )
-        tok, lay, _ = np.argwhere(ids >= self.num_experts)[0]
+        tok, lay, _ = np.argwhere((ids >= self.num_experts) | (ids < 0))[0]
         return MoeRoutesCaptureError(
             f"layer {self.layers[lay]} captured expert id {int(ids[tok, lay].max())} for token "
             f"{int(job.positions[tok])}, but the model has {self.num_experts} experts (a moe_routes bug, please "
@@ -560,12 +570,13 @@ class StepRows:
     segments: dict[int, list[int]]
     skipped: np.ndarray | None  # int64 [B] or None
     same_step_hits: dict[int, int] | None = None
+    req_ids: list[str] = field(default_factory=list)  # engine request ids, batch order
     meta: dict[str, Any] | None = None  # the engine's meta record, on its first step's rows only
     dp_rank: int | None = None
 
     def segments_of(self, b: int) -> list[int] | None:
         """Request b's segments, flat (kind, first, count, ...); None when it has no rows this step."""
-        seg = self.segments.get(b)
+        seg = self.segments.get(b) if self.segments else None
         if seg is not None:
             return seg
         if self.count[b] == 0:
@@ -583,8 +594,11 @@ def step_rows(routes: StepRoutes) -> StepRows:
         offset[1:] = np.cumsum(count)[:-1]
         has = count > 0
         first[has] = routes.positions[offset[has]]
+    req_ids = [r.engine_id for r in routes.requests]
     if not routes.prefix:
-        return StepRows(routes.ids, routes.weights, offset, count, first, {}, routes.skipped, routes.same_step_hits)
+        return StepRows(
+            routes.ids, routes.weights, offset, count, first, {}, routes.skipped, routes.same_step_hits, req_ids
+        )
     by_req: dict[int, list[CachedRun | Gap]] = {}
     for part in routes.prefix:
         by_req.setdefault(part.index, []).append(part)
@@ -627,7 +641,9 @@ def step_rows(routes: StepRoutes) -> StepRows:
     weights = None
     if routes.weights is not None:
         weights = np.concatenate(w_parts) if w_parts else np.zeros((0, *k_shape), dtype=np.float32)
-    return StepRows(ids, weights, new_offset, new_count, first, segments, routes.skipped, routes.same_step_hits)
+    return StepRows(
+        ids, weights, new_offset, new_count, first, segments, routes.skipped, routes.same_step_hits, req_ids
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -964,9 +980,18 @@ class LogClient:
     def meta(self, meta: dict[str, Any]) -> None:
         self.submit({"op": "meta", "meta": meta})
 
-    def routes(self, chunks: list[Chunk], layers: list[int], cols: list[int] | None) -> None:
-        if chunks:
-            self.submit({"op": "routes", "chunks": chunks, "layers": layers, "cols": cols})
+    def routes(
+        self,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        entries: list[tuple[bytes, int | None, list[int], int, int]],
+        layers: list[int],
+        cols: list[int] | None,
+    ) -> None:
+        """One step's rows (every captured layer, as they arrived) and the completions to log from them:
+        (request_field, dp_rank, segments, first row, rows) each."""
+        if entries:
+            self.submit({"op": "routes", "entries": entries, "layers": layers, "cols": cols}, [ids, weights])
 
     def check(self) -> None:
         """Raise the writer's failure under VLLM_LOG_MOE_ON_ERROR=fail."""
@@ -1020,31 +1045,11 @@ class LogClient:
                 return
             header, arrays = job
             try:
-                if header["op"] == "routes":
-                    header, arrays = self._pack_routes(header)
                 _send_job(self.conn, header, arrays)
             except OSError as exc:
                 self._failed(f"the writer process is gone ({type(exc).__name__}: {exc})")
             except BaseException as exc:  # never leave the queue undrained: submit() and close() wait on it
                 self._failed(f"{type(exc).__name__}: {exc}")
-
-    @staticmethod
-    def _pack_routes(header: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """One ids and one weights array per job: many small chunks are concatenated, a few large ones travel as
-        they are."""
-        chunks: list[Chunk] = header["chunks"]
-        desc, arrays = [], []
-        if len(chunks) > 4:
-            arrays = [np.concatenate([c.ids for c in chunks]), np.concatenate([c.weights for c in chunks])]
-            row = 0
-            for c in chunks:
-                desc.append((c.field, c.dp_rank, c.segments, 0, row, len(c.ids)))
-                row += len(c.ids)
-        else:
-            for c in chunks:
-                desc.append((c.field, c.dp_rank, c.segments, len(arrays), 0, len(c.ids)))
-                arrays += [c.ids, c.weights]
-        return {"op": "routes", "chunks": desc, "layers": header["layers"], "cols": header["cols"]}, arrays
 
     def _recv_loop(self) -> None:
         while True:
@@ -1141,9 +1146,10 @@ def _writer_process(fd: int, path: str, policy: str) -> int:
                     meta["repaired_partial_tail_bytes"], repaired = repaired, 0
                 log.write(json_line(meta))
             else:
+                ids, weights = arrays
                 chunks = [
-                    Chunk(field_, dp, segs, arrays[a][r0 : r0 + n], arrays[a + 1][r0 : r0 + n])
-                    for field_, dp, segs, a, r0, n in header["chunks"]
+                    Chunk(field_, dp, segs, ids[r0 : r0 + n], weights[r0 : r0 + n])
+                    for field_, dp, segs, r0, n in header["entries"]
                 ]
                 log.write(format_chunks(chunks, header["layers"], header["cols"], stats))
         except BaseException as exc:  # the file failed, or a record could not be formatted

@@ -1,0 +1,234 @@
+"""Issue 17 item 3: an aborted completion returns the routing of the positions computed so far, as upstream vLLM
+0.22+ does (`OutputProcessor.abort_requests` builds the final output from the rows the front-end received:
+upstream 0.32.0 `v1/engine/output_processor.py:552-614`, rows = P + G - 1 - start), and the log holds exactly
+those positions (item 5: records of positions the caller never got are never written). Through the real patched
+engine on CPU: offline (`LLMEngine.abort_request`, which now hands the final outputs back), `AsyncLLM.abort`
+(the generator's final output) and HTTP (`POST /pause`, what RL frameworks call at a weight sync; its in-flight
+requests end with finish_reason "abort"). Where this series goes beyond upstream: a completion aborted in the
+middle of a chunked prefill returns the prompt rows computed so far (upstream: None), since a prefill chunk's
+rows reach the front-end with the step that computed them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from routes_ref import PY, ROOT, RouteLog, assert_agrees_with_reference, gsm8k_questions, reference_routing, serve
+
+from moe_routes.routed_experts import from_choice
+
+NUM_LAYERS = 3
+
+
+def _run(script: str, work: Path, timeout: int = 600) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "run.py").write_text(textwrap.dedent(script))
+    proc = subprocess.run(
+        [PY, str(work / "run.py")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)},
+    )
+    (work / "run.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((work / "result.json").read_text())
+
+
+def _log_positions(log: RouteLog, key: str) -> list[int]:
+    layers = log.meta["layers_logged"]
+    got = sorted({p for (k, p, layer) in log.routes if k == key and layer == layers[0]})
+    for layer in layers[1:]:
+        assert got == sorted({p for (k, p, la) in log.routes if k == key and la == layer}), "layers differ"
+    return got
+
+
+def _check_against_log_and_reference(log, model_dir, key, prompt, tokens, ids, weights, n_pos):
+    """The returned rows are positions 0 .. n_pos-1 exactly; so are the log's records of the completion; both
+    agree with the HF reference routing of prompt + tokens."""
+    assert ids.shape == (n_pos, NUM_LAYERS, 2) and weights.shape == ids.shape
+    assert _log_positions(log, key) == list(range(n_pos))
+    assert all(c == 1 for (k, _, _), c in log.counts.items() if k == key)
+    logged_ids, logged_w = log.per_request(key, n_pos, log.meta["layers_logged"])
+    np.testing.assert_array_equal(ids.astype(np.int64), logged_ids)
+    np.testing.assert_array_equal(weights, logged_w.astype(np.float32))
+    seq = (list(prompt) + list(tokens))[:n_pos]
+    ((ref_ids, ref_w),) = reference_routing(model_dir, [seq], [0, 1, 2])
+    np.testing.assert_array_equal(np.sort(ids.astype(np.int64), -1), np.sort(ref_ids, -1))
+    order, ref_order = np.argsort(ids, -1), np.argsort(ref_ids, -1)
+    np.testing.assert_allclose(
+        np.take_along_axis(weights, order, -1), np.take_along_axis(ref_w, ref_order, -1), atol=1e-4
+    )
+
+
+def test_offline_abort_returns_the_rows_so_far_and_the_log_holds_exactly_them(models, tmp_path):
+    """LLMEngine.abort_request (the offline engine's abort) now returns the aborted requests' final outputs. Three
+    completions are aborted: after some decode steps (P+G-1 rows), in the middle of a chunked prefill (the
+    prompt rows of the chunks computed so far), and before any forward (None)."""
+    from transformers import AutoTokenizer
+
+    model = models["qwen2_moe"]
+    tok = AutoTokenizer.from_pretrained(model)
+    qs = gsm8k_questions(12)
+    short = tok(qs[0])["input_ids"]
+    long = [t for q in qs[1:12] for t in tok(q)["input_ids"]][:400]
+    script = f"""
+    import json, os
+    import numpy as np
+    os.environ["VLLM_LOG_MOE"] = {str(tmp_path / "log.jsonl")!r}
+    from vllm import LLM, SamplingParams
+    from vllm.model_executor.layers import moe_routes
+
+    def main():
+        llm = LLM(model={str(model)!r}, dtype="float32", enforce_eager=True, seed=1234, max_model_len=2048,
+                  enable_return_routed_experts=True, enable_return_routed_expert_weights=True,
+                  enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=8)
+        eng = llm.llm_engine
+        sp = SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0.0)
+        eng.add_request("decoding", {{"prompt_token_ids": {short!r}}}, sp)
+        got = {{}}
+        for _ in range(3):  # the short prompt's prefill, then decode steps
+            eng.step()
+        eng.add_request("prefilling", {{"prompt_token_ids": {long!r}}}, sp)
+        for _ in range(3):  # a few 64-token chunks of the long prompt, beside the short one's decode
+            eng.step()
+        eng.add_request("waiting", {{"prompt_token_ids": {short!r}}}, sp)
+        outs = eng.abort_request(["decoding", "prefilling", "waiting"])
+        stats = moe_routes.flush_engine(eng)
+        arrays = {{}}
+        for o in outs:
+            c = o.outputs[0]
+            got[o.request_id] = {{"finish_reason": c.finish_reason, "prompt": list(o.prompt_token_ids),
+                                  "tokens": list(c.token_ids), "none": c.routed_experts is None}}
+            if c.routed_experts is not None:
+                arrays["ids/" + o.request_id] = c.routed_experts
+                arrays["w/" + o.request_id] = c.routed_expert_weights
+        np.savez("arrays.npz", **arrays)
+        json.dump({{"outputs": got, "stats": stats}}, open("result.json", "w"))
+
+    if __name__ == "__main__":
+        main()
+    """
+    result = _run(script, tmp_path)
+    outs = result["outputs"]
+    assert set(outs) == {"decoding", "prefilling", "waiting"}
+    assert all(o["finish_reason"] == "abort" for o in outs.values())
+    log = RouteLog(tmp_path / "log.jsonl")
+    arrays = np.load(tmp_path / "arrays.npz")
+    d = outs["decoding"]
+    assert len(d["tokens"]) >= 1, "the scenario did not decode before the abort"
+    n_dec = len(d["prompt"]) + len(d["tokens"]) - 1
+    _check_against_log_and_reference(
+        log, model, "decoding", d["prompt"], d["tokens"], arrays["ids/decoding"], arrays["w/decoding"], n_dec
+    )
+    p = outs["prefilling"]
+    assert p["tokens"] == [] and not p["none"], "aborted in the middle of its prefill: the prompt rows so far"
+    n_pre = len(arrays["ids/prefilling"])
+    assert 0 < n_pre < len(long), n_pre
+    _check_against_log_and_reference(
+        log, model, "prefilling", p["prompt"], [], arrays["ids/prefilling"], arrays["w/prefilling"], n_pre
+    )
+    assert outs["waiting"]["none"] and not _log_positions(log, "waiting")
+    assert not log.gaps and not log.errors
+
+
+def test_async_llm_abort_gives_the_generator_a_final_output_with_the_rows_so_far(models, tmp_path):
+    model = models["qwen2_moe"]
+    prompts = gsm8k_questions(3)
+    script = f"""
+    import asyncio, json, os
+    import numpy as np
+    os.environ["VLLM_LOG_MOE"] = {str(tmp_path / "log.jsonl")!r}
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.model_executor.layers import moe_routes
+
+    async def main():
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model={str(model)!r}, dtype="float32", enforce_eager=True, seed=1234, max_model_len=2048,
+            enable_return_routed_experts=True, enable_return_routed_expert_weights=True))
+        sp = SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0.0)
+        finals, seen = {{}}, {{}}
+
+        async def consume(i, prompt):
+            async for out in engine.generate(prompt, sp, request_id=f"r{{i}}"):
+                seen[i] = seen.get(i, 0) + 1
+                if i == 0 and seen[i] == 6:
+                    await engine.abort("r0")  # the caller's own abort, as at a weight sync
+                finals[i] = out
+                if i == 1 and seen[i] == 4:
+                    break  # the caller stops reading: generate() aborts it; nobody receives it
+
+        await asyncio.gather(*(consume(i, p) for i, p in enumerate({prompts[:2]!r})))
+        await asyncio.sleep(0.5)
+        stats = moe_routes.flush_engine(engine)
+        o = finals[0]
+        c = o.outputs[0]
+        np.savez("arrays.npz", ids=c.routed_experts, w=c.routed_expert_weights)
+        json.dump({{"finish_reason": c.finish_reason, "finished": o.finished, "prompt": list(o.prompt_token_ids),
+                    "tokens": list(c.token_ids), "stats": stats}}, open("result.json", "w"))
+        engine.shutdown()
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+    """
+    result = _run(script, tmp_path)
+    assert result["finished"] and result["finish_reason"] == "abort" and len(result["tokens"]) >= 5
+    arrays = np.load(tmp_path / "arrays.npz")
+    log = RouteLog(tmp_path / "log.jsonl")
+    n_pos = len(result["prompt"]) + len(result["tokens"]) - 1
+    _check_against_log_and_reference(
+        log, models["qwen2_moe"], "r0", result["prompt"], result["tokens"], arrays["ids"], arrays["w"], n_pos
+    )
+
+
+def test_http_pause_returns_the_aborted_completions_rows(models, tmp_path):
+    """POST /pause (vLLM's RL endpoint, wait_for_inflight_requests=false) aborts the in-flight requests: a
+    non-streamed completion comes back with finish_reason "abort" and the routing of the positions it carries,
+    equal to the log's records, which hold exactly those positions."""
+    import httpx
+
+    model = models["qwen2_moe"]
+    log_path = tmp_path / "log.jsonl"
+    flags = ("--enable-return-routed-experts", "--enable-return-routed-expert-weights")
+    result: dict = {}
+    with serve(model, tmp_path / "srv", env={"VLLM_LOG_MOE": str(log_path)}, args=flags) as client:
+        root = str(client.base_url).rstrip("/").removesuffix("/v1")
+
+        def complete():
+            result["r"] = client.completions.create(
+                model=str(model),
+                prompt=gsm8k_questions(1)[0],
+                max_tokens=1500,
+                temperature=0.0,
+                extra_body={"ignore_eos": True, "return_token_ids": True},
+            )
+
+        thread = threading.Thread(target=complete)
+        thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log_path.exists() and log_path.stat().st_size > 20_000):
+            time.sleep(0.2)  # decoding has started: the log has its prompt's records
+        r = httpx.post(root + "/pause", params={"wait_for_inflight_requests": "false"}, timeout=120)
+        assert r.status_code == 200, r.text
+        thread.join(300)
+        httpx.post(root + "/resume", timeout=60)
+    choice = result["r"].choices[0]
+    assert choice.finish_reason == "abort"
+    prompt, tokens = list(choice.prompt_token_ids), list(choice.token_ids)
+    assert 0 < len(tokens) < 1500
+    routes = from_choice(choice)
+    n_pos = len(prompt) + len(tokens) - 1
+    log = RouteLog(log_path)
+    _check_against_log_and_reference(log, model, result["r"].id, prompt, tokens, routes.ids, routes.weights, n_pos)
+    assert_agrees_with_reference(
+        log, model, [{"request_id": result["r"].id, "prompt_token_ids": prompt, "token_ids": tokens}]
+    )
