@@ -418,7 +418,7 @@ def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch)
         settings = None if returns is not None else ml.Settings("/dev/null", None)
         st = _bare_state(k=k, n_rows=rows, max_tokens=max_tokens, settings=settings, returns=returns)
         st.ids_buf.copy_(torch.randint(0, 8, st.ids_buf.shape, dtype=st.ids_buf.dtype))
-        st.staging = mr._HostStaging(st.ids_buf, st.w_buf, mr._STAGING_DEPTH, alloc=alloc)
+        st.staging = mr._HostStaging(st.ids_buf, st.w_buf, mr._staging_depth(True), alloc=alloc)
         assert pinned == ([torch.uint8, torch.float32] if st.w_buf is not None else [torch.uint8]) * 2
         for n in sorted({n for n in (1, 2, max_tokens // 2, max_tokens - 1, max_tokens) if 1 <= n <= max_tokens}):
             idx, h_ids, h_w = mr._stage(st, n)

@@ -83,6 +83,7 @@ def offline_runs(models, tmp_path_factory):
             sampling={"max_tokens": 12},
             prompts=prompts,
             save_routes=str(work / "with_log.npz"),
+            report_flag=True,
         ),
         # 1: the same without the log (and a second run: identical arrays)
         dict(
@@ -193,6 +194,15 @@ def test_preemption_recompute_returns_each_position_once(offline_runs, models):
     outputs = results[5]["outputs"]
     assert results[5]["writer_stats"][0]["recomputed_tokens_skipped"] > 0, "the scenario did not preempt"
     _check_offline_run(work, "preempt", outputs, models["qwen2_moe"])
+
+
+def test_the_flag_reads_as_on_where_rl_frameworks_read_it(offline_runs):
+    """Issue 17 item 2: with the flag given, `model_config.enable_return_routed_experts` is True in the front-end's
+    VllmConfig and in the engine core's worker (prime-rl's serving plugins check it before they set up their
+    capture), while vLLM 0.15.1's own capturer, which would return zeros, stays off: the arrays are exact
+    (test_offline_arrays_equal_the_log_and_the_hf_reference, same run). Before this issue start-up cleared it."""
+    _, results = offline_runs
+    assert results[0]["enable_return_routed_experts"] == {"front_end": True, "workers": [True]}
 
 
 def test_start_at_the_prompt_end_with_one_token_is_an_empty_array(offline_runs):

@@ -88,7 +88,9 @@ def run_one(model: str, run: dict) -> dict:
         multi = sp.n > 1
         if run.get("save_routes"):
             _save_routes(run["save_routes"], outs, multi)
+        flags = _flags(llm) if run.get("report_flag") else None
         return {
+            "enable_return_routed_experts": flags,
             "ok": True,
             "startup_s": startup,
             "generate_s": gen,
@@ -131,6 +133,19 @@ def run_one(model: str, run: dict) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _worker_flag(worker) -> bool:
+    return bool(worker.model_runner.model_config.enable_return_routed_experts)
+
+
+def _flags(llm) -> dict:
+    """ModelConfig.enable_return_routed_experts where RL frameworks read it: the front-end's config, and the
+    engine core's worker (through collective_rpc, as moe_routes' own tooling reaches workers)."""
+    import cloudpickle
+
+    workers = llm.llm_engine.collective_rpc("execute_method", args=(cloudpickle.dumps(_worker_flag),))
+    return {"front_end": bool(llm.llm_engine.vllm_config.model_config.enable_return_routed_experts), "workers": workers}
 
 
 def _save_routes(path: str, outs, multi: bool) -> None:

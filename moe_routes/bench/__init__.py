@@ -14,6 +14,7 @@ BENCHMARKS = {
     "imports": ("moe_routes.bench.imports", "import cost of the patched vLLM, logging off, vs the series reversed"),
     "writer": ("moe_routes.bench.writer", "route records/s of the patched vLLM routing-log writer on one core"),
     "steps": ("moe_routes.bench.steps", "host work per engine step that logging / the per-request return add"),
+    "memory": ("moe_routes.bench.memory", "device / pinned / per-KV-slot memory of the capture for a model shape"),
     "plot": ("moe_routes.bench.plot", "plot_hist.py log readers (pyarrow.json, pure Python, ...) on one log"),
 }
 

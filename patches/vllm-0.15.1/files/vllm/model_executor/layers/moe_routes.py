@@ -510,7 +510,10 @@ def check_recomputed_routing(source: str, returns: ReturnSettings | None, settin
 # ----------------------------------------------------------------------------------------------------
 # Engine-side state, created when the KV cache exists (before warm-up and graph capture).
 # ----------------------------------------------------------------------------------------------------
-_STAGING_DEPTH = 2  # one step being copied while the previous one is assembled (async scheduling)
+def _staging_depth(async_scheduling: bool) -> int:
+    """Pinned staging copies: under async scheduling the next step's copy starts before this step's output is
+    collected; without it a step is assembled before the next one begins."""
+    return 2 if async_scheduling else 1
 
 
 class _HostStaging:
@@ -586,6 +589,7 @@ def new_state(
     kernel_block_size: int | None = None,
     num_slots: int = 0,
     dp_rank: int | None = None,
+    async_scheduling: bool = True,
 ) -> _State:
     """The capture state of one engine: buffers (allocated here unless the model build did), pinned staging on
     CUDA, the KV-slot store. on_kv_cache_ready builds it; so does `moe-routes bench steps`."""
@@ -623,7 +627,7 @@ def new_state(
         weights=weights,
     )
     if device.type == "cuda":
-        st.staging = _HostStaging(ids_buf, w_buf, _STAGING_DEPTH)
+        st.staging = _HostStaging(ids_buf, w_buf, _staging_depth(async_scheduling))
     return st
 
 
@@ -791,6 +795,7 @@ def on_kv_cache_ready(runner: Any) -> None:
     series, patches = _patch_provenance()
     sim = os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY") or None
     weights = _weights(settings, returns)
+    async_scheduling = bool(getattr(runner, "use_async_scheduling", False))
     sizes = footprint(
         captured_layers=len(captured),
         buffer_rows=int(buffers[0].shape[1]),
@@ -799,7 +804,7 @@ def on_kv_cache_ready(runner: Any) -> None:
         max_tokens=max_tokens,
         num_slots=num_slots,
         weights=weights,
-        staging_depth=_STAGING_DEPTH if device.type == "cuda" else 0,
+        staging_depth=_staging_depth(async_scheduling) if device.type == "cuda" else 0,
     )
     logger.info(
         "moe_routes: capturing %d MoE layers (log: %s, returned per request: %s); device buffers %.1f MiB, pinned "
@@ -882,6 +887,7 @@ def on_kv_cache_ready(runner: Any) -> None:
         kernel_block_size=kernel_block_size,
         num_slots=num_slots,
         dp_rank=dp_rank,
+        async_scheduling=async_scheduling,
     )
     runner._moe_routes_state = st
     _ACTIVE = st
