@@ -1,8 +1,10 @@
-"""Writer micro-benchmark: route records/s of the patched vLLM routing-log writer on one core.
+"""Writer micro-benchmark: route records/s of the patched vLLM routing log's formatting and file append on one
+core, and the engine-side assembly of the same steps.
 
-Drives the real writer (vllm/model_executor/layers/moe_routes_log.py, from the patched install) with synthetic
-steps: capture check, KV-slot store update (fresh blocks invalidated, then the step stored), record formatting
-and the append to a file, all in this thread.
+Drives the real code of the installed series (vllm/model_executor/layers/moe_routes_log.py) with synthetic steps:
+the assembly the engine thread does per step (capture check, KV-slot store: fresh blocks invalidated, then the
+step stored; the step's rows per request), then what the log's writer process does with the rows the front-end
+hands it (record formatting, the append to a file under flock), all in this thread.
 
 Examples:
   moe-routes bench writer                           # 60 experts, top-4, 24 layers (Qwen1.5-MoE shape)
@@ -36,18 +38,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from vllm.model_executor.layers import moe_routes_log as ml
+    from moe_routes.engine_source import load_vllm_log_module
 
+    ml = load_vllm_log_module()
     rng = np.random.default_rng(0)
     n, L, K = a.tokens_per_step, a.layers, a.top_k
     per_req = np.full(a.requests_per_step, n // a.requests_per_step)
     per_req[: n - per_req.sum()] += 1
     block, num_slots = 16, 1 << 20
-    requests = [ml.Request(str(i), None) for i in range(a.requests_per_step)]
+    requests = [ml.Request(str(i)) for i in range(a.requests_per_step)]
+    fields = [ml.request_field(str(i), None) for i in range(a.requests_per_step)]
     jobs = []
     for s in range(a.steps):
         pos = np.concatenate([np.arange(c) + s * c for c in per_req])
         slots = rng.integers(0, num_slots, n)
+        ids = rng.integers(0, a.experts, (n, L, K)).astype(ml.capture_dtype_for(a.experts))
         jobs.append(
             ml.StepJob(
                 requests=requests,
@@ -57,48 +62,58 @@ def main(argv=None) -> int:
                 emit_from=np.zeros(len(per_req), np.int64),
                 gap_blocks={},
                 fresh_blocks=np.unique(slots[::block] // block),
-                ids=rng.integers(0, a.experts, (n, L, K)).astype(np.int32),
+                ids=ids,
                 weights=rng.random((n, L, K)).astype(np.float32),
             )
         )
+    asm = ml.RouteAssembler(
+        layers=list(range(L)), top_k=K, num_experts=a.experts, num_slots=num_slots, manager_block_size=block,
+        kernel_block_size=block, weights=True,
+    )  # fmt: skip
+    layers = list(range(L))
     with tempfile.TemporaryDirectory() as d:
-        st = ml.WriterState(
-            settings=ml.Settings(os.path.join(d, "bench.jsonl"), None),
-            layers=list(range(L)),
-            rows=list(range(L)),
-            top_k=K,
-            num_experts=a.experts,
-            manager_block_size=block,
-            kernel_block_size=block,
-            num_slots=num_slots,
-            meta={"type": "meta", "bench": True},
-        )
-        writer = ml.Writer(st)  # not started: everything runs in this thread
-        fmt_rates, full_rates = [], []
-        records = a.steps * n * L
-        # Untimed first pass: the first touch of the KV-slot store's pages (hundreds of MB, allocated
-        # lazily by the OS) is a one-time cost an engine pays while it fills its cache.
+        log = ml.LogFile(os.path.join(d, "bench.jsonl"))
+        stats = ml.new_stats()
+
+        def chunks_of(rows):
+            return [
+                ml.Chunk(fields[b], None, rows.segments_of(b), rows.ids[o : o + c], rows.weights[o : o + c])
+                for b, (o, c) in enumerate(zip(rows.offset.tolist(), rows.count.tolist(), strict=True))
+            ]
+
+        # Untimed first pass: the first touch of the KV-slot store's pages (hundreds of MB, allocated lazily by
+        # the OS) is a one-time cost an engine pays while it fills its cache.
         for j in jobs:
-            writer._write(writer._process(j))
+            log.write(ml.format_chunks(chunks_of(ml.step_rows(asm.assemble(j, j.ids, j.weights))), layers, None, stats))
+        asm_rates, fmt_rates, full_rates = [], [], []
+        records = a.steps * n * L
         for _ in range(a.repeats):
-            t_process = 0.0
+            t_asm = t_fmt = 0.0
             t0 = time.perf_counter()
-            for j in jobs:  # as the writer thread does: process a step, append it
+            for j in jobs:
                 t1 = time.perf_counter()
-                blob = writer._process(j)
-                t_process += time.perf_counter() - t1
-                writer._write(blob)
-            fmt_rates.append(records / t_process)
+                rows = ml.step_rows(asm.assemble(j, j.ids, j.weights))
+                t2 = time.perf_counter()
+                blob = ml.format_chunks(chunks_of(rows), layers, None, stats)
+                t3 = time.perf_counter()
+                log.write(blob)
+                t_asm += t2 - t1
+                t_fmt += t3 - t2
+            asm_rates.append(records / t_asm)
+            fmt_rates.append(records / t_fmt)
             full_rates.append(records / (time.perf_counter() - t0))
-        size = os.path.getsize(st.settings.path) * a.repeats / (a.repeats + 1)
-        os.close(writer.fd)
+        size = os.path.getsize(log.path) * a.repeats / (a.repeats + 1)
+        log.close()
     print(
         f"shape: {a.experts} experts, top-{K}, {L} layers, {n} tokens/step, {a.steps} steps "
         f"({a.steps * n * L:,} records/repeat, {size / (a.repeats * a.steps * n * L):.0f} bytes/record)"
     )
-    print(f"process (slot store + format): median {statistics.median(fmt_rates) / 1e6:.2f} M records/s")
     print(
-        f"process + append to file:      median {statistics.median(full_rates) / 1e6:.2f} M records/s "
+        f"engine: assembly (slot store, rows per request): median {statistics.median(asm_rates) / 1e6:.2f} M records/s"
+    )
+    print(f"writer: format:                               median {statistics.median(fmt_rates) / 1e6:.2f} M records/s")
+    print(
+        f"all, with the append to a file:               median {statistics.median(full_rates) / 1e6:.2f} M records/s "
         f"(runs: {', '.join(f'{r / 1e6:.2f}' for r in full_rates)})"
     )
     return 0
