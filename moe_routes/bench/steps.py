@@ -80,10 +80,6 @@ class _Kv:
             self.next_block += 1
         return fresh
 
-    def slots(self, rid: str, positions: np.ndarray) -> np.ndarray:
-        b = np.asarray(self.blocks[rid], dtype=np.int64)
-        return b[positions // self.bs] * self.bs + positions % self.bs
-
 
 class Scenario:
     """Requests of one kind of step: `reqs` requests scheduled `tokens` tokens each, every step."""
@@ -123,7 +119,7 @@ def _engine(mr, args, mode: str, workdir: str):
     for store in (getattr(st.assembler, "store_ids", None), getattr(st.assembler, "store_w", None)):
         if store is not None:
             store.fill(0)
-    runner = types.SimpleNamespace(_moe_routes_state=st, requests={}, use_async_scheduling=False)
+    runner = types.SimpleNamespace(_moe_routes_state=st)
     return st, runner
 
 
@@ -171,13 +167,12 @@ def run_steps(mr, args, mode: str | None, sc: Scenario, steps: int, units: int, 
                 live[f"r{serial}"] = 0
                 serial += 1
         new_reqs, cached_ids, cached_blocks = [], [], []
-        positions, slots, counts, req_ids = [], [], [], []
+        positions, counts, req_ids = [], [], []
         for rid, pos in live.items():
             c = sc.prompt if pos == 0 else sc.tokens
             fresh = kv.grow(rid, pos + c)
             p = np.arange(pos, pos + c, dtype=np.int64)
             positions.append(p)
-            slots.append(kv.slots(rid, p))
             counts.append(c)
             req_ids.append(rid)
             if pos == 0:
@@ -200,14 +195,8 @@ def run_steps(mr, args, mode: str | None, sc: Scenario, steps: int, units: int, 
             ),
             total_num_scheduled_tokens=n,
         )
-        pos_np, slot_np = np.concatenate(positions), np.concatenate(slots)
         counts_np = np.asarray(counts, dtype=np.int32)
-        if runner is not None:
-            runner.positions = types.SimpleNamespace(np=pos_np)
-            bt = types.SimpleNamespace(slot_mapping=types.SimpleNamespace(np=slot_np), block_size=args.block_size)
-            runner.input_batch = types.SimpleNamespace(block_table=[bt])
-            for r in new_reqs:
-                runner.requests[r.req_id] = r
+        first_np = np.asarray([p[0] for p in positions], dtype=np.int64)
         t0 = time.perf_counter()
         _python_work(units)  # the host side of a GPU step, holding the GIL
         th = time.perf_counter()
@@ -217,8 +206,8 @@ def run_steps(mr, args, mode: str | None, sc: Scenario, steps: int, units: int, 
             t_fwd = time.perf_counter()
             forward.run(st, n)  # the forward itself: not counted
             t_after = time.perf_counter()
-            mr.on_forward(runner, so, n, req_ids, counts_np)
-            out = types.SimpleNamespace(routed_experts=None)  # the step's rows, whatever asked for them
+            mr.forward_done(runner, req_ids, counts_np, first_np, n)  # what each release's runner adapter calls
+            out = types.SimpleNamespace(**{mr._release.RUNNER_OUTPUT_FIELD: None})  # the step's rows
             mr.on_model_runner_output(runner, out)
             t_end = time.perf_counter()
             hooks = (t_fwd - th) + (t_end - t_after)

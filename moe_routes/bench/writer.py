@@ -67,9 +67,8 @@ def main(argv=None) -> int:
             )
         )
     asm = ml.RouteAssembler(
-        layers=list(range(L)), top_k=K, num_experts=a.experts, num_slots=num_slots, manager_block_size=block,
-        kernel_block_size=block, weights=True,
-    )  # fmt: skip
+        layers=list(range(L)), top_k=K, num_experts=a.experts, num_slots=num_slots, block_size=block, weights=True
+    )
     layers = list(range(L))
     with tempfile.TemporaryDirectory() as d:
         log = ml.LogFile(os.path.join(d, "bench.jsonl"))

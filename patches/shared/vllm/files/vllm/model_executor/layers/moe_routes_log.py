@@ -394,6 +394,78 @@ class StepJob:
     weights: Any  # same shape, float32, or None when nothing needs weights
     event: Any = None  # CUDA event guarding the async D2H copy
     staging_index: int = -1
+    block_copies: np.ndarray | None = None  # [m, 2] (source, destination) blocks copied before the forward
+
+
+class BlockMirror:
+    """Each request's KV block ids of one KV-cache group, kept on the host from the scheduler's outputs (the
+    runner's own table may live on the device only): a row per request in one table, so that a step's KV slots
+    are one vectorised lookup. Rows and columns grow on demand."""
+
+    def __init__(self, block_size: int, rows: int = 64, cols: int = 64) -> None:
+        self.block_size = int(block_size)
+        self.table = np.zeros((rows, cols), dtype=np.int64)
+        self.length = np.zeros(rows, dtype=np.int64)
+        self.row_of: dict[str, int] = {}
+        self.free = list(range(rows - 1, -1, -1))
+
+    def _row(self, req_id: str) -> int:
+        row = self.row_of.get(req_id)
+        if row is None:
+            if not self.free:
+                old = len(self.table)
+                self.table = np.concatenate((self.table, np.zeros_like(self.table)))
+                self.length = np.concatenate((self.length, np.zeros_like(self.length)))
+                self.free = list(range(2 * old - 1, old - 1, -1))
+            row = self.row_of[req_id] = self.free.pop()
+            self.length[row] = 0
+        return row
+
+    def _put(self, row: int, at: int, blocks: list[int]) -> None:
+        end = at + len(blocks)
+        if end > self.table.shape[1]:
+            cols = max(end, 2 * self.table.shape[1])
+            self.table = np.concatenate(
+                (self.table, np.zeros((len(self.table), cols - self.table.shape[1]), np.int64)), 1
+            )
+        self.table[row, at:end] = blocks
+        self.length[row] = end
+
+    def set(self, req_id: str, blocks: list[int]) -> None:
+        """The request's whole block list (a new or resumed request)."""
+        self._put(self._row(req_id), 0, blocks)
+
+    def append(self, req_id: str, blocks: list[int]) -> None:
+        row = self._row(req_id)
+        self._put(row, int(self.length[row]), blocks)
+
+    def drop(self, req_id: str) -> None:
+        row = self.row_of.pop(req_id, None)
+        if row is not None:
+            self.free.append(row)
+
+    def rows_of(self, req_ids: list[str]) -> np.ndarray:
+        """Each request's row, -1 for one never given blocks."""
+        get = self.row_of.get
+        return np.fromiter((get(r, -1) for r in req_ids), dtype=np.int64, count=len(req_ids))
+
+    def slots(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The KV slot of each token (its request's row, its position); -1 where the request has no such block."""
+        bs = self.block_size
+        block = positions // bs
+        ok = (rows >= 0) & (block < self.length[np.maximum(rows, 0)])
+        out = np.full(len(positions), -1, dtype=np.int64)
+        if ok.all():
+            return self.table[rows, block] * bs + positions % bs
+        out[ok] = self.table[rows[ok], block[ok]] * bs + positions[ok] % bs
+        return out
+
+    def blocks(self, row: int, end: int) -> np.ndarray:
+        """The blocks that hold positions 0 .. end - 1 of the request in `row` (as many as it has)."""
+        if row < 0:
+            return np.zeros(0, dtype=np.int64)
+        n = min(int(self.length[row]), -(-int(end) // self.block_size))
+        return self.table[row, :n].copy()
 
 
 @dataclass
@@ -446,16 +518,14 @@ class RouteAssembler:
         top_k: int,
         num_experts: int,
         num_slots: int,
-        manager_block_size: int,
-        kernel_block_size: int,
+        block_size: int,
         weights: bool,
     ) -> None:
         self.layers = list(layers)
         self.id_dtype = id_dtype_for(num_experts)
         self.num_experts = num_experts
         self.num_slots = num_slots
-        self.manager_block_size = manager_block_size
-        self.kernel_block_size = kernel_block_size
+        self.block_size = block_size
         self.weights = weights
         if num_slots:
             shape = (num_slots, len(self.layers), top_k)
@@ -470,9 +540,13 @@ class RouteAssembler:
         if self.num_slots and len(job.fresh_blocks):
             # Blocks allocated afresh this step hold an earlier occupant's KV until this step's forward fills
             # them: invalid before anything else, so that a capture error below leaves them invalid too.
-            bs = self.manager_block_size
+            bs = self.block_size
             fresh = (job.fresh_blocks[:, None] * bs + np.arange(bs)).ravel()
             self.store_valid[fresh[fresh < self.num_slots]] = False
+        if self.num_slots and job.block_copies is not None and len(job.block_copies):
+            # Copy-on-write of a prefix-cache hit that ends inside a block: the engine copies the shared block's
+            # KV into a fresh one before the forward, so the copy holds the routing of the hit's positions too.
+            self._copy_blocks(job.block_copies)
         # one pass each: the unwritten value (-1, or 255 in uint8) and foreign ids are both out of range
         if n and (int(ids.max()) >= self.num_experts or (ids.dtype.kind == "i" and int(ids.min()) < 0)):
             if self.num_slots:
@@ -513,6 +587,18 @@ class RouteAssembler:
             positions = job.positions
         return StepRoutes(prefix, job.requests, tok_req, positions, ids, w, skipped, same_step or None)
 
+    def _copy_blocks(self, copies: np.ndarray) -> None:
+        bs = self.block_size
+        offsets = np.arange(bs)
+        src = (copies[:, 0:1] * bs + offsets).ravel()
+        dst = (copies[:, 1:2] * bs + offsets).ravel()
+        ok = (src < self.num_slots) & (dst < self.num_slots)
+        src, dst = src[ok], dst[ok]
+        self.store_ids[dst] = self.store_ids[src]
+        if self.store_w is not None:
+            self.store_w[dst] = self.store_w[src]
+        self.store_valid[dst] = self.store_valid[src]
+
     def _capture_error(self, job: StepJob, ids: np.ndarray) -> MoeRoutesCaptureError:
         n = len(job.positions)
         unwritten = (ids == unwritten_id(self.num_experts)).any(axis=2)  # [n, L]: a layer left its rows as they were
@@ -538,9 +624,12 @@ class RouteAssembler:
         if not self.num_slots:
             return [Gap(index, start, end, GAP_NO_STORE)], 0
         pos = np.arange(start, end, dtype=np.int64)
-        kbs = self.kernel_block_size
-        slots = blocks[pos // kbs].astype(np.int64) * kbs + pos % kbs
-        valid = self.store_valid[slots]
+        bs = self.block_size
+        block = pos // bs
+        have = block < len(blocks)
+        slots = np.zeros(len(pos), dtype=np.int64)  # a position without a block: never valid
+        slots[have] = blocks[block[have]] * bs + pos[have] % bs
+        valid = have & self.store_valid[slots]
         hits_now = int(np.isin(slots[valid], written).sum()) if written is not None and len(written) else 0
         out: list[CachedRun | Gap] = []
         # runs of positions whose slot does / does not hold the token's routing

@@ -2,35 +2,38 @@
 """Per-token MoE routing capture, added by the moe-routes patch series: the routing log (``VLLM_LOG_MOE``) and
 ``enable_return_routed_experts`` (routing returned per request, as vLLM 0.22+ does, plus weights).
 
-Upstream files only call into this module, the engine glue. Its engine-independent half (settings, record
-formatting, assembly, the writer process) is ``moe_routes_log``, importable without torch or vLLM. Both sit
-outside the ``fused_moe`` package and import nothing beyond what ``import vllm`` already loaded, because the
-front-end (``vllm.entrypoints.llm``, ``EngineArgs``, ``InputProcessor``, ``OutputProcessor``) imports them: with
-the feature off, importing vLLM costs what it cost before.
+Upstream files only call into this module, the engine glue; it is the same file in every vLLM series. What depends
+on the release (which classes route, where a model runner keeps its batch, how a config carries the flag) is in
+``moe_routes_release``, one per series, whose public names this module re-exports at its end: hooks call
+``moe_routes.X`` only. The engine-independent half (settings, record formatting, assembly, the writer process) is
+``moe_routes_log``, importable without torch or vLLM. All three sit outside the ``fused_moe`` package and import
+nothing beyond what ``import vllm`` already loaded, because the front-end (``vllm.entrypoints.llm``,
+``EngineArgs``, ``InputProcessor``, ``OutputProcessor``) imports them: with the feature off, importing vLLM costs
+what it cost before.
 
 Data path, per model step:
-  1. ``on_step_begin`` (``GPUModelRunner.execute_model``, before anything else, also for steps that schedule no
-     token): forgets finished requests, notes new ones and the KV blocks this step allocates afresh, and fills
-     this step's rows of the capture buffers with -1, so that a layer that did not write is detected.
-  2. Every captured ``FusedMoE`` layer copies the routing its expert kernel used (``topk_ids``, and
-     ``topk_weights`` when the log or the weights return reads them) into its row of static token-major buffers
-     ``[max_tokens, rows, top_k]`` on the model's device, allocated while the model is built (so that the KV
-     cache is sized without them): a device-side write, recorded into CUDA graphs; under ``torch.compile`` an
-     opaque custom op. No host sync inside the forward.
+  1. ``on_step_begin`` (the model runner's ``execute_model``, before anything else, also for steps that schedule no
+     token): forgets finished requests, notes new ones, mirrors their KV block ids and the blocks this step
+     allocates afresh or copies, and fills this step's rows of the capture buffers with a value no expert id
+     takes, so that a layer that did not write is detected.
+  2. Every captured MoE layer copies the routing its expert kernel used (ids, and weights when the log or the
+     weights return reads them) into its row of static token-major buffers ``[max_tokens, rows, top_k]`` on the
+     model's device, allocated while the model is built (so that the KV cache is sized without them): a
+     device-side write, recorded into CUDA graphs; under ``torch.compile`` an opaque custom op. No host sync
+     inside the forward.
   3. ``on_forward`` (after the forward): one contiguous device-to-host copy into pinned staging (async + event on
-     CUDA), and the batch layout (request ids, positions, KV slots).
+     CUDA), and the batch layout from host arrays (request ids, scheduled tokens, first positions; KV slots from
+     the block mirror).
   4. When the step's ``ModelRunnerOutput`` is built (or, under async scheduling, collected): the capture is
      checked, the KV-slot -> routing store updated, prefix-cache hits read back from it, and the step's rows laid
      out per request (``moe_routes_log.step_rows``).
-  5. The scheduler puts each request's rows on its ``EngineCoreOutput`` of the step (``RoutesChunk``; a step that
-     gives a request no token, a chunk of a long prefill, gets a rows-only output); the engine core's output
-     thread packs a step's chunks into one frame.
-  6. The front-end's ``OutputProcessor`` receives them with the tokens: rows of completions it has finished
-     (a stop string it found, an abort) are dropped there, exactly as the tokens are. It gathers each
+  5. The scheduler puts the step's rows on one carrier ``EngineCoreOutput`` per client (``RoutesStep``).
+  6. The front-end's ``OutputProcessor`` takes them before the step's token outputs: rows of completions it has
+     finished (a stop string it found, an abort) are dropped there, exactly as the tokens are. It gathers each
      completion's rows for ``CompletionOutput.routed_experts`` and hands them to the log's writer process.
 
 Dummy, profiling, warm-up and graph-capture forwards write only into the device buffers; rows exist solely for
-tokens ``GPUModelRunner.execute_model`` scheduled.
+tokens the scheduler scheduled.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from vllm.model_executor.layers.moe_routes_log import (
     REQUEST_TAG,
     SCHEMA_VERSION,
     STATE_FILE,
+    BlockMirror,
     ChoiceTag,
     Layout,
     LogClient,
@@ -107,16 +111,8 @@ def return_settings(model_config: Any) -> ReturnSettings | None:
     the flag is validated) still gets ids when it asks for them."""
     got = getattr(model_config, _RETURN_ATTR, _UNSET)
     if got is _UNSET:
-        return ReturnSettings() if getattr(model_config, "enable_return_routed_experts", False) else None
+        return ReturnSettings() if _release.upstream_return_asked(model_config) else None
     return got
-
-
-def upstream_capture(model_config: Any) -> bool:
-    """Where vLLM 0.15.1 reads enable_return_routed_experts for its own RoutedExpertsCapturer/Reader: never. That
-    capturer is bound before it exists (it returns zeros; fixed in 0.16 by PR #33013), allocates on cuda only and
-    reads rows only when the engine core sees the stop; this module serves the flag instead, which stays True in
-    the ModelConfig for everyone who asks whether the feature is on."""
-    return False
 
 
 # The check every hot-path hook does: True once an engine that captures was configured or built in this
@@ -141,15 +137,18 @@ def engine_settings(vllm_config: Any) -> Settings | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Front-end validation (EngineArgs.create_engine_config): fail engine start-up, never mid-run.
+# Front-end validation (EngineArgs.create_engine_config): fail engine start-up, never mid-run. The release's
+# validate_engine_config takes over the return flag, then calls check_engine_config.
 # ----------------------------------------------------------------------------------------------------
-def validate_engine_config(vllm_config: Any, engine_args: Any = None) -> None:
-    settings = read_settings()
+def check_engine_config(
+    vllm_config: Any, settings: Settings | None, returns: ReturnSettings | None, unsupported: list[str]
+) -> None:
+    """The checks every release shares; `unsupported` holds the release's own refusals so far. Attaches the
+    settings to the config (they travel with it into forked, spawned and in-process engine cores)."""
     object.__setattr__(vllm_config, _CONFIG_ATTR, settings)
-    model_config = vllm_config.model_config
-    returns = _take_over_return_flag(model_config, engine_args)
     if settings is None and returns is None:
         return
+    model_config = vllm_config.model_config
     if settings is not None:
         try:  # the real test of "can this work": root passes os.access() checks that open() then fails
             # O_RDWR as the writer opens it: it reads back the file's tail (partial-line repair, full-disk room)
@@ -164,12 +163,12 @@ def validate_engine_config(vllm_config: Any, engine_args: Any = None) -> None:
             raise bad_env(
                 ENV_LAYERS, f"layer(s) {out} out of range: the model has {n_layers} decoder layers (0..{n_layers - 1})"
             )
-    unsupported = []
+    unsupported = list(unsupported)
     from vllm.platforms import current_platform
 
     if not (current_platform.is_cuda_alike() or current_platform.is_cpu()):
-        # GPUModelRunner subclasses of other devices (XPU) would reach the first step with capture buffers this
-        # series cannot stage (pinned copies and events are CUDA's).
+        # Model runners of other devices (XPU) would reach the first step with capture buffers this series
+        # cannot stage (pinned copies and events are CUDA's).
         unsupported.append(f"the {current_platform.device_name} platform (CUDA, ROCm and CPU are supported)")
     if parallel.pipeline_parallel_size > 1:
         unsupported.append("pipeline parallelism (each stage would own a part of the layers)")
@@ -185,33 +184,12 @@ def validate_engine_config(vllm_config: Any, engine_args: Any = None) -> None:
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         # KV loaded from outside (P/D disaggregation, LMCache, CPU offloading) was never routed here.
         unsupported.append("KV connectors (kv_transfer_config: disaggregated prefill, LMCache, KV offloading)")
-    from vllm import envs
-
-    if envs.VLLM_USE_V2_MODEL_RUNNER:
-        unsupported.append("the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1 has no routing hook)")
-    if returns is not None and getattr(model_config, "runner_type", "generate") != "generate":
-        unsupported.append("pooling models (routing is returned with generated completions)")
+    if getattr(model_config, "runner_type", "generate") != "generate":
+        # A pooling step never builds a ModelRunnerOutput with rows: they would pile up unshipped.
+        unsupported.append("pooling models (routing is captured for generated completions)")
     if unsupported:
         raise refusal(settings, returns, "does not support " + "; ".join(unsupported) + " in this patch series")
     _activate()
-
-
-def _take_over_return_flag(model_config: Any, engine_args: Any) -> ReturnSettings | None:
-    """enable_return_routed_experts is served by this module, from the capture the log uses; the ModelConfig flag
-    stays as given (RL frameworks read it to know the feature is on) and upstream's own capturer stays off through
-    upstream_capture(). The request, with the weights flag, lives on in the ModelConfig's _moe_routes_return."""
-    weights = bool(getattr(engine_args, "enable_return_routed_expert_weights", False))
-    returns = None
-    if model_config is not None and model_config.enable_return_routed_experts:
-        returns = ReturnSettings(weights=weights)
-    elif weights:
-        raise MoeRoutesConfigError(
-            f"{WEIGHTS_FLAG} (enable_return_routed_expert_weights=True) needs {RETURN_FLAG} "
-            "(enable_return_routed_experts=True): weights are returned beside the expert ids"
-        )
-    if model_config is not None:
-        object.__setattr__(model_config, _RETURN_ATTR, returns)
-    return returns
 
 
 def refusal(settings: Settings | None, returns: ReturnSettings | None, why: str) -> MoeRoutesConfigError:
@@ -250,51 +228,45 @@ def tag_choices(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layer registry (FusedMoE.__init__) and the capture op (forward paths).
+# Layer registry (the release's MoE module constructor) and the capture op (forward paths).
 # ----------------------------------------------------------------------------------------------------
-def register_layer(layer: torch.nn.Module) -> None:
-    """Called at the end of FusedMoE.__init__. Fixes the layer's row in the capture buffers now (the decoder-layer
-    index, or its position in VLLM_LOG_MOE_LAYERS), so that torch.compile and CUDA graphs bake a constant row;
-    allocates the capture buffers with the first such layer, while the model is built, so that they count as
-    model memory when the KV cache is sized. Turns the hot path on before the first forward is traced. Only TP
-    rank 0 captures: the other ranks compute the same routing."""
-    layer._moe_routes_slot = -1
+def register_moe_module(module: torch.nn.Module, layer_id: int | None, top_k: int, num_experts: int) -> int:
+    """Called by the release's register_layer at the end of an MoE module's constructor. Fixes the module's row in
+    the capture buffers now (the decoder-layer index, or its position in VLLM_LOG_MOE_LAYERS), so that
+    torch.compile and CUDA graphs bake a constant row; allocates the capture buffers with the first such module,
+    while the model is built, so that they count as model memory when the KV cache is sized. Turns the hot path
+    on before the first forward is traced. Only TP rank 0 captures: the other ranks compute the same routing.
+    Returns the row, -1 when the module captures nothing; a module registered here has _moe_routes_layer_id
+    (None: its decoder layer is unknown, reported when the KV cache is ready)."""
+    module._moe_routes_slot = -1
     from vllm.config import get_current_vllm_config
 
     vllm_config = get_current_vllm_config()
     settings = engine_settings(vllm_config)
     returns = return_settings(vllm_config.model_config)
     if settings is None and returns is None:
-        return
+        return -1
     _activate()
-    try:
-        layer_id = int(layer.layer_id)
-    except Exception:
-        layer._moe_routes_layer_id = None  # reported by on_kv_cache_ready
-        return
-    layer._moe_routes_layer_id = layer_id
+    module._moe_routes_layer_id = layer_id
+    if layer_id is None:
+        return -1
     if returns is not None or settings.layers is None:  # the per-request return needs every MoE layer
         slot = layer_id
     elif layer_id in settings.layers:
         slot = settings.layers.index(layer_id)
     else:
-        return
+        return -1
     from vllm.distributed import get_tensor_model_parallel_rank
 
     if get_tensor_model_parallel_rank() != 0:
-        return
-    layer._moe_routes_slot = slot
+        return -1
+    module._moe_routes_slot = slot
     if getattr(vllm_config, _BUFFERS_ATTR, None) is None:
         n_rows = len(settings.layers) if returns is None and settings.layers is not None else None
         n_rows = n_rows or int(vllm_config.model_config.get_total_num_hidden_layers())
-        bufs = _new_buffers(
-            _max_tokens(vllm_config),
-            n_rows,
-            int(layer.top_k),
-            int(layer.logical_num_experts),
-            _weights(settings, returns),
-        )
+        bufs = _new_buffers(_max_tokens(vllm_config), n_rows, int(top_k), int(num_experts), _weights(settings, returns))
         object.__setattr__(vllm_config, _BUFFERS_ATTR, bufs)
+    return slot
 
 
 def _weights(settings: Settings | None, returns: ReturnSettings | None) -> bool:
@@ -320,49 +292,6 @@ def _new_buffers(
     return ids, w
 
 
-def _gathers_dp_ranks(layer: torch.nn.Module) -> bool:
-    """True when the router input holds every DP rank's tokens: FusedMoE.forward_impl's naive dispatch
-    (do_naive_dispatch_combine), i.e. DP without a modular all2all kernel and without DP chunking. The chunked
-    path and modular kernels route this rank's tokens only."""
-    if layer.dp_size <= 1 or layer.use_dp_chunking:
-        return False
-    from vllm.model_executor.layers.fused_moe.fused_moe_modular_method import FusedMoEModularMethod
-
-    return not isinstance(layer.quant_method, FusedMoEModularMethod)
-
-
-def _this_dp_rank_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This DP rank's rows of a routing result computed on the all-gathered batch. Naive dispatch concatenates the
-    ranks' (padded) batches in rank order, sized by dp_metadata.num_tokens_across_dp_cpu; the sizes are host
-    values, so no device sync."""
-    from vllm.distributed import get_dp_group
-    from vllm.forward_context import get_forward_context
-
-    sizes = [int(v) for v in get_forward_context().dp_metadata.num_tokens_across_dp_cpu.tolist()]
-    rank = get_dp_group().rank_in_group
-    if sum(sizes) != topk_ids.shape[0]:
-        raise RuntimeError(
-            f"moe_routes: routing for {topk_ids.shape[0]} tokens, but the DP ranks hold "
-            f"{sizes} tokens; cannot find DP rank {rank}'s rows (a moe_routes bug, please report it)"
-        )
-    start = sum(sizes[:rank])
-    return topk_ids[start : start + sizes[rank]], topk_weights[start : start + sizes[rank]]
-
-
-def _logical_ids(layer: torch.nn.Module, physical_ids: torch.Tensor) -> torch.Tensor:
-    """EPLB: the router maps each logical expert to one of its physical replicas. Invert the layer's current
-    logical_to_physical_map ([logical, replica] -> physical, -1 padded); device ops only, so this is captured into
-    CUDA graphs and follows in-place EPLB rearrangements."""
-    l2p = layer.eplb_state.logical_to_physical_map
-    n_physical = int(layer.global_num_experts)
-    max_replicas = n_physical - int(layer.logical_num_experts) + 1
-    l2p = l2p[:, :max_replicas].long()
-    logical = torch.arange(l2p.shape[0], device=l2p.device, dtype=torch.int32)
-    inverse = torch.zeros(n_physical + 1, device=l2p.device, dtype=torch.int32)  # slot n_physical: padding
-    inverse.scatter_(0, torch.where(l2p < 0, n_physical, l2p).flatten(), logical[:, None].expand_as(l2p).flatten())
-    return inverse[physical_ids.long()]
-
-
 # The engine whose buffers a capture writes into: set when its KV cache is ready (so warm-up and CUDA-graph
 # capture bake its buffers) and at each of its steps. Several engines may live in one process
 # (VLLM_ENABLE_V1_MULTIPROCESSING=0); their steps never interleave within a forward.
@@ -376,7 +305,7 @@ def _record_into_buffers(
     if st is None or slot < 0:
         return  # before KV-cache init (profile run), or an engine / rank that does not capture
     if gathered:
-        topk_ids, topk_weights = _this_dp_rank_rows(topk_ids, topk_weights)
+        topk_ids, topk_weights = _release.this_dp_rank_rows(topk_ids, topk_weights)
     n = topk_ids.shape[0]
     if row_offset + n > st.max_tokens:
         raise RuntimeError(
@@ -418,68 +347,16 @@ def _ensure_op() -> None:
         _OP_REGISTERED = True
 
 
-def record(
-    layer: torch.nn.Module, topk_ids: torch.Tensor, topk_weights: torch.Tensor, row_offset: int = 0
+def capture(
+    slot: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, row_offset: int = 0, gathered: bool = False
 ) -> torch.Tensor:
-    """Capture the routing a kernel is about to use. Returns the weights to pass on to the kernel."""
-    if layer._moe_routes_slot < 0:
-        return topk_weights
-    if layer.enable_eplb:
-        topk_ids = _logical_ids(layer, topk_ids)
-    return _capture(layer, topk_ids, topk_weights, row_offset)
-
-
-def _capture(
-    layer: torch.nn.Module, topk_ids: torch.Tensor, topk_weights: torch.Tensor, row_offset: int
-) -> torch.Tensor:
-    slot, gathered = layer._moe_routes_slot, _gathers_dp_ranks(layer)
+    """Copy a routing result into row `slot` of the capture buffers (under torch.compile through the opaque op, which
+    Dynamo does not trace into). `gathered`: the rows hold every DP rank's tokens (the release's
+    this_dp_rank_rows finds this rank's). Returns the weights to hand on to the kernel."""
     if torch.compiler.is_compiling():
         return torch.ops.vllm.moe_routes_record(topk_ids, topk_weights, slot, row_offset, gathered)
     _record_into_buffers(topk_ids, topk_weights, slot, row_offset, gathered)
     return topk_weights
-
-
-def record_router(
-    layer: torch.nn.Module, hidden_states: torch.Tensor, router_logits: torch.Tensor, row_offset: int = 0
-) -> None:
-    """Monolithic kernels that route internally (FlashInfer TRT-LLM, MXFP4, XPU): log the router's result for the
-    same inputs; the meta record says routing_source='router', and the per-request return needs the opt-in
-    VLLM_MOE_ROUTES_ALLOW_RECOMPUTED=1 (check_recomputed_routing). The CPU kernel records itself."""
-    if layer._moe_routes_slot < 0 or _kernel_records_itself(layer):
-        return
-    # _compute_routing is select_experts without the EPLB replica mapping and its expert-load accounting, which
-    # must count the kernel's own call only: its ids are already logical.
-    topk_weights, topk_ids = layer.router._compute_routing(hidden_states, router_logits, None)
-    _capture(layer, topk_ids, topk_weights, row_offset)
-
-
-def _routing_source(moe_modules: list[torch.nn.Module]) -> str:
-    """'kernel': ids/weights the expert kernel received; 'router': a monolithic kernel routes internally and we
-    capture the router's result for the same inputs; 'simulated': a RoutingSimulatorRouter."""
-    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import (
-        RoutingSimulatorRouter,
-    )
-
-    kinds = set()
-    for mod in moe_modules:
-        monolithic = mod.quant_method.is_monolithic
-        if isinstance(mod.router, RoutingSimulatorRouter) and not monolithic:
-            kinds.add("simulated")
-        elif monolithic and not _kernel_records_itself(mod):
-            kinds.add("router")
-        else:
-            kinds.add("kernel")
-    return kinds.pop() if len(kinds) == 1 else "mixed"
-
-
-def _kernel_records_itself(layer: torch.nn.Module) -> bool:
-    cached = getattr(layer, "_moe_routes_kernel_records", None)
-    if cached is None:
-        from vllm.model_executor.layers.fused_moe.cpu_fused_moe import CPUFusedMOE, SGLFusedMOE
-
-        cached = isinstance(getattr(layer.quant_method, "cpu_fused_moe", None), (CPUFusedMOE, SGLFusedMOE))
-        layer._moe_routes_kernel_records = cached
-    return cached
 
 
 def check_recomputed_routing(source: str, returns: ReturnSettings | None, settings: Settings | None) -> None:
@@ -550,14 +427,16 @@ class _State:
     w_buf: torch.Tensor | None  # float32, when the log or the weights return reads weights
     device: torch.device
     kv_group: int  # KV-cache group whose slots key the routing store (-1: none)
-    manager_block_size: int
-    kernel_block_size: int
+    block_size: int  # that group's (KV manager's) block size
     num_slots: int
     meta: dict[str, Any]  # sent to the front-end once, with the first rows
     dp_rank: int | None = None
+    deferred_output: bool = False  # the runner hands its ModelRunnerOutput over before the step's work is done
     assembler: RouteAssembler | None = None
     requests: dict[str, Request] = field(default_factory=dict)  # engine id -> request
+    blocks: BlockMirror | None = None  # the routing-store group's block ids per request (with the store only)
     fresh_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    block_copies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     staging: _HostStaging | None = None
     unshipped: list[StepJob] = field(default_factory=list)  # steps forwarded, not yet in a ModelRunnerOutput
     meta_shipped: bool = False
@@ -586,13 +465,14 @@ def new_state(
     buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     kv_group: int = -1,
     block_size: int = 0,
-    kernel_block_size: int | None = None,
     num_slots: int = 0,
     dp_rank: int | None = None,
     async_scheduling: bool = True,
+    deferred_output: bool = False,
 ) -> _State:
     """The capture state of one engine: buffers (allocated here unless the model build did), pinned staging on
-    CUDA, the KV-slot store. on_kv_cache_ready builds it; so does `moe-routes bench steps`."""
+    CUDA, the KV-slot store and the block mirror it is addressed through. start_engine builds it; so does
+    `moe-routes bench steps`."""
     rows = list(range(len(layers))) if rows is None else rows
     weights = _weights(settings, returns)
     if buffers is None:
@@ -611,21 +491,22 @@ def new_state(
         w_buf=w_buf,
         device=device,
         kv_group=kv_group,
-        manager_block_size=block_size,
-        kernel_block_size=block_size if kernel_block_size is None else kernel_block_size,
+        block_size=block_size,
         num_slots=num_slots,
         meta=meta,
         dp_rank=dp_rank,
+        deferred_output=deferred_output,
     )
     st.assembler = RouteAssembler(
         layers=layers,
         top_k=top_k,
         num_experts=num_experts,
         num_slots=num_slots,
-        manager_block_size=st.manager_block_size,
-        kernel_block_size=st.kernel_block_size,
+        block_size=block_size,
         weights=weights,
     )
+    if num_slots:
+        st.blocks = BlockMirror(block_size)
     if device.type == "cuda":
         st.staging = _HostStaging(ids_buf, w_buf, _staging_depth(async_scheduling))
     return st
@@ -647,19 +528,39 @@ def _patch_provenance() -> tuple[str, list[dict[str, str]]]:
         )
 
 
+@dataclass(frozen=True)
+class MoeLayer:
+    """What the meta record and the checks need of one registered MoE module, read by the release's
+    on_kv_cache_ready (after the weights are loaded: a quantization method picks its kernel then)."""
+
+    layer_id: int | None  # decoder layer (None: unknown)
+    slot: int  # capture-buffer row, -1: not captured
+    name: str
+    top_k: int
+    num_experts: int  # logical
+    num_physical_experts: int
+    scoring_func: str
+    renormalize: bool
+    kernel_routed_scaling_factor: float  # what the kernel's weights include (models may scale the output instead)
+    expert_parallel: bool
+    eplb: bool
+    sequence_parallel: bool  # each TP rank routes a shard of the batch
+    source: str  # "kernel", "router" (recomputed for a kernel that routes internally) or "simulated"
+
+
 def check_layer_modules(
-    moe_modules: list[Any], settings: Settings | None = None, returns: ReturnSettings | None = None
+    layers: list[MoeLayer], settings: Settings | None = None, returns: ReturnSettings | None = None
 ) -> None:
-    """One FusedMoE per decoder layer, with a known index: records and returned rows are keyed by decoder layer.
+    """One MoE module per decoder layer, with a known index: records and returned rows are keyed by decoder layer.
     The error names the switch that asked (returns None: the log's VLLM_LOG_MOE)."""
-    unindexed = [m.layer_name for m in moe_modules if m._moe_routes_layer_id is None]
+    unindexed = [m.name for m in layers if m.layer_id is None]
     if unindexed:
         if returns is None:
             raise bad_env(ENV_PATH, f"cannot tell the decoder-layer index of MoE module(s) {unindexed[:3]}")
         raise refusal(settings, returns, f"needs the decoder-layer index of MoE module(s) {unindexed[:3]}")
     by_layer: dict[int, list[str]] = {}
-    for m in moe_modules:
-        by_layer.setdefault(m._moe_routes_layer_id, []).append(m.layer_name)
+    for m in layers:
+        by_layer.setdefault(m.layer_id, []).append(m.name)
     shared = {layer: names for layer, names in sorted(by_layer.items()) if len(names) > 1}
     if shared:
         layer, names = next(iter(shared.items()))
@@ -676,66 +577,50 @@ def check_layer_modules(
         raise refusal(settings, returns, f"keys rows by decoder layer and cannot tell them apart: {what}")
 
 
-def _routing_store_group(kv_cache_config: Any) -> tuple[int, int]:
-    """(group index, manager block size) of the KV-cache group whose slots identify a token for the prefix-cache
-    routing store: a full-attention group keeps every block of a request (a sliding-window group swaps blocks that
-    left the window for the null block, a Mamba group has no per-token slots). (-1, 0) when there is none:
-    prefix-cache hits then become gap records."""
-    from vllm.v1.kv_cache_interface import (
-        AttentionSpec,
-        CrossAttentionSpec,
-        EncoderOnlyAttentionSpec,
-        FullAttentionSpec,
-        UniformTypeKVCacheSpecs,
-    )
-
-    def kind(spec: Any) -> int:  # 0: full attention, 1: other per-token attention, 9: unusable
-        if isinstance(spec, UniformTypeKVCacheSpecs):
-            return min((kind(s) for s in spec.kv_cache_specs.values()), default=9)
-        if isinstance(spec, (CrossAttentionSpec, EncoderOnlyAttentionSpec)):
-            return 9
-        if isinstance(spec, FullAttentionSpec):
-            return 0
-        return 1 if isinstance(spec, AttentionSpec) else 9  # sliding window, chunked local / Mamba
-
-    ranked = sorted((kind(g.kv_cache_spec), i) for i, g in enumerate(kv_cache_config.kv_cache_groups))
-    if not ranked or ranked[0][0] == 9:
-        return -1, 0
-    g = ranked[0][1]
-    return g, int(kv_cache_config.kv_cache_groups[g].kv_cache_spec.block_size)
+def routing_source(layers: list[MoeLayer]) -> str:
+    kinds = {m.source for m in layers}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-def _engine_state(runner: Any) -> _State | None:
-    return getattr(runner, "_moe_routes_state", None)
-
-
-def on_kv_cache_ready(runner: Any) -> None:
-    """GPUModelRunner.initialize_kv_cache (CPUModelRunner inherits it): the capture state, the KV-slot store and
-    the meta record the front-end's log writes before this engine's records."""
+def start_engine(
+    runner: Any,
+    layers: list[MoeLayer],
+    *,
+    device: torch.device,
+    max_tokens: int,
+    kv_cache_config: Any,
+    kv_group: int,
+    block_size: int,
+    async_scheduling: bool,
+    deferred_output: bool,
+) -> None:
+    """The release's on_kv_cache_ready, with what it read from its model runner: builds the capture state, the
+    KV-slot store and the meta record the front-end's log writes before this engine's records. `layers`: every
+    registered MoE module; (kv_group, block_size): the KV-cache group whose slots key the routing store, (-1, 0)
+    when there is none."""
     global _ACTIVE
     settings = engine_settings(runner.vllm_config)
     returns = return_settings(runner.model_config)
+    runner._moe_routes_state = None  # KV cache re-initialised (e.g. wake-up): start afresh
     if settings is None and returns is None:
         return
-    runner._moe_routes_state = None  # KV cache re-initialised (e.g. wake-up): start afresh
-    moe_modules = [m for m in runner.model.modules() if hasattr(m, "_moe_routes_layer_id")]
-    if not moe_modules:
-        raise refusal(settings, returns, f"needs an MoE model: {runner.model_config.model} has no FusedMoE layer")
+    if not layers:
+        raise refusal(settings, returns, f"needs an MoE model: {runner.model_config.model} has no MoE layer")
     from vllm.distributed import get_tensor_model_parallel_rank
 
     if get_tensor_model_parallel_rank() != 0:
-        return  # TP ranks other than 0 compute the same routing and capture nothing (register_layer)
-    check_layer_modules(moe_modules, settings, returns)
-    moe_layer_ids = sorted(m._moe_routes_layer_id for m in moe_modules)
+        return  # TP ranks other than 0 compute the same routing and capture nothing (register_moe_module)
+    check_layer_modules(layers, settings, returns)
+    moe_layer_ids = sorted(m.layer_id for m in layers)
     if settings is not None and settings.layers is not None:
         missing = [i for i in settings.layers if i not in moe_layer_ids]
         if missing:
             raise bad_env(
                 ENV_LAYERS, f"layer(s) {missing} are not MoE layers of this model; MoE layers: {moe_layer_ids}"
             )
-    captured_mods = sorted((m for m in moe_modules if m._moe_routes_slot >= 0), key=lambda m: m._moe_routes_layer_id)
-    captured = [m._moe_routes_layer_id for m in captured_mods]
-    rows = [m._moe_routes_slot for m in captured_mods]
+    captured_mods = sorted((m for m in layers if m.slot >= 0), key=lambda m: m.layer_id)
+    captured = [m.layer_id for m in captured_mods]
+    rows = [m.slot for m in captured_mods]
     log_cols = None  # the log writes every captured layer
     if settings is not None and settings.layers is not None and returns is not None:
         log_cols = [captured.index(i) for i in sorted(settings.layers)]
@@ -746,25 +631,23 @@ def on_kv_cache_ready(runner: Any) -> None:
             None, returns, f"needs MoE layer indices below the {n_hidden} decoder layers; this model has {captured}"
         )
     logged_mods = captured_mods if log_cols is None else [captured_mods[c] for c in log_cols]
-    first = moe_modules[0]
-    top_k, num_experts = int(first.top_k), int(first.logical_num_experts)
-    if any(int(m.top_k) != top_k or int(m.logical_num_experts) != num_experts for m in moe_modules):
+    first = layers[0]
+    top_k, num_experts = first.top_k, first.num_experts
+    if any(m.top_k != top_k or m.num_experts != num_experts for m in layers):
         raise bad_env(ENV_PATH, "MoE layers with different top_k/num_experts are not supported by the log format")
-    if any(getattr(m, "is_sequence_parallel", False) for m in moe_modules):
+    if any(m.sequence_parallel for m in layers):
         # Each TP rank then routes only its shard of the batch; rank 0 alone cannot capture every token.
         raise refusal(
             settings,
             returns,
             "does not support sequence-parallel MoE (expert parallel with TP > 1 and DP > 1); use TP = 1 per DP rank",
         )
-    source = _routing_source(captured_mods)
+    source = routing_source(captured_mods)
     check_recomputed_routing(source, returns, settings)
-    device = runner.device
     if device.type not in ("cuda", "cpu"):
         raise refusal(settings, returns, f"does not support {device.type} devices in this patch series")
     parallel = runner.parallel_config
     dp_rank = int(parallel.data_parallel_rank) if parallel.data_parallel_size > 1 else None
-    max_tokens = max(int(runner.max_num_tokens), max(getattr(runner, "cudagraph_batch_sizes", None) or [0]))
     buffers = getattr(runner.vllm_config, _BUFFERS_ATTR, None)
     if buffers is None or buffers[0].shape[0] < max_tokens or buffers[0].device != device:
         # Not built with the model (a config whose buffers were never allocated): allocate now, outside the memory
@@ -774,19 +657,17 @@ def on_kv_cache_ready(runner: Any) -> None:
         object.__setattr__(runner.vllm_config, _BUFFERS_ATTR, buffers)
     max_tokens = int(buffers[0].shape[0])
 
-    kv_cfg = runner.kv_cache_config
-    kv_group, manager_block_size = _routing_store_group(kv_cfg)
-    if not runner.cache_config.enable_prefix_caching:
-        kv_group, manager_block_size = -1, 0  # no hit to fill: no KV-slot store (memory and a copy per step)
-    if returns is not None and kv_group < 0 and runner.cache_config.enable_prefix_caching:
+    prefix_caching = bool(runner.cache_config.enable_prefix_caching)
+    if not prefix_caching:
+        kv_group, block_size = -1, 0  # no hit to fill: no KV-slot store (memory and a copy per step)
+    if returns is not None and kv_group < 0 and prefix_caching:
         raise refusal(
             None,
             returns,
             "with prefix caching needs a full-attention KV-cache group to keep the routing of cached tokens "
             "by KV slot, and this model has none; pass --no-enable-prefix-caching (enable_prefix_caching=False)",
         )
-    num_slots = int(kv_cfg.num_blocks) * manager_block_size if kv_group >= 0 else 0
-    kernel_block_size = int(runner.input_batch.block_table[kv_group].block_size) if kv_group >= 0 else 0
+    num_slots = int(kv_cache_config.num_blocks) * block_size if kv_group >= 0 else 0
 
     import vllm
     from vllm.platforms import current_platform
@@ -795,7 +676,6 @@ def on_kv_cache_ready(runner: Any) -> None:
     series, patches = _patch_provenance()
     sim = os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY") or None
     weights = _weights(settings, returns)
-    async_scheduling = bool(getattr(runner, "use_async_scheduling", False))
     sizes = footprint(
         captured_layers=len(captured),
         buffer_rows=int(buffers[0].shape[1]),
@@ -834,7 +714,7 @@ def on_kv_cache_ready(runner: Any) -> None:
         "num_hidden_layers": n_hidden,
         "moe_layers": moe_layer_ids,
         "layers_logged": logged,
-        "layer_modules": {str(m._moe_routes_layer_id): m.layer_name for m in logged_mods},
+        "layer_modules": {str(m.layer_id): m.name for m in logged_mods},
         "id_kind": "logical",
         "routing_source": source,
         "routing_simulation_strategy": sim,
@@ -842,19 +722,19 @@ def on_kv_cache_ready(runner: Any) -> None:
         "renormalize": bool(first.renormalize),
         # topk_weights are what the expert kernel multiplied by. Some models (vLLM's DeepSeek-V2/V3, GLM-4.5) give
         # the kernel 1.0 and scale the MoE output by the config's factor afterwards.
-        "kernel_routed_scaling_factor": float(getattr(first, "routed_scaling_factor", 1.0)),
+        "kernel_routed_scaling_factor": float(first.kernel_routed_scaling_factor),
         "config_routed_scaling_factor": getattr(model_config.hf_text_config, "routed_scaling_factor", None),
         "enforce_eager": bool(model_config.enforce_eager),
-        "prefix_caching": bool(runner.cache_config.enable_prefix_caching),
-        "kv_cache_groups": len(kv_cfg.kv_cache_groups),
+        "prefix_caching": prefix_caching,
+        "kv_cache_groups": len(kv_cache_config.kv_cache_groups),
         "routing_store_kv_group": kv_group,
         "tensor_parallel_size": parallel.tensor_parallel_size,
         # Under DP every rank's meta record comes first, and its records carry dp_rank.
         "data_parallel_size": parallel.data_parallel_size,
         "data_parallel_rank": dp_rank,
-        "expert_parallel": bool(first.use_ep),
-        "eplb": bool(first.enable_eplb),
-        "num_physical_experts": int(first.global_num_experts),
+        "expert_parallel": bool(first.expert_parallel),
+        "eplb": bool(first.eplb),
+        "num_physical_experts": int(first.num_physical_experts),
         "on_error": settings.on_error if settings is not None else None,
         "returns_routed_experts": returns is not None,
         "patch_series": series,
@@ -883,32 +763,46 @@ def on_kv_cache_ready(runner: Any) -> None:
         meta=meta,
         buffers=buffers,
         kv_group=kv_group,
-        block_size=manager_block_size,
-        kernel_block_size=kernel_block_size,
+        block_size=block_size,
         num_slots=num_slots,
         dp_rank=dp_rank,
         async_scheduling=async_scheduling,
+        deferred_output=deferred_output,
     )
     runner._moe_routes_state = st
     _ACTIVE = st
 
 
-def _fresh_blocks(so: Any, group: int, block_size: int) -> np.ndarray:
-    """KV blocks (manager ids) of `group` that this step allocates afresh, i.e. not prefix-cache hits: until this
-    step's forward fills them they hold an earlier occupant's KV."""
+def _engine_state(runner: Any) -> _State | None:
+    return getattr(runner, "_moe_routes_state", None)
+
+
+def _note_blocks(st: _State, so: Any) -> None:
+    """The routing-store group's block ids of the step's requests, mirrored from the scheduler output (what the
+    runner's block table holds, which V2 keeps on the device only), the blocks this step allocates afresh (not
+    prefix-cache hits: until this step's forward fills them they hold an earlier occupant's KV), and the blocks
+    it copies before the forward (copy-on-write of a hit that ends inside a block)."""
+    g, bs, mirror = st.kv_group, st.block_size, st.blocks
     fresh: list[list[int]] = []
     for new in so.scheduled_new_reqs:
-        fresh.append(new.block_ids[group][new.num_computed_tokens // block_size :])
+        blocks = new.block_ids[g]
+        mirror.set(new.req_id, blocks)  # a resumed request sent as new (V2) gets its whole list again
+        fresh.append(blocks[new.num_computed_tokens // bs :])
     cached = so.scheduled_cached_reqs
     for i, rid in enumerate(cached.req_ids):
         blocks = cached.new_block_ids[i]
         if blocks is None:
             continue
         if rid in cached.resumed_req_ids:  # the whole block list is replaced; its hits are in front
-            fresh.append(blocks[group][cached.num_computed_tokens[i] // block_size :])
+            mirror.set(rid, blocks[g])
+            fresh.append(blocks[g][cached.num_computed_tokens[i] // bs :])
         else:
-            fresh.append(blocks[group])
-    return np.fromiter((b for bl in fresh for b in bl), dtype=np.int64)
+            mirror.append(rid, blocks[g])
+            fresh.append(blocks[g])
+    st.fresh_blocks = np.fromiter((b for bl in fresh for b in bl), dtype=np.int64)
+    copies = getattr(so, "kv_cache_block_copies", None)
+    if copies:
+        st.block_copies = np.asarray([(c[0], c[1]) for c in copies], dtype=np.int64).reshape(-1, 2)
 
 
 def _new_request(st: _State, engine_id: str, sampling_params: Any) -> Request:
@@ -918,7 +812,7 @@ def _new_request(st: _State, engine_id: str, sampling_params: Any) -> Request:
 
 
 def on_step_begin(runner: Any, so: Any) -> None:
-    """GPUModelRunner.execute_model, first thing, for every step (also those that schedule no token)."""
+    """The model runner's execute_model, first thing, for every step (also those that schedule no token)."""
     global _ACTIVE
     st = _engine_state(runner)
     _ACTIVE = st
@@ -926,11 +820,14 @@ def on_step_begin(runner: Any, so: Any) -> None:
         return
     for rid in so.finished_req_ids:
         st.requests.pop(rid, None)
+        if st.blocks is not None:
+            st.blocks.drop(rid)
     for new in so.scheduled_new_reqs:
+        # a request preempted and resumed keeps its Request: positions it sent before are not sent again
         if new.req_id not in st.requests:
             st.requests[new.req_id] = _new_request(st, new.req_id, new.sampling_params)
-    if st.num_slots:
-        st.fresh_blocks = _fresh_blocks(so, st.kv_group, st.manager_block_size)
+    if st.blocks is not None:
+        _note_blocks(st, so)
     n = int(so.total_num_scheduled_tokens)
     if n:  # rows a captured layer does not write this step keep a value no id takes: caught at assembly
         st.ids_buf[:n].fill_(st.unwritten)
@@ -954,38 +851,50 @@ def _captured_rows(st: _State, array: np.ndarray) -> np.ndarray:
     return array[:, st.rows]
 
 
-def on_forward(
-    runner: Any, scheduler_output: Any, num_tokens: int, req_ids: list[str], num_scheduled_tokens: np.ndarray
+def forward_done(
+    runner: Any, req_ids: list[str], num_scheduled_tokens: np.ndarray, first_positions: np.ndarray, num_tokens: int
 ) -> None:
-    """GPUModelRunner.execute_model, right after the model forward of a scheduled batch."""
+    """The release's runner adapters, right after the model forward of a scheduled batch, with host arrays only:
+    the batch's request ids, scheduled tokens and first positions (request b's tokens are positions
+    first_positions[b] .. + num_scheduled_tokens[b] - 1, in batch order), and the unpadded token count."""
     st = _engine_state(runner)
     if st is None:
         return
     n = int(num_tokens)
     if n == 0:
         return
-    positions = runner.positions.np[:n].copy()
-    counts = np.asarray(num_scheduled_tokens[: len(req_ids)], dtype=np.int64).copy()
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    first_pos = positions[np.minimum(starts, n - 1)]
-    gap_blocks: dict[int, np.ndarray] = {}
-    bt = runner.input_batch.block_table[st.kv_group] if st.num_slots else None
-    slots = bt.slot_mapping.np[:n].copy() if bt is not None else np.full(n, -1, dtype=np.int64)
+    nreq = len(req_ids)
+    counts = np.asarray(num_scheduled_tokens[:nreq], dtype=np.int64).copy()
+    first_pos = np.asarray(first_positions[:nreq], dtype=np.int64).copy()
+    if int(counts.sum()) != n:
+        raise RuntimeError(
+            f"moe_routes: the batch schedules {int(counts.sum())} tokens, the forward ran {n} (a moe_routes bug, "
+            "please report it with the engine arguments)"
+        )
+    starts = np.zeros(nreq, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    positions = np.repeat(first_pos - starts, counts) + np.arange(n, dtype=np.int64)
     requests = st.requests
     batch = [requests.get(rid) for rid in req_ids]
-    if any(r is None for r in batch):  # a request the step-begin hook did not see as new (should not happen)
-        for i, rid in enumerate(req_ids):
-            if batch[i] is None:
-                batch[i] = requests[rid] = _new_request(st, rid, runner.requests[rid].sampling_params)
-    emit_from = np.fromiter((r.next_pos for r in batch), dtype=np.int64, count=len(batch))
+    if any(r is None for r in batch):  # a request the step-begin hook did not see as new (should not happen):
+        for i, rid in enumerate(req_ids):  # its rows are sent from position 0; the front-end skips what it
+            if batch[i] is None:  # does not return
+                batch[i] = requests[rid] = Request(rid)
+    emit_from = np.fromiter((r.next_pos for r in batch), dtype=np.int64, count=nreq)
     has = counts > 0
+    gap_blocks: dict[int, np.ndarray] = {}
+    mirror = st.blocks
+    if mirror is not None:
+        rows = mirror.rows_of(req_ids)
+        slots = mirror.slots(np.repeat(rows, counts), positions)
+    else:
+        slots = np.full(n, -1, dtype=np.int64)
     # positions before a request's first one this step that it never sent: a prefix-cache hit, read back
     for i in np.flatnonzero(has & (first_pos > emit_from)).tolist():
-        first = int(first_pos[i])
-        if bt is not None:
-            gap_blocks[i] = bt.block_table.np[i, : (first + bt.block_size - 1) // bt.block_size].copy()
+        if mirror is not None:
+            gap_blocks[i] = mirror.blocks(int(rows[i]), int(first_pos[i]))
         else:
-            gap_blocks[i] = np.zeros(0, dtype=np.int32)
+            gap_blocks[i] = np.zeros(0, dtype=np.int64)
     ends = np.where(has, np.maximum(emit_from, first_pos + counts), emit_from).tolist()
     for req, end in zip(batch, ends, strict=True):
         req.next_pos = end
@@ -997,8 +906,22 @@ def on_forward(
     else:  # CPU: the capture buffers are host memory; copy this step's rows of the captured layers
         ids = _captured_rows(st, st.ids_buf.numpy()[:n])
         weights = None if st.w_buf is None else _captured_rows(st, st.w_buf.numpy()[:n])
-    job = StepJob(batch, counts, positions, slots, emit_from, gap_blocks, st.fresh_blocks, ids, weights, event, idx)
+    job = StepJob(
+        requests=batch,
+        counts=counts,
+        positions=positions,
+        slots=slots,
+        emit_from=emit_from,
+        gap_blocks=gap_blocks,
+        fresh_blocks=st.fresh_blocks,
+        ids=ids,
+        weights=weights,
+        event=event,
+        staging_index=idx,
+        block_copies=st.block_copies,
+    )
     st.fresh_blocks = np.zeros(0, dtype=np.int64)
+    st.block_copies = np.zeros((0, 2), dtype=np.int64)
     st.unshipped.append(job)  # assembled when this step's ModelRunnerOutput is built (or collected)
 
 
@@ -1007,31 +930,28 @@ def on_forward(
 # .moe_routes (RoutesChunk) -> [one frame per step on the wire] -> OutputProcessor.
 # ----------------------------------------------------------------------------------------------------
 class _Deferred:
-    """ModelRunnerOutput.routed_experts of an async-scheduling step until its output is collected
-    (AsyncGPUModelRunnerOutput.get_output, after the step's device work is done): no extra host sync."""
+    """The rows of a ModelRunnerOutput handed over before its step's device work is done (async scheduling, V2)
+    until the output is collected (the release's resolve_output, after that work): no extra host sync."""
 
     def __init__(self, st: _State, jobs: list[StepJob]) -> None:
         self.st, self.jobs = st, jobs
 
 
 def on_model_runner_output(runner: Any, output: Any) -> None:
-    """GPUModelRunner.sample_tokens, when the step's ModelRunnerOutput is built: the rows of the steps forwarded
-    since the last output."""
+    """The model runner's sample_tokens, when the step's ModelRunnerOutput is built: the rows of the steps
+    forwarded since the last output, in the release's RUNNER_OUTPUT_FIELD."""
     st = _engine_state(runner)
     if st is None or not st.unshipped:
         return
     jobs, st.unshipped = st.unshipped, []
-    if getattr(runner, "use_async_scheduling", False):
-        output.routed_experts = _Deferred(st, jobs)
-    else:
-        output.routed_experts = _rows_of(st, jobs)
+    setattr(output, _release.RUNNER_OUTPUT_FIELD, _Deferred(st, jobs) if st.deferred_output else _rows_of(st, jobs))
 
 
 def resolve_output(output: Any) -> None:
-    """AsyncGPUModelRunnerOutput.get_output."""
-    deferred = output.routed_experts
+    """Where the model runner's deferred output is collected (AsyncGPUModelRunnerOutput / AsyncOutput.get_output)."""
+    deferred = getattr(output, _release.RUNNER_OUTPUT_FIELD, None)
     if isinstance(deferred, _Deferred):
-        output.routed_experts = _rows_of(deferred.st, deferred.jobs)
+        setattr(output, _release.RUNNER_OUTPUT_FIELD, _rows_of(deferred.st, deferred.jobs))
 
 
 def _job_arrays(st: _State, job: StepJob) -> tuple[np.ndarray, np.ndarray | None]:
@@ -1206,10 +1126,11 @@ def _front(output_processor: Any) -> _FrontEnd:
 
 @dataclass
 class _Completion:
-    """A completion's front-end state: how its records name it, and the rows it returns."""
+    """A completion's front-end state: how its records name it, the rows it returns, its front-end."""
 
     field: bytes
     returned: ReturnedRows
+    front: _FrontEnd
 
 
 def on_output_request(output_processor: Any, req_state: Any, request: Any) -> None:
@@ -1224,7 +1145,7 @@ def on_output_request(output_processor: Any, req_state: Any, request: Any) -> No
     tag = (params.extra_args or {}).get(REQUEST_TAG) if isinstance(params.extra_args, dict) else None
     req_id, index = client_request(req_state.external_req_id, tag, req_state.request_index, n)
     start = int(getattr(params, PROMPT_START, 0) or 0)
-    req_state._moe_routes = _Completion(request_field(req_id, index), ReturnedRows(start))
+    req_state._moe_routes = _Completion(request_field(req_id, index), ReturnedRows(start), _front(output_processor))
 
 
 def take_step_rows(output_processor: Any, steps: list[RoutesStep]) -> None:
@@ -1267,19 +1188,26 @@ def take_step_rows(output_processor: Any, steps: list[RoutesStep]) -> None:
             fe.log.routes(step.ids, step.weights, entries, fe.log_layers, fe.log_cols)
 
 
+def request_routes(req_state: Any, finish_reason: Any, upstream: np.ndarray | None = None) -> tuple[Any, Any]:
+    """The completion's (routed_experts, routed_expert_weights) when it finishes (normally, on a stop string found
+    in the front-end, or aborted by the client or the engine): rows [P + G - 1 - start, num_hidden_layers, top_k],
+    as upstream; the last sampled token has no forward. An aborted completion returns the rows computed so far
+    (positions start .. P+G-2 for the G tokens its final output carries; for one aborted before its first token,
+    the prompt rows computed so far; None when nothing was computed), as upstream 0.22+. The step's rows arrived
+    before, on its carrier (all of them reach the caller: the front-end only finishes a completion at or after
+    the token they came with). `upstream`: what the engine returns without this series' return (kept then)."""
+    state = getattr(req_state, "_moe_routes", None)
+    if finish_reason is None or state is None or not state.front.returns:
+        return upstream, None
+    aborted = getattr(finish_reason, "name", None) == "ABORT"  # FinishReason.ABORT, from the client or the engine
+    return _returned(state.front, req_state, state, aborted)
+
+
 def completion_routes(
     output_processor: Any, req_state: Any, engine_core_output: Any, finish_reason: Any
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """OutputProcessor.process_outputs, for each output: on the finishing one (also when a stop string, found
-    here, finishes it) (routed_experts, routed_expert_weights): rows [P + G - 1 - start, num_hidden_layers,
-    top_k], as upstream; the last sampled token has no forward. The step's rows arrived before, on its carrier
-    (all of them reach the caller: the front-end only finishes a completion at or after the token they came
-    with)."""
-    state = getattr(req_state, "_moe_routes", None)
-    fe = getattr(output_processor, "_moe_routes", None)
-    if finish_reason is None or state is None or fe is None or not fe.returns:
-        return None, None
-    return _returned(fe, req_state, state, aborted=False)
+    """OutputProcessor.process_outputs, for each output (0.15.1's hook): request_routes."""
+    return request_routes(req_state, finish_reason)
 
 
 def _returned(
@@ -1309,14 +1237,10 @@ def _returned(
 
 
 def abort_routes(output_processor: Any, req_state: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """OutputProcessor.abort_requests: the rows of an aborted completion so far (positions start .. P+G-2 for the
-    G tokens its final output carries; for one aborted before its first token, the prompt rows computed so far;
-    None when nothing was computed), as upstream 0.22+ returns them."""
-    state = getattr(req_state, "_moe_routes", None)
-    fe = getattr(output_processor, "_moe_routes", None)
-    if state is None or fe is None or not fe.returns:
-        return None, None
-    return _returned(fe, req_state, state, aborted=True)
+    """OutputProcessor.abort_requests (0.15.1's hook): request_routes of a client abort."""
+    from vllm.v1.engine import FinishReason
+
+    return request_routes(req_state, FinishReason.ABORT)
 
 
 def keep_abort_output(output_processor: Any, request_output: Any) -> None:
@@ -1485,8 +1409,8 @@ def _npy_base64(array: np.ndarray) -> str:
         return encode(buf.getbuffer())
 
 
-def _encode_pair(ids: np.ndarray, weights: np.ndarray | None) -> tuple[str, str | None]:
-    return _npy_base64(ids), None if weights is None else _npy_base64(weights)
+def _encode_pair(ids: np.ndarray | None, weights: np.ndarray | None) -> tuple[str | None, str | None]:
+    return None if ids is None else _npy_base64(ids), None if weights is None else _npy_base64(weights)
 
 
 def _completion_outputs(outputs: Any) -> list[Any]:
@@ -1500,55 +1424,70 @@ def _completion_outputs(outputs: Any) -> list[Any]:
     return [o for item in outputs for o in _completion_outputs(item)]
 
 
-async def encode_choice_routes(outputs: Any) -> None:
+async def encode_choice_routes(outputs: Any, ids: bool = True) -> None:
     """Awaited by the async serving code before it builds choices from `outputs` (a RequestOutput, a
     CompletionOutput, or a list of either): the routing of each finished completion above
     _B64_OFF_LOOP_BYTES is base64-encoded in a worker thread (asyncio.to_thread), not on the event loop
     (DeepSeek-V3, 4096 positions with weights: ~10 MB of .npy), and cached on its CompletionOutput for
-    add_choice_fields. Smaller arrays are left to add_choice_fields, which encodes them inline."""
+    add_choice_fields. Smaller arrays are left to add_choice_fields, which encodes them inline. ids=False: the
+    serving code encodes the ids itself (upstream's non-streamed choices from vLLM 0.22 on): only the weights."""
     todo = []
     for out in _completion_outputs(outputs):
-        ids = getattr(out, "routed_experts", None)
-        if ids is None:
+        got = getattr(out, "routed_experts", None)
+        if got is None:
             continue
         weights = getattr(out, "routed_expert_weights", None)
-        if ids.nbytes + (0 if weights is None else weights.nbytes) <= _B64_OFF_LOOP_BYTES:
+        want = got if ids else None
+        if (0 if want is None else want.nbytes) + (0 if weights is None else weights.nbytes) <= _B64_OFF_LOOP_BYTES:
             continue
         cached = getattr(out, _B64_ATTR, None)
-        if cached is not None and cached[0] is ids and cached[2] is weights:
+        if cached is not None and cached[0] is got and cached[2] is weights and (cached[1] is not None or not ids):
             continue
-        todo.append((out, ids, weights))
+        todo.append((out, got, want, weights))
     if not todo:
         return
     import asyncio
 
-    encoded = await asyncio.gather(*(asyncio.to_thread(_encode_pair, ids, w) for _, ids, w in todo))
-    for (out, ids, weights), (ids_b64, w_b64) in zip(todo, encoded, strict=True):
-        setattr(out, _B64_ATTR, (ids, ids_b64, weights, w_b64))
+    encoded = await asyncio.gather(*(asyncio.to_thread(_encode_pair, want, w) for _, _, want, w in todo))
+    for (out, got, _, weights), (ids_b64, w_b64) in zip(todo, encoded, strict=True):
+        setattr(out, _B64_ATTR, (got, ids_b64, weights, w_b64))
 
 
 def add_choice_fields(choice: Any, output: Any, request: Any) -> None:
     """A choice (or a stream choice's final chunk) gets the completion's routing: routed_experts (base64 .npy,
     as vLLM 0.22+) in the field upstream declares on non-streamed choices (`str | None = None`: null when no
-    routing is returned), else as an extra field (stream choices, which upstream leaves without it); our
-    extensions routed_expert_weights and routed_experts_prompt_start (the start used) as extra fields, present
-    only when routing is returned, so stream chunks and null choices do not grow. Set on the built model:
-    passed to its constructor they would pass OpenAIBaseModel's validator, which logs every extra field as
-    "present in the request but ignored". Uses the strings encode_choice_routes cached, else encodes here."""
+    routing is returned; kept when the serving code filled it already), else as an extra field (stream choices,
+    which upstream leaves without it); our extensions routed_expert_weights and routed_experts_prompt_start (the
+    start used) as extra fields, present only when routing is returned, so stream chunks and null choices do not
+    grow. Set on the built model: passed to its constructor they would pass OpenAIBaseModel's validator, which
+    logs every extra field as "present in the request but ignored". Uses the strings encode_choice_routes
+    cached, else encodes here."""
     ids = getattr(output, "routed_experts", None)
     if ids is None:
         return
     weights = getattr(output, "routed_expert_weights", None)
+    declared = "routed_experts" in getattr(type(choice), "model_fields", {})
+    filled = declared and getattr(choice, "routed_experts", None) is not None
     cached = getattr(output, _B64_ATTR, None)
     if cached is not None and cached[0] is ids and cached[2] is weights:
         ids_b64, w_b64 = cached[1], cached[3]
     else:
-        ids_b64, w_b64 = _encode_pair(ids, weights)
+        ids_b64, w_b64 = None, None if weights is None else _npy_base64(weights)
+    if not filled and ids_b64 is None:
+        ids_b64 = _npy_base64(ids)
     extra = choice.__pydantic_extra__
-    if "routed_experts" in getattr(type(choice), "model_fields", {}):
-        choice.routed_experts = ids_b64
+    if declared:
+        if not filled:
+            choice.routed_experts = ids_b64
     else:
         extra["routed_experts"] = ids_b64
     if w_b64 is not None:
         extra["routed_expert_weights"] = w_b64
     extra[PROMPT_START] = int(prompt_start_of(request) or 0)
+
+
+# The release's half: the names this module calls (_release.RUNNER_OUTPUT_FIELD, .upstream_return_asked,
+# .this_dp_rank_rows) and its hook entry points (register_layer, record, on_kv_cache_ready, on_forward, ...),
+# re-exported for the hooks. Last, because that module builds on everything above.
+from vllm.model_executor.layers import moe_routes_release as _release  # noqa: E402
+from vllm.model_executor.layers.moe_routes_release import *  # noqa: E402, F403
