@@ -268,14 +268,12 @@ def returned_equal_to_log(routes: ReturnedRoutes, log: RouteLog, outputs: list[d
         np.testing.assert_array_equal(routes.weights[key][:, layers], w[start:].astype(np.float32))
 
 
-def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[int]):
-    """HF transformers routing for each sequence: list of (ids [T, L, K], weights [T, L, K])."""
-    import torch
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    cfg = model.config
-    gates = {}
+def router_modules(model) -> dict[int, object]:
+    """{decoder layer: its router module}: the `gate` / `router` child of the layer's MoE block (a 2-D `weight`
+    of [num_experts, hidden]). transformers 4.57 (vLLM 0.15.1's environment): nn.Linear, or a TopkRouter module
+    for GLM-4.5 / gpt-oss; 5.x (0.32.0's): a *TopKRouter module in every family (Mixtral's block is then
+    `mlp`, no longer `block_sparse_moe`). Either way its first argument is the router's input."""
+    gates: dict[int, object] = {}
     for name, mod in model.named_modules():
         if (
             name.endswith((".gate", ".router"))
@@ -283,7 +281,22 @@ def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[
             and getattr(mod, "weight", None) is not None
             and mod.weight.dim() == 2
         ):
-            gates[int(name.split(".layers.")[1].split(".")[0])] = mod
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            assert layer not in gates, f"two router modules in decoder layer {layer}: {name}"
+            gates[layer] = mod
+    return gates
+
+
+def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[int]):
+    """HF transformers routing for each sequence: list of (ids [T, L, K], weights [T, L, K]).
+    tests/test_routes_ref.py checks it against an independent calculation and HF's own routing."""
+    import torch
+    import transformers as tf
+
+    # `dtype` (transformers >= 4.56; 5.x deprecates `torch_dtype`)
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = model.config
+    gates = router_modules(model)
     assert set(layers) <= set(gates), (layers, sorted(gates))
     captured: dict[int, torch.Tensor] = {}
     hooks = [
