@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from moe_routes import REPO_ROOT as ROOT
+from moe_routes import vllm_args
 from moe_routes.prompts import PromptsFileError, read_questions
 from moe_routes.schema import schema_version
 
@@ -201,8 +202,10 @@ HTTP_MAX_CONCURRENCY = 256
 
 def vllm_engine_kwargs(args) -> dict:
     """The engine arguments every vLLM engine of a run gets (LLM kwargs; the http source passes them as CLI flags
-    with server_cli_args)."""
-    kwargs = dict(
+    with server_cli_args): what the installed vLLM pin needs on this device (moe_routes/vllm_args.py, e.g. 0.32.0's
+    block_size and gpu_memory_utilization on CPU), then the run's arguments, which win."""
+    kwargs = vllm_args.installed_engine_defaults()
+    kwargs.update(
         model=args.model,
         seed=args.seed,
         dtype=args.dtype,
