@@ -400,11 +400,35 @@ def vllm_result(startup, warmup, runs, identical, n_records, routed_request_ids)
     }
 
 
+# a module every vLLM series adds (patches/shared/vllm/files/): present once the installed vLLM is patched
+PATCHED_VLLM_MODULE = "vllm.model_executor.layers.moe_routes_log"
+
+
+def require_patched_vllm(source: str) -> None:
+    """Before any engine starts: the log and the per-request weights exist only in a patched vLLM (an unpatched one
+    would run both modes and then find no log, or refuse enable_return_routed_expert_weights)."""
+    import importlib.util
+
+    import vllm
+
+    try:
+        patched = importlib.util.find_spec(PATCHED_VLLM_MODULE) is not None
+    except (ImportError, ValueError):
+        patched = False
+    if not patched:
+        raise SystemExit(
+            f"run_generate: --routing-source {source} needs the moe-routes series applied to this vLLM "
+            f"({vllm.__version__}, {Path(vllm.__file__).parent}), which has no {PATCHED_VLLM_MODULE}: "
+            f"python -m moe_routes patch status --engine vllm --python {sys.executable}"
+        )
+
+
 def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     if "VLLM_LOG_MOE" in os.environ:
         raise SystemExit("run_generate: unset VLLM_LOG_MOE; run_generate.py sets it for the logging engine itself")
     if args.routing_source == "http":
         return run_vllm_http(args, questions, out_dir)
+    require_patched_vllm(args.routing_source)
     from tqdm import tqdm
     from vllm import SamplingParams
 

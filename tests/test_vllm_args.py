@@ -61,3 +61,28 @@ def test_without_a_usable_vllm_there_are_no_defaults(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="stub"))
     assert vllm_args.installed_engine_defaults() == {}
+
+
+def _fake_vllm(root, patched: bool):
+    pkg = root / "vllm" / "model_executor" / "layers"
+    pkg.mkdir(parents=True)
+    for d in (root / "vllm", root / "vllm" / "model_executor", pkg):
+        (d / "__init__.py").write_text('__version__ = "0.32.0+cpu"\n' if d.name == "vllm" else "")
+    if patched:
+        (pkg / "moe_routes_log.py").write_text("")
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_run_generate_refuses_an_unpatched_vllm_before_starting_engines(tmp_path, monkeypatch, patched):
+    """log / offline sources on a clean vLLM: one clear error first, not two engines and a missing log after."""
+    import sys
+
+    _fake_vllm(tmp_path, patched)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if patched:
+        generate.require_patched_vllm("log")
+        return
+    with pytest.raises(SystemExit, match="needs the moe-routes series applied to this vLLM .0.32.0.cpu"):
+        generate.require_patched_vllm("offline")
