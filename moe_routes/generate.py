@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from moe_routes import REPO_ROOT as ROOT
+from moe_routes import vllm_args
 from moe_routes.prompts import PromptsFileError, read_questions
 from moe_routes.schema import schema_version
 
@@ -201,8 +202,10 @@ HTTP_MAX_CONCURRENCY = 256
 
 def vllm_engine_kwargs(args) -> dict:
     """The engine arguments every vLLM engine of a run gets (LLM kwargs; the http source passes them as CLI flags
-    with server_cli_args)."""
-    kwargs = dict(
+    with server_cli_args): what the installed vLLM pin needs on this device (moe_routes/vllm_args.py, e.g. 0.32.0's
+    block_size and gpu_memory_utilization on CPU), then the run's arguments, which win."""
+    kwargs = vllm_args.installed_engine_defaults()
+    kwargs.update(
         model=args.model,
         seed=args.seed,
         dtype=args.dtype,
@@ -397,11 +400,35 @@ def vllm_result(startup, warmup, runs, identical, n_records, routed_request_ids)
     }
 
 
+# a module every vLLM series adds (patches/shared/vllm/files/): present once the installed vLLM is patched
+PATCHED_VLLM_MODULE = "vllm.model_executor.layers.moe_routes_log"
+
+
+def require_patched_vllm(source: str) -> None:
+    """Before any engine starts: the log and the per-request weights exist only in a patched vLLM (an unpatched one
+    would run both modes and then find no log, or refuse enable_return_routed_expert_weights)."""
+    import importlib.util
+
+    import vllm
+
+    try:
+        patched = importlib.util.find_spec(PATCHED_VLLM_MODULE) is not None
+    except (ImportError, ValueError):
+        patched = False
+    if not patched:
+        raise SystemExit(
+            f"run_generate: --routing-source {source} needs the moe-routes series applied to this vLLM "
+            f"({vllm.__version__}, {Path(vllm.__file__).parent}), which has no {PATCHED_VLLM_MODULE}: "
+            f"python -m moe_routes patch status --engine vllm --python {sys.executable}"
+        )
+
+
 def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     if "VLLM_LOG_MOE" in os.environ:
         raise SystemExit("run_generate: unset VLLM_LOG_MOE; run_generate.py sets it for the logging engine itself")
     if args.routing_source == "http":
         return run_vllm_http(args, questions, out_dir)
+    require_patched_vllm(args.routing_source)
     from tqdm import tqdm
     from vllm import SamplingParams
 

@@ -4,6 +4,11 @@ No hub access: the architecture comes from `transformers` config classes, the to
 `tokenizers` on the prompts you give it (GSM8K questions by default). Routing statistics of such a model
 are meaningless; it exists to exercise the real engines end to end.
 
+The checkpoint reads the same under the transformers of every vLLM pin's environment (4.57 for vLLM 0.15.1,
+5.x for 0.32.0), whichever of them wrote it: transformers 5 writes a tokenizer class and RoPE keys 4.57 does
+not know, and `portable_checkpoint` adds what 4.57 reads (a directory built once, e.g. the bench model in the
+shared cache, serves every pin).
+
 Examples:
   moe-routes tiny-model --arch qwen2_moe --out /tmp/tiny-qwen2moe
   moe-routes tiny-model --arch mixtral --out /tmp/tiny-mixtral --hidden 256 --layers 4 --experts 16
@@ -70,7 +75,7 @@ def make_config(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
-        torch_dtype="float32",
+        dtype="float32",  # transformers >= 4.56 (`torch_dtype` is its deprecated alias)
     )
     if arch == "qwen2_moe":
         return tf.Qwen2MoeConfig(
@@ -156,9 +161,6 @@ def build(
     seed: int = 0,
 ) -> Path:
     """Write a random-weight checkpoint + tokenizer to `out` (idempotent: reuses a complete directory)."""
-    import torch
-    import transformers as tf
-
     out = Path(out)
     stamp = out / "tinymoe.json"
     spec = dict(
@@ -174,7 +176,11 @@ def build(
         seed=seed,
     )
     if stamp.exists() and json.loads(stamp.read_text()) == spec:
+        portable_checkpoint(out)  # a directory an older tinymoe wrote under transformers 5
         return out
+    import torch
+    import transformers as tf
+
     out.mkdir(parents=True, exist_ok=True)
     if not prompts_file.exists():
         raise FileNotFoundError(f"prompts file {prompts_file} not found (needed to train the tokenizer)")
@@ -191,7 +197,7 @@ def build(
         max_pos=max_pos,
     )
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init gives near-uniform router logits; scale the gates so routing is decisive (ties in top-k
     # would make any reference comparison ill-posed, as in real trained models they are rare).
     with torch.no_grad():
@@ -202,8 +208,62 @@ def build(
             if name.endswith("e_score_correction_bias"):  # exercise the bias-corrected selection
                 buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     model.save_pretrained(out, safe_serialization=True)
+    portable_checkpoint(out)
     stamp.write_text(json.dumps(spec))
     return out
+
+
+# tokenizer classes transformers 5 writes that 4.x cannot load: in 5.x PreTrainedTokenizerFast is their alias
+TF5_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# config keys transformers 5 renamed (its config class's attribute_map still reads the old name) that 4.57 needs,
+# per model_type of ARCHS: {old name: new name}. 4.57 without `num_experts` builds Qwen3-MoE with its default
+# 128 experts (the checkpoint's 8-expert gate then fails to load). Found by loading each ARCHS checkpoint of
+# each version under the other: the configs then differ in no other key either version reads.
+TF5_RENAMED_KEYS = {"qwen3_moe": {"num_experts": "num_local_experts"}}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def portable_checkpoint(out: Path) -> list[str]:
+    """Make a checkpoint directory written by transformers 5 load the same under transformers 4.57 (vLLM 0.15.1's
+    environment); a no-op on one 4.x wrote. Idempotent; returns the files it changed.
+
+    - tokenizer_config.json: `tokenizer_class` TokenizersBackend (5.x only) -> PreTrainedTokenizerFast (both).
+    - config.json: 5.x keeps RoPE in `rope_parameters` only; 4.57 reads `rope_theta` and `rope_scaling` (and
+      would silently take its class defaults without them). Both are added, with the same values: 5.x prefers a
+      non-null `rope_scaling` over `rope_parameters` and reads `rope_theta` into it, so it reads what it wrote.
+      Keys 5.x renamed (TF5_RENAMED_KEYS) get their old name too, same value."""
+    out = Path(out)
+    changed = []
+    tok_path = out / "tokenizer_config.json"
+    if tok_path.exists():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") in TF5_TOKENIZER_CLASSES:
+            tok["tokenizer_class"] = TF5_TOKENIZER_CLASSES[tok["tokenizer_class"]]
+            _write_json_atomic(tok_path, tok)
+            changed.append(tok_path.name)
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        before = dict(cfg)
+        rope = cfg.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_type" in rope and "rope_theta" not in cfg:
+            legacy = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+            cfg["rope_theta"] = rope["rope_theta"]
+            cfg["rope_scaling"] = None if legacy.get("rope_type", "default") == "default" else legacy
+            if "partial_rotary_factor" in rope:
+                cfg.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+        for old, new in TF5_RENAMED_KEYS.get(cfg.get("model_type"), {}).items():
+            if new in cfg and old not in cfg:
+                cfg[old] = cfg[new]
+        if cfg != before:
+            _write_json_atomic(cfg_path, cfg)
+            changed.append(cfg_path.name)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from engine_modules import vllm_pin
 
-from moe_routes.generate import VllmServer, free_port
+from moe_routes import vllm_args
+from moe_routes.generate import VllmServer, free_port, server_cli_args
 from moe_routes.prompts import SHARED_GSM8K, read_questions
 from moe_routes.schema import load_schema
 
@@ -30,6 +32,17 @@ PY = os.environ.get("MOE_ROUTES_TEST_PYTHON") or sys.executable
 
 # LLM kwargs of an engine that returns routing per request, weights included
 ROUTES = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
+
+
+def engine_defaults() -> dict:
+    """The LLM kwargs every test engine of the pin under test gets on CPU (moe_routes/vllm_args.py, e.g. 0.32.0's
+    block_size and gpu_memory_utilization): drive / drive_dp / serve add them; a test that builds an engine
+    itself passes them too (`LLM(..., **engine_defaults())`)."""
+    return vllm_args.engine_defaults(vllm_pin(), "cpu")
+
+
+def _spec(model, runs: list[dict]) -> str:
+    return json.dumps({"model": str(model), "pin": vllm_pin(), "engine_defaults": engine_defaults(), "runs": runs})
 
 
 def gsm8k_questions(n: int) -> list[str]:
@@ -60,7 +73,7 @@ def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900
     """Run tests/vllm_driver.py in a fresh interpreter; returns the per-run result dicts."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec, out = workdir / "spec.json", workdir / "result.json"
-    spec.write_text(json.dumps({"model": str(model), "runs": runs}))
+    spec.write_text(_spec(model, runs))
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("VLLM_LOG_MOE", None)
@@ -106,7 +119,7 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
     procs = []
     for rank, run in enumerate(runs_per_rank):
         spec, out = workdir / f"spec{rank}.json", workdir / f"result{rank}.json"
-        spec.write_text(json.dumps({"model": str(model), "runs": [run]}))
+        spec.write_text(_spec(model, [run]))
         env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOG_MOE", "VLLM_LOG_MOE_LAYERS")}
         env.update(
             VLLM_CPU_KVCACHE_SPACE="1",
@@ -158,7 +171,8 @@ def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple
 
     port = free_port()
     cmd = [str(Path(PY).parent / "vllm"), "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
-    cmd += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "1234", *args]
+    cmd += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "1234"]
+    cmd += [*server_cli_args(engine_defaults()), *args]
     workdir.mkdir(parents=True, exist_ok=True)
     run_env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     server = VllmServer("test", cmd, port, workdir / "serve.log", env=run_env)
@@ -268,14 +282,12 @@ def returned_equal_to_log(routes: ReturnedRoutes, log: RouteLog, outputs: list[d
         np.testing.assert_array_equal(routes.weights[key][:, layers], w[start:].astype(np.float32))
 
 
-def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[int]):
-    """HF transformers routing for each sequence: list of (ids [T, L, K], weights [T, L, K])."""
-    import torch
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    cfg = model.config
-    gates = {}
+def router_modules(model) -> dict[int, object]:
+    """{decoder layer: its router module}: the `gate` / `router` child of the layer's MoE block (a 2-D `weight`
+    of [num_experts, hidden]). transformers 4.57 (vLLM 0.15.1's environment): nn.Linear, or a TopkRouter module
+    for GLM-4.5 / gpt-oss; 5.x (0.32.0's): a *TopKRouter module in every family (Mixtral's block is then
+    `mlp`, no longer `block_sparse_moe`). Either way its first argument is the router's input."""
+    gates: dict[int, object] = {}
     for name, mod in model.named_modules():
         if (
             name.endswith((".gate", ".router"))
@@ -283,7 +295,22 @@ def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[
             and getattr(mod, "weight", None) is not None
             and mod.weight.dim() == 2
         ):
-            gates[int(name.split(".layers.")[1].split(".")[0])] = mod
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            assert layer not in gates, f"two router modules in decoder layer {layer}: {name}"
+            gates[layer] = mod
+    return gates
+
+
+def reference_routing(model_dir: Path, sequences: list[list[int]], layers: list[int]):
+    """HF transformers routing for each sequence: list of (ids [T, L, K], weights [T, L, K]).
+    tests/test_routes_ref.py checks it against an independent calculation and HF's own routing."""
+    import torch
+    import transformers as tf
+
+    # `dtype` (transformers >= 4.56; 5.x deprecates `torch_dtype`)
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = model.config
+    gates = router_modules(model)
     assert set(layers) <= set(gates), (layers, sorted(gates))
     captured: dict[int, torch.Tensor] = {}
     hooks = [

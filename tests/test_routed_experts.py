@@ -478,7 +478,10 @@ def test_parse_args_routing_source():
             generate.parse_args(argv)
 
 
-def test_server_cli_args_mirror_the_engine_kwargs():
+def test_server_cli_args_mirror_the_engine_kwargs(monkeypatch):
+    from moe_routes import vllm_args
+
+    monkeypatch.setattr(vllm_args, "installed_engine_defaults", dict)  # a pin that needs none (0.15.1, a GPU)
     args = generate.parse_args(["--model", "/m", "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32"])
     kwargs = generate.vllm_engine_kwargs(args)
     assert generate.server_cli_args(kwargs) == [

@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from routes_ref import PY, ROOT, RouteLog, assert_agrees_with_reference, gsm8k_questions, reference_routing, serve
+from routes_ref import (
+    PY,
+    ROOT,
+    RouteLog,
+    assert_agrees_with_reference,
+    engine_defaults,
+    gsm8k_questions,
+    reference_routing,
+    serve,
+)
 
 from moe_routes.routed_experts import from_choice
 
@@ -89,7 +98,7 @@ def test_offline_abort_returns_the_rows_so_far_and_the_log_holds_exactly_them(mo
     def main():
         llm = LLM(model={str(model)!r}, dtype="float32", enforce_eager=True, seed=1234, max_model_len=2048,
                   enable_return_routed_experts=True, enable_return_routed_expert_weights=True,
-                  enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=8)
+                  enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=8, **{engine_defaults()!r})
         eng = llm.llm_engine
         sp = SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0.0)
         eng.add_request("decoding", {{"prompt_token_ids": {short!r}}}, sp)
@@ -154,7 +163,7 @@ def test_async_llm_abort_gives_the_generator_a_final_output_with_the_rows_so_far
     async def main():
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model={str(model)!r}, dtype="float32", enforce_eager=True, seed=1234, max_model_len=2048,
-            enable_return_routed_experts=True, enable_return_routed_expert_weights=True))
+            enable_return_routed_experts=True, enable_return_routed_expert_weights=True, **{engine_defaults()!r}))
         sp = SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0.0)
         finals, seen = {{}}, {{}}
 

@@ -25,6 +25,7 @@ from routes_ref import (
     RouteLog,
     assert_agrees_with_reference,
     drive,
+    engine_defaults,
     gsm8k_questions,
     output_key,
     returned_equal_to_log,
@@ -302,7 +303,7 @@ ASYNC_SCRIPT = textwrap.dedent(
     async def main():
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=2048, seed=1234,
-            enable_return_routed_experts=True))
+            enable_return_routed_experts=True, **json.loads(sys.argv[2])))
         sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
         out = {}
         try:
@@ -332,7 +333,12 @@ def test_async_llm_delta_streaming_keeps_the_array_through_aggregation(models, t
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     proc = subprocess.run(
-        [PY, str(script), str(models["qwen2_moe"])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [PY, str(script), str(models["qwen2_moe"]), json.dumps(engine_defaults())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]

@@ -7,11 +7,15 @@ core process inherits at spawn), which saves the interpreter start-up per engine
 
   python tests/vllm_driver.py --spec spec.json --out result.json
 
-spec = {"model": DIR, "runs": [{"env": {...}, "llm": {...LLM kwargs}, "sampling": {...},
+spec = {"model": DIR, "pin": "0.32.0", "engine_defaults": {...LLM kwargs},
+        "runs": [{"env": {...}, "llm": {...LLM kwargs}, "sampling": {...},
         "prompts": ["text" | [token ids], ...]  |  "batches": [[prompt, ...], [prompt, ...]],
         "file_size_limit": BYTES, "save_routes": "FILE.npz",
         "gpu_defaults": {"async_scheduling": true, "fork": true, "record": "FILE.jsonl"}}]}
 
+"pin" (tests/engine_modules.py vllm_pin()) must be the release of the vLLM this interpreter imports: a venv of
+another pin stops the driver before any run. "engine_defaults" (moe_routes/vllm_args.py engine_defaults: the
+pin's CPU kwargs, e.g. 0.32.0's block_size and gpu_memory_utilization) go under every run's "llm" kwargs.
 The environment of a run is set after `from vllm import LLM` (as users do), and vLLM's environment cache
 is cleared after each run, so each run reads its own. "file_size_limit" lowers
 RLIMIT_FSIZE while the engine starts and runs (its processes inherit it; CPython ignores SIGXFSZ, so a
@@ -37,15 +41,32 @@ import traceback
 
 import gpu_defaults  # tests/ (this script's directory) is on sys.path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: moe_routes
+from moe_routes.vllm_args import release, routed_experts_flag  # noqa: E402
+
 _IN_PROCESS_ENGINE_RAN = False
 
 
-def run_one(model: str, run: dict) -> dict:
+def check_pin(pin: str | None) -> None:
+    import vllm
+
+    if pin is not None and release(vllm.__version__) != pin:
+        raise SystemExit(
+            f"vllm_driver: the tests run for vLLM pin {pin} (MOE_ROUTES_VLLM_PIN, else the default pin) but "
+            f"{sys.executable} has vLLM {vllm.__version__}: set MOE_ROUTES_VLLM_PIN and MOE_ROUTES_TEST_PYTHON "
+            "to one pin's venv (docs/developing.md)"
+        )
+
+
+def run_one(model: str, run: dict, engine_defaults: dict | None = None) -> dict:
     global _IN_PROCESS_ENGINE_RAN
     from vllm import LLM, SamplingParams
 
-    saved = {k: os.environ.get(k) for k in run.get("env", {})}
-    for k, v in run.get("env", {}).items():
+    env = dict(run.get("env", {}))
+    if run.get("report_flag"):
+        env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # _flags sends a function to the engine core
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)
         else:
@@ -66,7 +87,7 @@ def run_one(model: str, run: dict) -> dict:
         if run.get("file_size_limit"):
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(run["file_size_limit"]), fsize[1]))
         t0 = time.time()
-        kwargs = dict(model=model, dtype="float32", seed=1234, max_model_len=2048)
+        kwargs = dict(model=model, dtype="float32", seed=1234, max_model_len=2048, **(engine_defaults or {}))
         kwargs.update(run.get("llm", {}))
         llm = LLM(**kwargs)
         startup = time.time() - t0
@@ -136,16 +157,18 @@ def run_one(model: str, run: dict) -> dict:
 
 
 def _worker_flag(worker) -> bool:
-    return bool(worker.model_runner.model_config.enable_return_routed_experts)
+    return routed_experts_flag(worker.model_runner.vllm_config)
 
 
 def _flags(llm) -> dict:
-    """ModelConfig.enable_return_routed_experts where RL frameworks read it: the front-end's config, and the
-    engine core's worker (through collective_rpc, as moe_routes' own tooling reaches workers)."""
-    import cloudpickle
-
-    workers = llm.llm_engine.collective_rpc("execute_method", args=(cloudpickle.dumps(_worker_flag),))
-    return {"front_end": bool(llm.llm_engine.vllm_config.model_config.enable_return_routed_experts), "workers": workers}
+    """enable_return_routed_experts where RL frameworks read it (0.15.1: ModelConfig, 0.32.0: AuxOutputConfig;
+    moe_routes.vllm_args.routed_experts_flag): the front-end's config, and the engine core's worker, through
+    collective_rpc with the function itself (a "report_flag" run sets VLLM_ALLOW_INSECURE_SERIALIZATION=1 so
+    that the function reaches a spawned engine core; 0.32.0's multiprocess executor cloudpickles whatever is
+    not a method name, so cloudpickled bytes, which 0.15.1's WorkerWrapperBase.execute_method took, would arrive
+    as bytes, and 0.32.0 workers have no execute_method)."""
+    workers = llm.llm_engine.collective_rpc(_worker_flag)
+    return {"front_end": routed_experts_flag(llm.llm_engine.vllm_config), "workers": workers}
 
 
 def _save_routes(path: str, outs, multi: bool) -> None:
@@ -172,9 +195,10 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     spec = json.load(open(a.spec))
+    check_pin(spec.get("pin"))
     results = []
     for run in spec["runs"]:
-        results.append(run_one(spec["model"], run))
+        results.append(run_one(spec["model"], run, spec.get("engine_defaults")))
         with open(a.out, "w") as f:  # partial results survive a crash of a later run
             json.dump({"runs": results}, f)
     return 0
