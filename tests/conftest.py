@@ -19,9 +19,9 @@ def models(tmp_path_factory):
 # `-m fast` runs in the light dev venv (no torch, vLLM or SGLang), where importing an engine test module would
 # fail at collection: only modules that mark tests fast are collected there. Every other run collects all of
 # them and fails loudly if an engine is missing.
-# A release's own glue is tested in test_release_vllm_<pin with '_'>.py, collected only in that pin's run (its
-# classes exist only in its venv).
-RELEASE_TESTS = re.compile(r"test_release_vllm_(.+)\.py")
+# A release's own glue is tested in test_release_vllm_<pin with '_'>[_<topic>].py, collected only in that pin's
+# run (its classes exist only in its venv).
+RELEASE_TESTS = re.compile(r"test_release_vllm_(\d+_\d+_\d+)(?:_\w+)?\.py")
 
 
 def pytest_ignore_collect(collection_path, config):

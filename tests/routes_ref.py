@@ -69,8 +69,30 @@ def shared_prefix_prompts(model_dir: str | Path) -> dict[str, list[list[int]]]:
     }
 
 
-def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900, extra_env: dict | None = None):
-    """Run tests/vllm_driver.py in a fresh interpreter; returns the per-run result dicts."""
+# tests/v2_on_cpu: the shim that runs vLLM 0.32.0's Model Runner V2 on CPU (Triton's interpreter)
+V2_ON_CPU = Path(__file__).resolve().parent / "v2_on_cpu"
+
+
+def runner_env(runner: str) -> dict[str, str]:
+    """The environment of a driver process whose engines use `runner`: "v1" (the CPU build's default, the V1-based
+    CPUModelRunner) or "v2" (Model Runner V2, the GPU default of vLLM 0.32.0: the shim goes on PYTHONPATH, so
+    that the driver and its spawned engine cores import it before vLLM)."""
+    if runner == "v1":
+        return {}
+    assert runner == "v2", runner
+    path = os.pathsep.join(p for p in (str(V2_ON_CPU), os.environ.get("PYTHONPATH", "")) if p)
+    return {"MOE_ROUTES_V2_ON_CPU": "1", "VLLM_USE_V2_MODEL_RUNNER": "1", "PYTHONPATH": path}
+
+
+def drive(
+    model: str | Path,
+    runs: list[dict],
+    workdir: Path,
+    timeout: int = 900,
+    extra_env: dict | None = None,
+    runner: str = "v1",
+):
+    """Run tests/vllm_driver.py in a fresh interpreter; returns the per-run result dicts. runner: see runner_env."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec, out = workdir / "spec.json", workdir / "result.json"
     spec.write_text(_spec(model, runs))
@@ -78,6 +100,7 @@ def drive(model: str | Path, runs: list[dict], workdir: Path, timeout: int = 900
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("VLLM_LOG_MOE", None)
     env.pop("VLLM_LOG_MOE_LAYERS", None)
+    env.update(runner_env(runner))
     env.update(extra_env or {})
     proc = subprocess.run(
         [PY, str(DRIVER), "--spec", str(spec), "--out", str(out)],

@@ -1,6 +1,6 @@
 """In-process tests of the front-end half of the patched module (vllm/model_executor/layers/moe_routes.py): the
 request checks (`check_request`, `http_request`, `prompt_start_of`), the choice fields (`add_choice_fields`) and
-the base64 encoding (`_npy_base64`, `encode_choice_routes`), on vLLM 0.15.1's own protocol models.
+the base64 encoding (`_npy_base64`, `encode_choice_routes`), on the protocol models of the vLLM pin under test.
 
 Upstream references are to the clean vLLM 0.32.0 tree: `utils/serial_utils.py:67-71` (numpy2base64: pybase64 of
 the .npy bytes), `v1/engine/input_processor.py:454-463` (the range check for every request),
@@ -16,6 +16,7 @@ import types
 
 import numpy as np
 import pytest
+from engine_modules import vllm_pin
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponseChoice,
@@ -28,7 +29,13 @@ from vllm.entrypoints.openai.completion.protocol import (
     CompletionResponseChoice,
     CompletionResponseStreamChoice,
 )
-from vllm.entrypoints.serve.disagg.protocol import GenerateRequest, GenerateResponse, GenerateResponseChoice
+
+if vllm_pin() == "0.15.1":
+    from vllm.entrypoints.serve.disagg.protocol import GenerateRequest, GenerateResponse, GenerateResponseChoice
+else:  # /inference/v1/generate moved (and its token-mode models were renamed) in vLLM 0.32.0
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateRequest
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensChoice as GenerateResponseChoice
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensResponse as GenerateResponse
 from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.layers import moe_routes as mr
 from vllm.outputs import CompletionOutput

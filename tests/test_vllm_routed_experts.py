@@ -94,7 +94,7 @@ def offline_runs(models, tmp_path_factory):
         # in-process, so that the second batch is queued whole before its first step)
         dict(
             env={"VLLM_LOG_MOE": str(work / "same_step.jsonl"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-            llm={**eager, **ROUTES, "num_gpu_blocks_override": 15, "max_num_seqs": 16},
+            llm={**eager, **ROUTES, "num_gpu_blocks_override": 15, "max_model_len": 1024, "max_num_seqs": 16},
             sampling={"max_tokens": 8},
             batches=[fill, shared],
             save_routes=str(work / "same_step.npz"),
@@ -119,7 +119,14 @@ def offline_runs(models, tmp_path_factory):
         # 5: preemption with recompute: 6 KV blocks of 128 tokens for 16 growing requests, prefix caching off
         dict(
             env={"VLLM_LOG_MOE": str(work / "preempt.jsonl")},
-            llm={**eager, **ROUTES, "num_gpu_blocks_override": 6, "enable_prefix_caching": False, "max_num_seqs": 16},
+            llm={
+                **eager,
+                **ROUTES,
+                "num_gpu_blocks_override": 6,
+                "max_model_len": 512,
+                "enable_prefix_caching": False,
+                "max_num_seqs": 16,
+            },
             sampling={"max_tokens": 120},
             prompts=gsm8k_questions(16),
             save_routes=str(work / "preempt.npz"),

@@ -153,6 +153,7 @@ def qwen2_scheduling(models, tmp_path_factory):
             "llm": {
                 "enforce_eager": True,
                 "num_gpu_blocks_override": 6,
+                "max_model_len": 512,
                 "enable_prefix_caching": False,
                 "max_num_seqs": 26,
             },

@@ -11,7 +11,8 @@ spec = {"model": DIR, "pin": "0.32.0", "engine_defaults": {...LLM kwargs},
         "runs": [{"env": {...}, "llm": {...LLM kwargs}, "sampling": {...},
         "prompts": ["text" | [token ids], ...]  |  "batches": [[prompt, ...], [prompt, ...]],
         "file_size_limit": BYTES, "save_routes": "FILE.npz",
-        "gpu_defaults": {"async_scheduling": true, "fork": true, "record": "FILE.jsonl"}}]}
+        "gpu_defaults": {"async_scheduling": true, "fork": true, "record": "FILE.jsonl"},
+        "upstream_return": true}]}
 
 "pin" (tests/engine_modules.py vllm_pin()) must be the release of the vLLM this interpreter imports: a venv of
 another pin stops the driver before any run. "engine_defaults" (moe_routes/vllm_args.py engine_defaults: the
@@ -71,7 +72,7 @@ def run_one(model: str, run: dict, engine_defaults: dict | None = None) -> dict:
             os.environ.pop(k, None)
         else:
             os.environ[k] = str(v)
-    llm = None
+    llm = upstream_return = None
     gpu = run.get("gpu_defaults")
     fsize = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
@@ -89,6 +90,8 @@ def run_one(model: str, run: dict, engine_defaults: dict | None = None) -> dict:
         t0 = time.time()
         kwargs = dict(model=model, dtype="float32", seed=1234, max_model_len=2048, **(engine_defaults or {}))
         kwargs.update(run.get("llm", {}))
+        if run.get("upstream_return"):
+            upstream_return = _leave_the_return_flag_to_upstream()
         llm = LLM(**kwargs)
         startup = time.time() - t0
         sp = SamplingParams(**{"temperature": 0.0, "ignore_eos": True, "max_tokens": 16, **run.get("sampling", {})})
@@ -133,6 +136,8 @@ def run_one(model: str, run: dict, engine_defaults: dict | None = None) -> dict:
     except Exception as exc:  # the tests assert on the message
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     finally:
+        if upstream_return is not None:
+            upstream_return()
         resource.setrlimit(resource.RLIMIT_FSIZE, fsize)
         if llm is not None:
             try:
@@ -169,6 +174,21 @@ def _flags(llm) -> dict:
     as bytes, and 0.32.0 workers have no execute_method)."""
     workers = llm.llm_engine.collective_rpc(_worker_flag)
     return {"front_end": routed_experts_flag(llm.llm_engine.vllm_config), "workers": workers}
+
+
+def _leave_the_return_flag_to_upstream():
+    """ "upstream_return": vLLM 0.32.0's own AuxOutput connector serves enable_return_routed_experts for this run
+    (Model Runner V2 only), the series' takeover is skipped (the log still captures), so that the tests can check
+    upstream's ids against the log and the HF reference. Returns the undo."""
+    from vllm.model_executor.layers import moe_routes
+
+    take_over = moe_routes.take_over_return_flag
+    moe_routes.take_over_return_flag = lambda engine_args: None
+
+    def undo() -> None:
+        moe_routes.take_over_return_flag = take_over
+
+    return undo
 
 
 def _save_routes(path: str, outs, multi: bool) -> None:

@@ -1,0 +1,163 @@
+"""vLLM 0.32.0's Model Runner V2 (the GPU default), run for real on CPU: every @triton.jit kernel of V2 in Triton's
+interpreter (tests/v2_on_cpu), the series' V2 hooks (step begin, after the forward, the ModelRunnerOutput,
+AsyncOutput.get_output, the KV cache ready) with real data. The log and the per-request arrays against the HF
+reference where users break them: prefix-cache hits on blocks filled in the same step, n > 1 with chunked prefill
+in a spawned engine core, preemption with recompute, stop strings with a prompt start. And upstream's own
+routed experts (its AuxOutput connector, which needs V2 and prefix caching: this series leaves the flag to it in
+the "upstream_return" runs) against the log, in the same adversarial cases.
+
+Collected only in the 0.32.0 pin's run (tests/conftest.py). What only a GPU shows (CUDA graphs, the pinned
+copies overlapping the next step, real async overlap): APPENDIX section 5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from routes_ref import (
+    ROUTES,
+    ReturnedRoutes,
+    RouteLog,
+    assert_agrees_with_reference,
+    drive,
+    gsm8k_questions,
+    output_key,
+    returned_equal_to_log,
+    shared_prefix_prompts,
+)
+
+# V2's kernels run interpreted (~4x a V1 decode step on CPU): small batches, few tokens
+UPSTREAM = {"enable_return_routed_experts": True}
+
+
+@pytest.fixture(scope="module")
+def v2_runs(models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("runner_v2")
+    prompts = shared_prefix_prompts(models["qwen2_moe"])
+    fill, shared, long_prompts = prompts["fill"], prompts["shared"], prompts["long"]
+    eager = {"enforce_eager": True}
+    same_step = {**eager, "num_gpu_blocks_override": 15, "max_model_len": 1024, "max_num_seqs": 16}
+    preempt = {**eager, "num_gpu_blocks_override": 6, "max_model_len": 512, "max_num_seqs": 8}
+    inproc = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    runs = [
+        # 0: same-step prefix hits (15 KV blocks; in-process, so the second batch is queued whole), log + arrays
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "same_step.jsonl"), **inproc},
+            llm={**same_step, **ROUTES},
+            sampling={"max_tokens": 6},
+            batches=[fill, shared],
+            save_routes=str(work / "same_step.npz"),
+        ),
+        # 1: n > 1 sampled, chunked prefill (64-token chunks), spawned engine core (the shim reaches it)
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "n2.jsonl")},
+            llm={**eager, **ROUTES, "max_num_batched_tokens": 64, "enable_chunked_prefill": True},
+            sampling={"max_tokens": 6, "n": 2, "temperature": 1.0},
+            prompts=long_prompts[:2],
+            save_routes=str(work / "n2.npz"),
+        ),
+        # 2: preemption with recompute (6 KV blocks of 128 for 8 growing requests), prefix caching off
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "preempt.jsonl"), **inproc},
+            llm={**preempt, **ROUTES, "enable_prefix_caching": False},
+            sampling={"max_tokens": 90},
+            prompts=gsm8k_questions(8),
+            save_routes=str(work / "preempt.npz"),
+        ),
+        # 3: stop strings found by the front-end, prompt start 5
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "stop.jsonl"), **inproc},
+            llm={**eager, **ROUTES},
+            sampling={"max_tokens": 16, "routed_experts_prompt_start": 5, "stop": ["e", "a"], "ignore_eos": False},
+            prompts=gsm8k_questions(4),
+            save_routes=str(work / "stop.npz"),
+        ),
+        # 4, 5: upstream's AuxOutput connector returns the ids (the log captures beside it): same-step prefix
+        # hits, and preemption with recompute (prefix caching on, as upstream requires)
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "up_same_step.jsonl"), **inproc},
+            llm={**same_step, **UPSTREAM},
+            sampling={"max_tokens": 6},
+            batches=[fill, shared],
+            save_routes=str(work / "up_same_step.npz"),
+            upstream_return=True,
+        ),
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "up_preempt.jsonl"), **inproc},
+            llm={**preempt, **UPSTREAM},
+            sampling={"max_tokens": 90},
+            prompts=gsm8k_questions(8),
+            save_routes=str(work / "up_preempt.npz"),
+            upstream_return=True,
+        ),
+    ]
+    results, log = drive(models["qwen2_moe"], runs, work, timeout=1800, runner="v2")
+    for r in results:
+        assert r["ok"], r.get("traceback")
+    assert "Using V2 Model Runner" in log, "the engines did not run Model Runner V2"
+    return work, results
+
+
+def _check(work, name: str, outputs: list[dict], model_dir, start: int = 0) -> RouteLog:
+    """The log: positions 0..P+G-2 once per layer, equal to the HF reference (fp32: every entry); the arrays: P+G-1-
+    start rows each, equal to the log record for record."""
+    log = RouteLog(work / f"{name}.jsonl")
+    log.check_exact_coverage(outputs)
+    agreement = assert_agrees_with_reference(log, model_dir, outputs)
+    assert agreement["id_agreement"] == 1.0, agreement
+    routes = ReturnedRoutes(work / f"{name}.npz", log.meta["layers_logged"])
+    assert not routes.none and set(routes.ids) == {output_key(o) for o in outputs}
+    returned_equal_to_log(routes, log, outputs, start=start)
+    return log
+
+
+def test_v2_same_step_prefix_hits(v2_runs, models):
+    work, results = v2_runs
+    outputs = results[0]["outputs"]
+    log = _check(work, "same_step", outputs, models["qwen2_moe"])
+    assert outputs[8]["request_id"] in log.hits_in_the_computing_step(outputs[7]["request_id"]), "no same-step hit"
+
+
+def test_v2_parallel_sampling_with_chunked_prefill_in_a_spawned_engine_core(v2_runs, models):
+    work, results = v2_runs
+    outputs = results[1]["outputs"]
+    assert len(outputs) == 4 and max(len(o["prompt_token_ids"]) for o in outputs) > 64, "no prompt was chunked"
+    _check(work, "n2", outputs, models["qwen2_moe"])
+
+
+def test_v2_preemption_recompute_each_position_once(v2_runs, models):
+    work, results = v2_runs
+    outputs = results[2]["outputs"]
+    assert results[2]["writer_stats"][0]["recomputed_tokens_skipped"] > 0, "the scenario did not preempt"
+    _check(work, "preempt", outputs, models["qwen2_moe"])
+
+
+def test_v2_stop_strings_and_prompt_start(v2_runs, models):
+    work, results = v2_runs
+    outputs = results[3]["outputs"]
+    assert any(len(o["token_ids"]) < 16 for o in outputs), "no completion ended on a stop string"
+    _check(work, "stop", outputs, models["qwen2_moe"], start=5)
+
+
+@pytest.mark.parametrize("run,name", [(4, "up_same_step"), (5, "up_preempt")], ids=["same_step_hits", "preemption"])
+def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, models, run, name):
+    """Upstream's ids (its AuxOutput connector on V2, prefix caching on): P+G-1 rows per completion, every entry
+    equal to the log, whose records equal the HF reference."""
+    work, results = v2_runs
+    outputs = results[run]["outputs"]
+    if name == "up_preempt":
+        assert results[run]["writer_stats"][0]["recomputed_tokens_skipped"] > 0, "the scenario did not preempt"
+    log = RouteLog(work / f"{name}.jsonl")
+    log.check_exact_coverage(outputs)
+    agreement = assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
+    assert agreement["id_agreement"] == 1.0, agreement
+    layers = log.meta["layers_logged"]
+    with np.load(work / f"{name}.npz") as z:
+        none = [k for k in z.files if k.startswith("none/")]
+        assert not none, f"upstream returned None for {none[:3]}"
+        for o in outputs:
+            got = z[f"ids/{output_key(o)}"]
+            n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
+            ids, _ = log.per_request(output_key(o), n_pos, layers)
+            assert got.shape == (n_pos, 3, 2), (output_key(o), got.shape)
+            np.testing.assert_array_equal(np.sort(got[:, layers], -1), np.sort(ids, -1), err_msg=output_key(o))
