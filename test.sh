@@ -20,8 +20,11 @@ expert_stats.json in --out-dir.
                          offline cpu: a tiny random-weight MoE built locally
   --offline              no Hugging Face access: local model (or the tiny random one) and --prompts-file
   --prompts-file F       JSONL with a 'question' field (e.g. ../shared/data/gsm8k/test.jsonl)
-  --num-prompts N        default 25          --max-tokens N   default 256 (gpu) / 64 (cpu)
-  --repeats N            default 3           --enforce-eager  no CUDA graphs / torch.compile
+  --num-prompts N        default 25
+  --max-tokens N         default 256 (gpu) / 64 (cpu) / 512 with --ignore-eos (the tiny random model)
+  --repeats N            measured runs per mode and round, default 3
+  --rounds N             default 2: both engines started afresh each round, round 2 in the other order
+  --enforce-eager        no CUDA graphs / torch.compile
   --out-dir DIR          default ./out
   -h, --help             this text
 
@@ -35,7 +38,8 @@ EOF
 
 GPU_DEFAULT_MODEL="Qwen/Qwen1.5-MoE-A2.7B-Chat"
 CPU_DEFAULT_MODEL="ibm-granite/granite-3.1-1b-a400m-instruct"
-DEVICE=auto; VLLM=$VLLM_DEFAULT; MODEL=""; OFFLINE=0; PROMPTS=""; NUM_PROMPTS=25; MAX_TOKENS=""; REPEATS=3; EAGER=""; OUT="$ROOT/out"
+DEVICE=auto; VLLM=$VLLM_DEFAULT; MODEL=""; OFFLINE=0; PROMPTS=""; NUM_PROMPTS=25; MAX_TOKENS=""; REPEATS=3; ROUNDS=2
+EAGER=""; OUT="$ROOT/out"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -46,6 +50,7 @@ while [ $# -gt 0 ]; do
     --num-prompts) NUM_PROMPTS=$2; shift 2 ;;
     --max-tokens) MAX_TOKENS=$2; shift 2 ;;
     --repeats) REPEATS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --enforce-eager) EAGER=--enforce-eager; shift ;;
     --out-dir) OUT=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -120,10 +125,8 @@ if [ "$DEVICE" = gpu ]; then
   fi
   PY="$VENV/bin/python"
   scripts/ensure_vllm_patched.sh "$PY" vllm "$VLLM"
-  [ -n "$MAX_TOKENS" ] || MAX_TOKENS=256
 else
   PY=$(scripts/setup_cpu_env.sh --vllm "$VLLM" | tail -n 1)
-  [ -n "$MAX_TOKENS" ] || MAX_TOKENS=64
 fi
 say "verifying the vLLM $VLLM series: installed copy, then the clean pinned release"
 "$PY" -m moe_routes patch status --engine vllm --pin "$VLLM" --python "$PY"
@@ -132,19 +135,27 @@ if [ $OFFLINE = 1 ]; then "$PY" -m moe_routes verify --engine vllm --pin "$VLLM"
 else "$PY" -m moe_routes verify --engine vllm --pin "$VLLM"; fi
 
 # ---- model + prompts ------------------------------------------------------------------------------
-DTYPE=auto
+DTYPE=auto; TINY=0
 if [ -z "$MODEL" ]; then
   if [ "$DEVICE" = gpu ]; then MODEL=$GPU_DEFAULT_MODEL
   elif [ $OFFLINE = 1 ]; then
     MODEL="$OUT/tiny-random-moe"
     say "offline CPU run: building a tiny random-weight Qwen2-MoE in $MODEL"
     "$PY" -m moe_routes tiny-model --arch qwen2_moe --out "$MODEL" --prompts-file "$PROMPTS" >/dev/null
-    DTYPE=float32
+    DTYPE=float32; TINY=1
     echo "NOTE: this model has RANDOM weights: its routing statistics mean nothing; the run checks the pipeline."
   else MODEL=$CPU_DEFAULT_MODEL; DTYPE=bfloat16; fi
 fi
+# Timed work: the tiny random model runs 25 x 64 tokens in ~0.2 s on CPU, too short for a ratio that means
+# anything; 512 tokens (--ignore-eos: random weights end at random, every run does the same work) take ~2 s a
+# run on a 2-core VM. Two rounds (run_generate --rounds): the engine started first can be the slower one
+# (moe_routes/generate.py engine_start_order), so each order is measured once and the runs pooled.
+if [ -z "$MAX_TOKENS" ]; then
+  if [ "$DEVICE" = gpu ]; then MAX_TOKENS=256; elif [ $TINY = 1 ]; then MAX_TOKENS=512; else MAX_TOKENS=64; fi
+fi
 GEN_ARGS=(--model "$MODEL" --num-prompts "$NUM_PROMPTS" --max-tokens "$MAX_TOKENS" --repeats "$REPEATS"
-          --dtype "$DTYPE" --out-dir "$OUT")
+          --rounds "$ROUNDS" --dtype "$DTYPE" --out-dir "$OUT")
+[ $TINY = 1 ] && GEN_ARGS+=(--ignore-eos)
 [ -n "$PROMPTS" ] && GEN_ARGS+=(--prompts-file "$PROMPTS")
 [ -n "$EAGER" ] && GEN_ARGS+=("$EAGER")
 [ "$DEVICE" = cpu ] && export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}

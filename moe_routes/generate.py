@@ -160,6 +160,38 @@ def measure_alternating(one, repeats: int, progress=None) -> tuple[dict, dict, d
     return warmup, runs, outputs
 
 
+def engine_start_order(round_index: int) -> tuple[str, str]:
+    """Which engine (or server) a round starts first: the log one in round 1, the no-log one in round 2, and so
+    on. The engine started first is not a neutral choice: with two identical engines (vLLM 0.32.0's CPU build,
+    2-core box, A/A runs of run_generate on an unpatched vLLM) the one started first ran 5-10 % slower in 7 of 8
+    sessions, and the one started second faster in 3 of 3 sessions with the order swapped; one round books that
+    as logging overhead (or gain). --rounds 2 measures both orders and pools their runs."""
+    return ("log", "nolog") if round_index % 2 == 0 else ("nolog", "log")
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """rounds: per round {"start_order", "startup_s", "warmup", "runs", "outputs"} (runs/outputs per mode) ->
+    what main() and timing.json take: round 1's start-up and warm-up (as with one round), every round's runs
+    (each tagged with its "round", 1-based) and outputs, and "rounds" (start order, start-up, warm-up per
+    round)."""
+    runs, outputs = {"log": [], "nolog": []}, {"log": [], "nolog": []}
+    for i, rd in enumerate(rounds, 1):
+        for mode in runs:
+            runs[mode] += [{**st, "round": i} for st in rd["runs"][mode]]
+            outputs[mode] += rd["outputs"][mode]
+    detail = [
+        {"round": i, "start_order": list(rd["start_order"]), "startup_s": rd["startup_s"], "warmup": rd["warmup"]}
+        for i, rd in enumerate(rounds, 1)
+    ]
+    return {
+        "startup": rounds[0]["startup_s"],
+        "warmup": rounds[0]["warmup"],
+        "runs": runs,
+        "outputs": outputs,
+        "rounds": detail,
+    }
+
+
 def all_identical(token_lists: dict) -> bool:
     """token_lists[mode][run] = per-request token ids; True when every run of every mode matches."""
     first = token_lists["log"][0]
@@ -382,8 +414,8 @@ def keep_first_run_routes(scratch: Path, keep: set[str], out_path: Path, random_
     return n_records
 
 
-def vllm_result(startup, warmup, runs, identical, n_records, routed_request_ids) -> dict:
-    """What run_vllm / run_vllm_http hand to main() for timing.json."""
+def vllm_result(merged: dict, identical, n_records, routed_request_ids) -> dict:
+    """What run_vllm / run_vllm_http hand to main() for timing.json (merged: merge_rounds)."""
     import torch
     import vllm
 
@@ -391,9 +423,10 @@ def vllm_result(startup, warmup, runs, identical, n_records, routed_request_ids)
         "engine": "vllm",
         "engine_version": vllm.__version__,
         "torch_version": torch.__version__,
-        "startup_s": startup,
-        "warmup": warmup,
-        "runs": runs,
+        "startup_s": merged["startup"],
+        "warmup": merged["warmup"],
+        "runs": merged["runs"],
+        "rounds": merged["rounds"],
         "tokens_identical": identical,
         "route_records": n_records,
         "routed_request_ids": routed_request_ids,
@@ -433,48 +466,75 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
     from vllm import SamplingParams
 
     source = args.routing_source
-    scratch = out_dir / "moe_routes.all_runs.jsonl"
-    if source == "log" and scratch.exists():
-        scratch.unlink()
-    engines, startup = {}, {}
-    for mode in ("log", "nolog"):
-        print(f"run_generate: starting the {mode} engine ({MODE_MEANING[source][mode]}) ...", flush=True)
-        engines[mode], startup[mode] = start_vllm(
-            args,
-            str(scratch) if (source == "log" and mode == "log") else None,
-            routed_experts=(source == "offline" and mode == "log"),
-        )
-    if source == "offline":
-        check_routing_layout(engines["log"].llm_engine.model_config.hf_config, source)
-    tokenizer = engines["log"].get_tokenizer()
-    prompts = build_prompts(questions, tokenizer, not args.no_chat_template)
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+    rounds, first, n_records = [], None, 0
+    for r in range(args.rounds):
+        # the log engine of round 1 writes moe_routes.all_runs.jsonl, later rounds their own file
+        scratch = out_dir / ("moe_routes.all_runs.jsonl" if r == 0 else f"moe_routes.all_runs.round{r + 1}.jsonl")
+        if source == "log" and scratch.exists():
+            scratch.unlink()
+        order = engine_start_order(r)
+        engines, startup = {}, {}
+        for mode in order:
+            print(
+                f"run_generate: round {r + 1}/{args.rounds}: starting the {mode} engine ({MODE_MEANING[source][mode]})"
+                " ...",
+                flush=True,
+            )
+            engines[mode], startup[mode] = start_vllm(
+                args,
+                str(scratch) if (source == "log" and mode == "log") else None,
+                routed_experts=(source == "offline" and mode == "log"),
+            )
+        if r == 0:
+            hf_config = engines["log"].llm_engine.model_config.hf_config
+            if source == "offline":
+                check_routing_layout(hf_config, source)
+            prompts = build_prompts(questions, engines["log"].get_tokenizer(), not args.no_chat_template)
+            sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
 
-    def one(mode):
-        t0 = time.perf_counter()
-        outs = engines[mode].generate(prompts, sp, use_tqdm=False)
-        wall = time.perf_counter() - t0
-        return outs, run_stats(
-            wall, sum(len(o.prompt_token_ids) for o in outs), sum(len(o.outputs[0].token_ids) for o in outs)
-        )
+        def one(mode, engines=engines, prompts=prompts, sp=sp):
+            t0 = time.perf_counter()
+            outs = engines[mode].generate(prompts, sp, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            return outs, run_stats(
+                wall, sum(len(o.prompt_token_ids) for o in outs), sum(len(o.outputs[0].token_ids) for o in outs)
+            )
 
-    warmup, runs, outputs = measure_alternating(
-        one, args.repeats, lambda order: tqdm(order, desc="measured runs (alternating log / no-log)", unit="run")
-    )
+        desc = f"round {r + 1}/{args.rounds}: measured runs (alternating log / no-log)"
+        warmup, runs, outputs = measure_alternating(
+            one, args.repeats, lambda order, desc=desc: tqdm(order, desc=desc, unit="run")
+        )
+        rounds.append({"start_order": order, "startup_s": startup, "warmup": warmup, "runs": runs, "outputs": outputs})
+        if r == 0:
+            first = outputs["log"][0]
+            n_records = _vllm_offline_artifacts(args, questions, out_dir, first, scratch, hf_config)
+        for llm in engines.values():
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+        engines.clear()  # the next round's engines size their KV caches from the memory free
+        if source == "log" and not args.keep_all_runs_log and scratch.exists():
+            scratch.unlink()
+    merged = merge_rounds(rounds)
     identical = all_identical(
-        {m: [[list(o.outputs[0].token_ids) for o in outs] for outs in outputs[m]] for m in outputs}
+        {m: [[list(o.outputs[0].token_ids) for o in outs] for outs in merged["outputs"][m]] for m in ("log", "nolog")}
     )
+    keep = {o.request_id for o in first}
+    return vllm_result(merged, identical, n_records, sorted(keep, key=lambda x: int(x) if x.isdigit() else 0))
+
+
+def _vllm_offline_artifacts(args, questions, out_dir: Path, first, scratch: Path, hf_config) -> int:
+    """moe_routes.jsonl and generations.jsonl from the first measured log-mode run (RequestOutputs `first`) of
+    round 1; returns the number of route records written."""
     import vllm
 
-    first = outputs["log"][0]
     keep = {o.request_id for o in first}
-    if source == "log":
+    if args.routing_source == "log":
         # keep the routing of the first measured log run; the scratch file holds warm-up and repeats too
         n_records = keep_first_run_routes(
             scratch, keep, out_dir / "moe_routes.jsonl", is_random_weight_model(args.model)
         )
-        if not args.keep_all_runs_log:
-            scratch.unlink()
     else:
         from moe_routes.routed_experts import RoutedExperts
 
@@ -489,12 +549,7 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
                 for o in first
             ]
             n_records = write_returned_routes(
-                args,
-                out_dir / "moe_routes.jsonl",
-                engines["log"].llm_engine.model_config.hf_config,
-                items,
-                engine_version=vllm.__version__,
-                source=source,
+                args, out_dir / "moe_routes.jsonl", hf_config, items, engine_version=vllm.__version__, source="offline"
             )
         except ValueError as exc:
             raise SystemExit(f"run_generate: --routing-source offline: {exc}") from None
@@ -511,14 +566,7 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
             for o in first
         ],
     )
-    for llm in engines.values():
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
-    return vllm_result(
-        startup, warmup, runs, identical, n_records, sorted(keep, key=lambda x: int(x) if x.isdigit() else 0)
-    )
+    return n_records
 
 
 # ------------------------------------------------------------------------------------------------
@@ -540,9 +588,7 @@ def _tail(path: Path, n: int = 4000) -> str:
 def server_command(args, port: int, extra: list[str]) -> list[str]:
     """The vLLM OpenAI server of the http source: this interpreter's vLLM, the run's engine arguments."""
     return [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
+        *vllm_args.vllm_entry_point(sys.executable, "serve"),
         "--host",
         "127.0.0.1",
         "--port",
@@ -650,7 +696,7 @@ def http_completion_items(responses) -> tuple[list[dict], list[dict]]:
     return gens, items
 
 
-def http_measure(args, clients: dict, prompts: list[str]):
+def http_measure(args, clients: dict, prompts: list[str], label: str = ""):
     """Warm-up and alternating measured runs against the two servers; every prompt is its own request, sent
     concurrently (the server batches them). Returns measure_alternating's (warmup, runs, outputs)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -684,7 +730,9 @@ def http_measure(args, clients: dict, prompts: list[str]):
             )
 
         return measure_alternating(
-            one, args.repeats, lambda order: tqdm(order, desc="measured runs (alternating log / no-log)", unit="run")
+            one,
+            args.repeats,
+            lambda order: tqdm(order, desc=f"{label}measured runs (alternating log / no-log)", unit="run"),
         )
 
 
@@ -701,41 +749,52 @@ def run_vllm_http(args, questions: list[str], out_dir: Path) -> dict:
     hf_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     check_routing_layout(hf_config, "http")
     prompts = build_prompts(questions, tokenizer, not args.no_chat_template)
-    servers, startup = {}, {}
-    try:
-        # one at a time: each server sizes its KV cache from the memory free when it starts
-        for mode in ("log", "nolog"):
-            print(f"run_generate: starting the {mode} server ({MODE_MEANING['http'][mode]}) ...", flush=True)
-            t0 = time.perf_counter()
-            extra = server_cli_args(ROUTED_EXPERTS_ENGINE_ARGS) if mode == "log" else []
-            port = free_port()
-            servers[mode] = VllmServer(
-                mode, server_command(args, port, extra), port, out_dir / f"vllm_server_{mode}.log"
-            )
-            servers[mode].wait_healthy(args.server_timeout)
-            startup[mode] = time.perf_counter() - t0
-        clients = {
-            mode: openai.OpenAI(base_url=s.base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=3600)
-            for mode, s in servers.items()
-        }
-        warmup, runs, outputs = http_measure(args, clients, prompts)
-    finally:
-        for s in servers.values():
-            s.stop()
+    rounds = []
+    for r in range(args.rounds):
+        order = engine_start_order(r)
+        servers, startup = {}, {}
+        try:
+            # one at a time: each server sizes its KV cache from the memory free when it starts
+            for mode in order:
+                print(
+                    f"run_generate: round {r + 1}/{args.rounds}: starting the {mode} server "
+                    f"({MODE_MEANING['http'][mode]}) ...",
+                    flush=True,
+                )
+                t0 = time.perf_counter()
+                extra = server_cli_args(ROUTED_EXPERTS_ENGINE_ARGS) if mode == "log" else []
+                port = free_port()
+                log_name = f"vllm_server_{mode}.log" if r == 0 else f"vllm_server_{mode}.round{r + 1}.log"
+                servers[mode] = VllmServer(mode, server_command(args, port, extra), port, out_dir / log_name)
+                servers[mode].wait_healthy(args.server_timeout)
+                startup[mode] = time.perf_counter() - t0
+            clients = {
+                mode: openai.OpenAI(base_url=s.base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=3600)
+                for mode, s in servers.items()
+            }
+            warmup, runs, outputs = http_measure(args, clients, prompts, f"round {r + 1}/{args.rounds}: ")
+        finally:
+            for s in servers.values():
+                s.stop()
+        rounds.append({"start_order": order, "startup_s": startup, "warmup": warmup, "runs": runs, "outputs": outputs})
+    merged = merge_rounds(rounds)
     identical = all_identical(
-        {m: [[list(get_field(r.choices[0], "token_ids")) for r in resps] for resps in outputs[m]] for m in outputs}
+        {
+            m: [[list(get_field(r.choices[0], "token_ids")) for r in resps] for resps in merged["outputs"][m]]
+            for m in ("log", "nolog")
+        }
     )
     import vllm
 
     try:
-        gens, items = http_completion_items(outputs["log"][0])
+        gens, items = http_completion_items(merged["outputs"]["log"][0])
         n_records = write_returned_routes(
             args, out_dir / "moe_routes.jsonl", hf_config, items, engine_version=vllm.__version__, source="http"
         )
     except ValueError as exc:
         raise SystemExit(f"run_generate: --routing-source http: {exc}") from None
     write_generations(out_dir, questions, gens)
-    return vllm_result(startup, warmup, runs, identical, n_records, [g["req_id"] for g in gens])
+    return vllm_result(merged, identical, n_records, [g["req_id"] for g in gens])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -850,7 +909,19 @@ def summarize(result: dict) -> dict:
             "median_generated_tokens_per_s": statistics.median(r["generated_tokens_per_s"] for r in runs),
         }
     ratio = modes["log"]["median_tokens_per_s"] / modes["nolog"]["median_tokens_per_s"]
-    return {"modes": modes, "throughput_ratio_log_over_nolog": ratio}
+    out = {"modes": modes, "throughput_ratio_log_over_nolog": ratio}
+    if any("round" in r for runs in result["runs"].values() for r in runs):
+        # each round's own ratio of medians: rounds that started the engines in the other order disagree by the
+        # start-order effect (engine_start_order); the headline ratio pools every round's runs
+        per_round = []
+        for i in sorted({r["round"] for runs in result["runs"].values() for r in runs}):
+            med = {
+                m: statistics.median(r["tokens_per_s"] for r in result["runs"][m] if r["round"] == i)
+                for m in ("log", "nolog")
+            }
+            per_round.append(med["log"] / med["nolog"])
+        out["throughput_ratio_per_round"] = per_round
+    return out
 
 
 def parse_args(argv=None):
@@ -875,7 +946,15 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--repeats", type=int, default=3, help="measured runs per mode (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per mode and round (default: %(default)s)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="vLLM: start both engines (servers) this many times, round 2 in the other order (the engine started "
+        "first can be the slower one, see engine_start_order); timing.json pools every round's runs "
+        "(default: %(default)s)",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -900,9 +979,11 @@ def parse_args(argv=None):
         help="--routing-source http: seconds each server may take to answer /health (default: %(default)s)",
     )
     a = p.parse_args(argv)
-    if a.repeats < 1 or a.num_prompts < 1 or a.max_tokens < 1:
-        p.error("--repeats, --num-prompts and --max-tokens must be >= 1")
+    if a.repeats < 1 or a.num_prompts < 1 or a.max_tokens < 1 or a.rounds < 1:
+        p.error("--repeats, --rounds, --num-prompts and --max-tokens must be >= 1")
     if a.engine == "sglang":
+        if a.rounds != 1:
+            p.error("--rounds is for vLLM (SGLang runs one engine at a time, no-log first)")
         if a.routing_source not in (None, "offline"):
             p.error("--engine sglang returns routing per request from its in-process engine: --routing-source offline")
         a.routing_source = "offline"
@@ -950,6 +1031,7 @@ def main(argv=None) -> int:
         "max_tokens": args.max_tokens,
         "seed": args.seed,
         "repeats": args.repeats,
+        "rounds": result.get("rounds", [{"round": 1, "startup_s": result["startup_s"], "warmup": result["warmup"]}]),
         "engine_startup_s": result["startup_s"],
         "warmup": result["warmup"],
         **summary,
@@ -971,6 +1053,7 @@ def main(argv=None) -> int:
     print(f"engine {result['engine']} {result['engine_version']}, torch {result['torch_version']}, {timing['device']}")
     print(
         f"model {args.model}: {len(questions)} prompts x {args.max_tokens} max new tokens, {args.repeats} repeats/mode"
+        + (f" in each of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     print(f"routing source {args.routing_source}:")
     for mode, meaning in timing["modes_meaning"].items():
@@ -986,6 +1069,14 @@ def main(argv=None) -> int:
         f"throughput ratio log/no-log (routing on/off, source {args.routing_source}): "
         f"{summary['throughput_ratio_log_over_nolog']:.3f}"
     )
+    if "throughput_ratio_per_round" in summary:
+        print(
+            "  per round (start order): "
+            + ", ".join(
+                f"{ratio:.3f} ({' first, '.join(rd['start_order'])} second)"
+                for ratio, rd in zip(summary["throughput_ratio_per_round"], result["rounds"], strict=True)
+            )
+        )
     print(f"generated tokens identical across modes and repeats: {result['tokens_identical']}")
     print(f"route records: {result['route_records']}")
     for name in ("moe_routes.jsonl", "timing.json", "generations.jsonl"):

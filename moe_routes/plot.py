@@ -40,6 +40,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -1124,6 +1125,18 @@ def _compact_layers(layers) -> str:
 
 # --------------------------------------------------------------------------- plots
 
+TITLE_FONTSIZE = 9
+
+
+def fit_title(text: str, fig_width_in: float, fontsize: float) -> str:
+    """text with each line wrapped to the figure's width: matplotlib neither wraps nor shrinks a title, so a long
+    model path or statistics line ran past the right edge of a 6-inch figure. A character of the default sans
+    font averages ~0.6 em; wrap at 90 % of the width for the figure's margins."""
+    per_line = max(20, int(0.9 * fig_width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(
+        textwrap.fill(line, per_line, break_on_hyphens=False, break_long_words=True) for line in text.split("\n")
+    )
+
 
 def plot(counts: RouteCounts, summary: dict | None, out_dir) -> list:
     """Write expert_hist.png and expert_heatmap.png into out_dir; returns the paths."""
@@ -1155,10 +1168,14 @@ def plot(counts: RouteCounts, summary: dict | None, out_dir) -> list:
         ax.tick_params(axis="x", labelsize=7 if E > 32 else 9)
     o = summary["overall"]
     ax.set_title(
-        f"{counts.model_id}{rw}\nexpert usage, layers {_compact_layers(counts.layers)}: "
-        f"{counts.tokens} tokens, {counts.records} route records, top-{counts.top_k}; "
-        f"H={o['entropy_bits']:.2f} bits, max/mean={o['imbalance']:.2f}",
-        fontsize=9,
+        fit_title(
+            f"{counts.model_id}{rw}\nexpert usage, layers {_compact_layers(counts.layers)}: "
+            f"{counts.tokens} tokens, {counts.records} route records, top-{counts.top_k}; "
+            f"H={o['entropy_bits']:.2f} bits, max/mean={o['imbalance']:.2f}",
+            width,
+            TITLE_FONTSIZE,
+        ),
+        fontsize=TITLE_FONTSIZE,
     )
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -1180,8 +1197,12 @@ def plot(counts: RouteCounts, summary: dict | None, out_dir) -> list:
     cb = fig.colorbar(im, ax=ax)
     cb.set_label(f"share within layer (uniform {100 / E:.2f}%)", fontsize=8)
     ax.set_title(
-        f"{counts.model_id}{rw}\nper-layer expert share: {counts.tokens} tokens, {counts.records} route records",
-        fontsize=9,
+        fit_title(
+            f"{counts.model_id}{rw}\nper-layer expert share: {counts.tokens} tokens, {counts.records} route records",
+            width,
+            TITLE_FONTSIZE,
+        ),
+        fontsize=TITLE_FONTSIZE,
     )
     fig.tight_layout()
     p = os.path.join(out_dir, HEATMAP_NAME)

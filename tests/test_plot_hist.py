@@ -740,3 +740,30 @@ def test_missing_pyarrow(good, capsys, reader):
     finally:
         plot_hist._import_pyarrow = saved
     assert plot_hist.load_routes(good, reader="regex").reader == "regex"
+
+
+def test_titles_fit_the_figure(tmp_path, monkeypatch):
+    """Each figure's title lies inside the figure (it ran past the right edge with test.sh's tiny model: a long
+    absolute model path and the statistics line on a 6-inch figure), measured on the rendered figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long_model = "/home/someone/experiments/run-2026-12-07/out/tiny-random-moe-with-a-rather-long-directory-name"
+    lines = [meta(model_id=long_model, random_weights=True), *GOOD_LINES[1:]]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot_hist.main([write(tmp_path, lines), "--out-dir", str(tmp_path / "o")]) == 0
+    assert len(figures) == 2
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        fig_box = fig.bbox
+        (title,) = [t for ax in fig.axes for t in (ax.title,) if t.get_text()]
+        box = title.get_window_extent(renderer)
+        assert box.x0 >= fig_box.x0 and box.x1 <= fig_box.x1 and box.y1 <= fig_box.y1, (title.get_text(), box)
+        assert long_model[:30] in title.get_text().replace("\n", "")
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)

@@ -108,6 +108,25 @@ def test_this_dp_ranks_rows_by_row_count(monkeypatch, rank):
         rel.record(router, ids[:4], w[:4])
 
 
+def test_a_simulated_router_is_captured_and_named(monkeypatch):
+    """VLLM_MOE_ROUTING_SIMULATION_STRATEGY gives every MoE layer a RoutingSimulatorRouter (router_factory.py:120),
+    whose ids the kernel gets: captured as any router's, and the meta's routing_source says "simulated". Not end to
+    end on CPU: the simulated int64 ids crash vLLM 0.32.0's own CPU kernel, unpatched too ("expected scalar type
+    Int but found Long", torch.ops._C.cpu_fused_moe), see test_vllm_routes.test_layer_selection_and_bad_values."""
+    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulatorRouter
+
+    monkeypatch.setenv("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "uniform_random")
+    state = _capture_state(monkeypatch, k=2)
+    router = RoutingSimulatorRouter(top_k=2, global_num_experts=8)
+    router._moe_routes_slot, router._moe_routes_dp = 0, False
+    logits = torch.randn(7, 8)
+    w, ids = router.select_experts(hidden_states=torch.randn(7, 16), router_logits=logits)
+    assert not torch.equal(ids.long(), torch.topk(logits, 2).indices), "the simulator did not run"
+    assert torch.equal(state.ids_buf[:7, 0].long(), ids.long()) and torch.equal(state.w_buf[:7, 0], w.float())
+    assert rel._routing_source(types.SimpleNamespace(is_monolithic=False, router=router)) == "simulated"
+    assert rel._routing_source(types.SimpleNamespace(is_monolithic=False, router=_cpu_router())) == "kernel"
+
+
 def test_monolithic_kernels_get_the_routers_recomputation_without_counting_eplb_load(monkeypatch):
     """A monolithic kernel routes inside itself; record_router captures the router's _compute_routing for the same
     inputs: no EPLB mapping, no expert-load accounting, no upstream capture_fn call."""

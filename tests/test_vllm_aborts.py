@@ -199,17 +199,29 @@ def test_async_llm_abort_gives_the_generator_a_final_output_with_the_rows_so_far
     )
 
 
+def _generated_tokens(root: str) -> float:
+    """The server's vllm:generation_tokens_total (Prometheus /metrics, both pins): tokens generated so far."""
+    import httpx
+
+    lines = httpx.get(root + "/metrics", timeout=30).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:generation_tokens_total"))
+
+
 def test_http_pause_returns_the_aborted_completions_rows(models, tmp_path):
-    """POST /pause (vLLM's RL endpoint, wait_for_inflight_requests=false) aborts the in-flight requests: a
-    non-streamed completion comes back with finish_reason "abort" and the routing of the positions it carries,
-    equal to the log's records, which hold exactly those positions."""
+    """POST /pause (vLLM's RL endpoint, aborting: 0.15.1 wait_for_inflight_requests=false, 0.32.0 mode=abort)
+    aborts the in-flight requests: a non-streamed completion comes back with finish_reason "abort" and the
+    routing of the positions it carries, equal to the log's records, which hold exactly those positions."""
     import httpx
 
     model = models["qwen2_moe"]
     log_path = tmp_path / "log.jsonl"
     flags = ("--enable-return-routed-experts", "--enable-return-routed-expert-weights")
     result: dict = {}
-    with serve(model, tmp_path / "srv", env={"VLLM_LOG_MOE": str(log_path)}, args=flags) as client:
+    # 0.32.0 serves /pause (vllm/entrypoints/rl/online/api_router.py) only with VLLM_SERVER_DEV_MODE=1
+    # (launchers/api_server/routers.py:40-47), as RL frameworks run it, and names the abort `mode=abort`
+    # (its default); 0.15.1 takes wait_for_inflight_requests=false. Each ignores the other's query parameter.
+    env = {"VLLM_LOG_MOE": str(log_path), "VLLM_SERVER_DEV_MODE": "1"}
+    with serve(model, tmp_path / "srv", env=env, args=flags) as client:
         root = str(client.base_url).rstrip("/").removesuffix("/v1")
 
         def complete():
@@ -224,9 +236,10 @@ def test_http_pause_returns_the_aborted_completions_rows(models, tmp_path):
         thread = threading.Thread(target=complete)
         thread.start()
         deadline = time.time() + 120
-        while time.time() < deadline and not (log_path.exists() and log_path.stat().st_size > 20_000):
-            time.sleep(0.2)  # decoding has started: the log has its prompt's records
-        r = httpx.post(root + "/pause", params={"wait_for_inflight_requests": "false"}, timeout=120)
+        while time.time() < deadline and _generated_tokens(root) < 32:
+            time.sleep(0.1)  # decoding is under way
+        pause = {"wait_for_inflight_requests": "false", "mode": "abort"}
+        r = httpx.post(root + "/pause", params=pause, timeout=120)
         assert r.status_code == 200, r.text
         thread.join(300)
         httpx.post(root + "/resume", timeout=60)

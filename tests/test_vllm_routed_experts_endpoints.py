@@ -372,6 +372,8 @@ def test_run_batch_chat_lines_carry_the_fields(models, tmp_path):
 
     from routes_ref import PY
 
+    from moe_routes import vllm_args
+
     model = str(models["qwen2_moe"])
     q = gsm8k_questions(2)
     lines = [
@@ -394,8 +396,7 @@ def test_run_batch_chat_lines_carry_the_fields(models, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOG_MOE=str(tmp_path / "batch.jsonl"))
     cmd = [
-        str(Path(PY).parent / "vllm"),
-        "run-batch",
+        *vllm_args.vllm_entry_point(PY, "run-batch"),
         "-i",
         str(tmp_path / "in.jsonl"),
         "-o",

@@ -276,13 +276,13 @@ def test_layer_selection_and_bad_values(models, tmp_path):
         ({"VLLM_LOG_MOE": good, "VLLM_LOG_MOE_LAYERS": "7"}, "VLLM_LOG_MOE_LAYERS", "out of range"),
     ]
     runs = [{"env": env, "llm": {"enforce_eager": True}, "prompts": ["x"]} for env, _, _ in bad]
+    # 0.15.1's CPU kernel routes itself and ignores the routing simulator. On 0.32.0 the simulator's int64 ids
+    # crash vLLM's own CPU kernel, unpatched too ("expected scalar type Int but found Long"): there the simulated
+    # router's capture is a unit test (test_release_vllm_0_32_0.test_a_simulated_router_is_captured_and_named).
+    simulator = {"VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "uniform_random"} if vllm_pin() == "0.15.1" else {}
     runs.append(
         {
-            "env": {
-                "VLLM_LOG_MOE": good,
-                "VLLM_LOG_MOE_LAYERS": "0,2",
-                "VLLM_MOE_ROUTING_SIMULATION_STRATEGY": "uniform_random",
-            },
+            "env": {"VLLM_LOG_MOE": good, "VLLM_LOG_MOE_LAYERS": "0,2", **simulator},
             "llm": {"enforce_eager": True},
             "sampling": {"max_tokens": 6},
             "prompts": gsm8k_questions(4),
@@ -299,7 +299,8 @@ def test_layer_selection_and_bad_values(models, tmp_path):
     assert log.meta["layers_logged"] == [0, 2] and {k[2] for k in log.routes} == {0, 2}
     log.check_exact_coverage(sel["outputs"])
     # The CPU kernel routes itself and ignores the simulator: the log says so and holds the real routing.
-    assert log.meta["routing_simulation_strategy"] == "uniform_random" and log.meta["routing_source"] == "kernel"
+    assert log.meta["routing_simulation_strategy"] == ("uniform_random" if simulator else None)
+    assert log.meta["routing_source"] == "kernel"
     assert_agrees_with_reference(log, models["qwen2_moe"], sel["outputs"])
 
 

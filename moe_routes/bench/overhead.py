@@ -1,16 +1,18 @@
 """Routing on vs off throughput, side by side, on a CPU bench model larger than the test models.
 
 Builds (once) a random-weight Qwen2-MoE (hidden 512, 8 layers, 32 experts, top-4, shared expert) and runs
-run_generate.py on it once per routing source: two engines, a warm-up each, then alternating measured runs;
-prints each median throughput ratio routing on/off. By default both vLLM ratios in one invocation:
+run_generate.py on it once per routing source: two engines, a warm-up each, then alternating measured runs, in
+--rounds rounds (default 2: the engines started afresh, round 2 in the other order, since the engine started
+first can be the slower one; run_generate.py --rounds); prints each median throughput ratio routing on/off.
+By default both vLLM ratios in one invocation:
   log      VLLM_LOG_MOE on / off (the engine writes the routing log)
   offline  enable_return_routed_experts (+ _weights) on / off (routing returned on CompletionOutput)
 --routing-source (repeatable) picks the sources; http starts two local OpenAI servers (run_generate.py --help).
 Pass --model to measure a real model instead (e.g. on a GPU box).
 
 Examples:
-  moe-routes bench overhead                       # CPU bench model, eager, 25 prompts x 64 tokens, 5 repeats,
-                                                  # log/no-log and returned-routing on/off
+  moe-routes bench overhead                       # CPU bench model, eager, 25 prompts x 64 tokens, 5 repeats
+                                                  # in each of 2 rounds, log/no-log and returned-routing on/off
   moe-routes bench overhead --routing-source log  # only the log/no-log ratio
   moe-routes bench overhead --routing-source offline --routing-source http   # returned offline and over HTTP
   moe-routes bench overhead --compiled            # torch.compile (slow start-up on CPU)
@@ -50,7 +52,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts-file", default=str(SHARED_GSM8K) if SHARED_GSM8K.exists() else None)
     ap.add_argument("--num-prompts", type=int, default=25)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="measured runs per mode and round (default: %(default)s)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="run_generate.py --rounds: engine pairs started per source, the start order swapped "
+        "(default: %(default)s)",
+    )
     ap.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
     ap.add_argument(
         "--routing-source",
@@ -102,6 +111,8 @@ def main(argv=None) -> int:
             str(a.max_tokens),
             "--repeats",
             str(a.repeats),
+            "--rounds",
+            str(a.rounds),
             "--out-dir",
             str(src_out),
             *extra,
@@ -121,7 +132,7 @@ def main(argv=None) -> int:
     print(
         f"bench: {model} on {first['device']}, {'compiled' if a.compiled else 'eager'}, "
         f"{first['num_prompts']} prompts x {first['max_tokens']} tokens, "
-        f"{first['repeats']} alternating repeats per mode"
+        f"{first['repeats']} alternating repeats per mode in each of {len(first.get('rounds', [None]))} round(s)"
     )
     for source, t in results.items():
         m = t["modes"]
@@ -135,6 +146,14 @@ def main(argv=None) -> int:
             f"  throughput ratio on/off (medians): {t['throughput_ratio_log_over_nolog']:.3f}  "
             f"(tokens identical: {t['tokens_identical_across_modes']}; route records {t['route_records']:,})"
         )
+        if len(t.get("throughput_ratio_per_round", [])) > 1:
+            print(
+                "  per round: "
+                + ", ".join(
+                    f"{ratio:.3f} ({rd['start_order'][0]} engine started first)"
+                    for ratio, rd in zip(t["throughput_ratio_per_round"], t["rounds"], strict=True)
+                )
+            )
     print(
         "summary: "
         + "; ".join(f"{RATIO_NAMES[s]}: {t['throughput_ratio_log_over_nolog']:.3f}" for s, t in results.items())
