@@ -13,6 +13,8 @@ reported. In timing.json "log" means routing on and "nolog" routing off, whateve
            variable when it starts); the default
   offline  routing returned per completion: LLM(enable_return_routed_experts=True,
            enable_return_routed_expert_weights=True), CompletionOutput.routed_experts / routed_expert_weights
+  offline-weights  the weights' share of that: ids and weights returned vs ids only (routing off = the ids-only
+           engine); the records come from the engine that returns both
   http     routing returned per choice by two local OpenAI servers that run_generate starts itself
            (python -m vllm.entrypoints.openai.api_server, one with --enable-return-routed-experts
            --enable-return-routed-expert-weights); prompts go to /v1/completions through the openai client,
@@ -206,7 +208,7 @@ def is_random_weight_model(model: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 # vLLM
 # ------------------------------------------------------------------------------------------------
-ROUTING_SOURCES = ("log", "offline", "http")
+ROUTING_SOURCES = ("log", "offline", "offline-weights", "http")
 # What the modes "log" / "nolog" of timing.json mean for each routing source ("routing on" / "routing off").
 MODE_MEANING = {
     "log": {
@@ -217,6 +219,11 @@ MODE_MEANING = {
         "log": "LLM(enable_return_routed_experts=True, enable_return_routed_expert_weights=True): routing returned "
         "on every CompletionOutput",
         "nolog": "the same LLM without them",
+    },
+    "offline-weights": {
+        "log": "LLM(enable_return_routed_experts=True, enable_return_routed_expert_weights=True): ids and weights "
+        "returned on every CompletionOutput",
+        "nolog": "LLM(enable_return_routed_experts=True): ids only",
     },
     "http": {
         "log": "vLLM OpenAI server with --enable-return-routed-experts --enable-return-routed-expert-weights: "
@@ -229,6 +236,11 @@ MODE_MEANING = {
     },
 }
 ROUTED_EXPERTS_ENGINE_ARGS = {"enable_return_routed_experts": True, "enable_return_routed_expert_weights": True}
+# LLM kwargs of the offline sources' engines, per mode (the log source's engines differ by VLLM_LOG_MOE only)
+OFFLINE_ENGINE_ARGS = {
+    "offline": {"log": ROUTED_EXPERTS_ENGINE_ARGS, "nolog": {}},
+    "offline-weights": {"log": ROUTED_EXPERTS_ENGINE_ARGS, "nolog": {"enable_return_routed_experts": True}},
+}
 HTTP_MAX_CONCURRENCY = 256
 
 
@@ -264,7 +276,8 @@ def server_cli_args(kwargs: dict) -> list[str]:
     return out
 
 
-def start_vllm(args, log_path: str | None, routed_experts: bool = False):
+def start_vllm(args, log_path: str | None, routed_experts: dict | None = None):
+    """routed_experts: the per-request return's LLM kwargs (OFFLINE_ENGINE_ARGS), if any."""
     from vllm import LLM
 
     if log_path:
@@ -272,8 +285,7 @@ def start_vllm(args, log_path: str | None, routed_experts: bool = False):
     else:
         os.environ.pop("VLLM_LOG_MOE", None)
     kwargs = vllm_engine_kwargs(args)
-    if routed_experts:
-        kwargs.update(ROUTED_EXPERTS_ENGINE_ARGS)
+    kwargs.update(routed_experts or {})
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     os.environ.pop("VLLM_LOG_MOE", None)
@@ -483,11 +495,11 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
             engines[mode], startup[mode] = start_vllm(
                 args,
                 str(scratch) if (source == "log" and mode == "log") else None,
-                routed_experts=(source == "offline" and mode == "log"),
+                routed_experts=OFFLINE_ENGINE_ARGS.get(source, {}).get(mode),
             )
         if r == 0:
             hf_config = engines["log"].llm_engine.model_config.hf_config
-            if source == "offline":
+            if source in OFFLINE_ENGINE_ARGS:
                 check_routing_layout(hf_config, source)
             prompts = build_prompts(questions, engines["log"].get_tokenizer(), not args.no_chat_template)
             sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
@@ -552,7 +564,7 @@ def _vllm_offline_artifacts(args, questions, out_dir: Path, first, scratch: Path
                 args, out_dir / "moe_routes.jsonl", hf_config, items, engine_version=vllm.__version__, source="offline"
             )
         except ValueError as exc:
-            raise SystemExit(f"run_generate: --routing-source offline: {exc}") from None
+            raise SystemExit(f"run_generate: --routing-source {args.routing_source}: {exc}") from None
     write_generations(
         out_dir,
         questions,

@@ -415,7 +415,7 @@ def test_returned_routing_equals_the_log(run_source, models, source):
     got["log"].check_exact_coverage(outputs)
 
 
-@pytest.mark.parametrize("source", ["log", "offline", "http"])
+@pytest.mark.parametrize("source", ["log", "offline", "offline-weights", "http"])
 def test_timing_json_says_what_was_measured(run_source, source):
     out, stdout = run_source(source)
     t = json.loads((out / "timing.json").read_text())

@@ -15,6 +15,7 @@ Examples:
                                                   # in each of 2 rounds, log/no-log and returned-routing on/off
   moe-routes bench overhead --routing-source log  # only the log/no-log ratio
   moe-routes bench overhead --routing-source offline --routing-source http   # returned offline and over HTTP
+  moe-routes bench overhead --routing-source offline-weights   # weights on/off, ids returned in both engines
   moe-routes bench overhead --compiled            # torch.compile (slow start-up on CPU)
   moe-routes bench overhead --model Qwen/Qwen1.5-MoE-A2.7B-Chat --max-tokens 256   # GPU box
 """
@@ -38,6 +39,7 @@ DEFAULT_SOURCES = ("log", "offline")
 RATIO_NAMES = {
     "log": "log/no-log (VLLM_LOG_MOE)",
     "offline": "enable_return_routed_experts on/off (offline LLM)",
+    "offline-weights": "enable_return_routed_expert_weights on/off (offline LLM; ids returned in both)",
     "http": "enable_return_routed_experts on/off (OpenAI server)",
 }
 
