@@ -327,6 +327,22 @@ def routes_meta(args, *, engine: str, engine_version: str, source: str, **fields
     return meta
 
 
+def check_returned_per_mode(source: str, outputs: dict) -> None:
+    """Each engine of an offline source returned what MODE_MEANING says (its kwargs: OFFLINE_ENGINE_ARGS): else
+    the ratio would compare something else without a word. outputs[mode][run] = RequestOutputs."""
+    for mode, kwargs in OFFLINE_ENGINE_ARGS[source].items():
+        flags = ("enable_return_routed_experts", "enable_return_routed_expert_weights")
+        want = tuple(bool(kwargs.get(k)) for k in flags)
+        for o in outputs[mode][0]:
+            c = o.outputs[0]
+            got = tuple(getattr(c, k, None) is not None for k in ("routed_experts", "routed_expert_weights"))
+            if got != want:
+                raise SystemExit(
+                    f"run_generate: --routing-source {source}: the {mode} engine ({MODE_MEANING[source][mode]}) "
+                    f"returned ids: {got[0]}, weights: {got[1]} for request {o.request_id}"
+                )
+
+
 def check_routing_layout(hf_config, source: str) -> None:
     """Before any measured run: the returned arrays can only be written as route records when
     moe_layer_indices knows the model."""
@@ -519,13 +535,16 @@ def run_vllm(args, questions: list[str], out_dir: Path) -> dict:
         rounds.append({"start_order": order, "startup_s": startup, "warmup": warmup, "runs": runs, "outputs": outputs})
         if r == 0:
             first = outputs["log"][0]
+            if source in OFFLINE_ENGINE_ARGS:
+                check_returned_per_mode(source, outputs)
             n_records = _vllm_offline_artifacts(args, questions, out_dir, first, scratch, hf_config)
         for llm in engines.values():
             try:
                 llm.llm_engine.engine_core.shutdown()
             except Exception:
                 pass
-        engines.clear()  # the next round's engines size their KV caches from the memory free
+        llm = None  # with engines.clear(): the next round's engines size their KV caches from the memory free
+        engines.clear()
         if source == "log" and not args.keep_all_runs_log and scratch.exists():
             scratch.unlink()
     merged = merge_rounds(rounds)
@@ -964,8 +983,8 @@ def parse_args(argv=None):
         type=int,
         default=1,
         help="vLLM: start both engines (servers) this many times, round 2 in the other order (the engine started "
-        "first can be the slower one, see engine_start_order); timing.json pools every round's runs "
-        "(default: %(default)s)",
+        "first can be the slower one, see engine_start_order; an even count gives both orders the same weight); "
+        "timing.json pools every round's runs (default: %(default)s)",
     )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")

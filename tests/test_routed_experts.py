@@ -464,6 +464,26 @@ def test_route_records_refuse_mismatched_arrays():
 # ------------------------------------------------------------------------------------------------
 # run_generate: arguments, CLI flags, the returned-routing writer (read back by the plot reader)
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source", ["offline", "offline-weights"])
+def test_each_offline_engine_must_return_what_its_mode_means(source):
+    """An engine that returned more or less than its mode says (e.g. an ids-only engine without ids) stops the run
+    instead of measuring something else."""
+
+    def outs(ids, weights):
+        c = types.SimpleNamespace(
+            routed_experts=np.zeros((1, 1, 1)) if ids else None,
+            routed_expert_weights=np.zeros((1, 1, 1)) if weights else None,
+        )
+        return [types.SimpleNamespace(request_id="0", outputs=[c])]
+
+    nolog_ids = source == "offline-weights"
+    good = {"log": [outs(True, True)], "nolog": [outs(nolog_ids, False)]}
+    generate.check_returned_per_mode(source, good)
+    for bad in ({"log": [outs(True, False)]}, {"nolog": [outs(not nolog_ids, False)]}, {"nolog": [outs(True, True)]}):
+        with pytest.raises(SystemExit, match=f"--routing-source {source}: the"):
+            generate.check_returned_per_mode(source, {**good, **bad})
+
+
 def test_parse_args_routing_source():
     assert generate.parse_args([]).routing_source == "log"
     assert generate.parse_args(["--routing-source", "http"]).routing_source == "http"
