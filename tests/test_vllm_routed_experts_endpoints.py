@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_modules import vllm_pin
 from routes_ref import RouteLog, drive, gsm8k_questions, serve
 
 from moe_routes.routed_experts import from_choice
@@ -35,6 +36,9 @@ from moe_routes.routed_experts import from_choice
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 3, 8, 2  # every tinymoe model
 RANGE_MSG = "routed_experts_prompt_start must be between 0 and the prompt length ({}), inclusive."
 FLAGS = ("--enable-return-routed-experts", "--enable-return-routed-expert-weights")
+# 0.32.0 serves /inference/v1/generate only with --enable-scale-out (or --tokens-only); without it every call is
+# a 403 "Scale-out endpoints are disabled" (vllm/entrypoints/scale_out/factories.py:82-111). 0.15.1 has no flag.
+SCALE_OUT = () if vllm_pin() == "0.15.1" else ("--enable-scale-out",)
 
 
 def _decode(s: str) -> np.ndarray:
@@ -97,7 +101,7 @@ def on_server(models, tmp_path_factory):
     q = gsm8k_questions(4)
     toks = [_token_ids(models["qwen2_moe"], x) for x in q]
     got: dict = {"toks": toks}
-    with serve(model, work, env={"VLLM_LOG_MOE": str(work / "on.jsonl")}, args=FLAGS) as client:
+    with serve(model, work, env={"VLLM_LOG_MOE": str(work / "on.jsonl")}, args=(*FLAGS, *SCALE_OUT)) as client:
         h = _Http(client, model)
         base = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
         # /inference/v1/generate: n = 1 with the start as a sampling_params field, n = 2 sampled with it in
@@ -169,7 +173,7 @@ def off_server(models, tmp_path_factory):
     q = gsm8k_questions(2)
     toks = _token_ids(models["qwen2_moe"], q[0])
     got: dict = {"toks": toks}
-    with serve(model, work) as client:
+    with serve(model, work, args=SCALE_OUT) as client:
         h = _Http(client, model)
         got["plain"] = h.completion(q[0])
         got["field"] = h.completion(q[0], routed_experts_prompt_start=2)
