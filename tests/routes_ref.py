@@ -73,6 +73,10 @@ def shared_prefix_prompts(model_dir: str | Path) -> dict[str, list[list[int]]]:
 V2_ON_CPU = Path(__file__).resolve().parent / "v2_on_cpu"
 
 
+# tests/cpu_collectives: the collectives vLLM 0.32.0's CPU communicator lacks for data parallelism
+CPU_COLLECTIVES = Path(__file__).resolve().parent / "cpu_collectives"
+
+
 def runner_env(runner: str) -> dict[str, str]:
     """The environment of a driver process whose engines use `runner`: "v1" (the CPU build's default, the V1-based
     CPUModelRunner) or "v2" (Model Runner V2, the GPU default of vLLM 0.32.0: the shim goes on PYTHONPATH, so
@@ -135,8 +139,8 @@ def output_key(out: dict) -> str:
 
 def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeout: int = 900) -> list[dict]:
     """vLLM's offline data-parallel mode: one driver process per DP rank, started together, each with the
-    VLLM_DP_* environment (as vLLM's examples/offline_inference/data_parallel.py does). Returns each rank's
-    run result."""
+    VLLM_DP_* environment (as vLLM's examples/offline_inference/data_parallel.py does); on vLLM 0.32.0 with the
+    collectives its CPU communicator lacks (tests/cpu_collectives). Returns each rank's run result."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, size = free_port(), len(runs_per_rank)
     procs = []
@@ -155,6 +159,9 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
             VLLM_CPU_OMP_THREADS_BIND="nobind",
             OMP_NUM_THREADS="1",
         )
+        if vllm_pin() != "0.15.1":  # 0.32.0's CPU communicator has no all_gatherv / reduce_scatterv
+            path = os.pathsep.join(p for p in (str(CPU_COLLECTIVES), os.environ.get("PYTHONPATH", "")) if p)
+            env.update(MOE_ROUTES_CPU_COLLECTIVES="1", PYTHONPATH=path)
         log = open(workdir / f"driver{rank}.log", "w")
         procs.append(
             (
