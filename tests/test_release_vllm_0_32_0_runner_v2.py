@@ -90,6 +90,23 @@ def v2_runs(models, tmp_path_factory):
             save_routes=str(work / "up_preempt.npz"),
             upstream_return=True,
         ),
+        # 6, 7: upstream's ids for n > 1 sampled with chunked prefill, and for stop strings with a prompt start
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "up_n2.jsonl"), **inproc},
+            llm={**eager, **UPSTREAM, "max_num_batched_tokens": 64, "enable_chunked_prefill": True},
+            sampling={"max_tokens": 6, "n": 2, "temperature": 1.0},
+            prompts=long_prompts[:2],
+            save_routes=str(work / "up_n2.npz"),
+            upstream_return=True,
+        ),
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "up_stop.jsonl"), **inproc},
+            llm={**eager, **UPSTREAM},
+            sampling={"max_tokens": 16, "routed_experts_prompt_start": 5, "stop": ["e", "a"], "ignore_eos": False},
+            prompts=gsm8k_questions(4),
+            save_routes=str(work / "up_stop.npz"),
+            upstream_return=True,
+        ),
     ]
     results, log = drive(models["qwen2_moe"], runs, work, timeout=1800, runner="v2")
     for r in results:
@@ -139,14 +156,22 @@ def test_v2_stop_strings_and_prompt_start(v2_runs, models):
     _check(work, "stop", outputs, models["qwen2_moe"], start=5)
 
 
-@pytest.mark.parametrize("run,name", [(4, "up_same_step"), (5, "up_preempt")], ids=["same_step_hits", "preemption"])
-def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, models, run, name):
-    """Upstream's ids (its AuxOutput connector on V2, prefix caching on): P+G-1 rows per completion, every entry
-    equal to the log, whose records equal the HF reference."""
+@pytest.mark.parametrize(
+    "run,name,start",
+    [(4, "up_same_step", 0), (5, "up_preempt", 0), (6, "up_n2", 0), (7, "up_stop", 5)],
+    ids=["same_step_hits", "preemption", "n2_chunked_prefill", "stop_strings_prompt_start"],
+)
+def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, models, run, name, start):
+    """Upstream's ids (its AuxOutput connector on V2, prefix caching on): P+G-1-start rows per completion, every
+    entry equal to the log, whose records equal the HF reference."""
     work, results = v2_runs
     outputs = results[run]["outputs"]
     if name == "up_preempt":
         assert results[run]["writer_stats"][0]["recomputed_tokens_skipped"] > 0, "the scenario did not preempt"
+    if name == "up_n2":
+        assert len(outputs) == 4 and max(len(o["prompt_token_ids"]) for o in outputs) > 64, "no prompt was chunked"
+    if name == "up_stop":
+        assert any(len(o["token_ids"]) < 16 for o in outputs), "no completion ended on a stop string"
     log = RouteLog(work / f"{name}.jsonl")
     log.check_exact_coverage(outputs)
     agreement = assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
@@ -159,5 +184,5 @@ def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, mod
             got = z[f"ids/{output_key(o)}"]
             n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
             ids, _ = log.per_request(output_key(o), n_pos, layers)
-            assert got.shape == (n_pos, 3, 2), (output_key(o), got.shape)
-            np.testing.assert_array_equal(np.sort(got[:, layers], -1), np.sort(ids, -1), err_msg=output_key(o))
+            assert got.shape == (n_pos - start, 3, 2), (output_key(o), got.shape)
+            np.testing.assert_array_equal(np.sort(got[:, layers], -1), np.sort(ids[start:], -1), err_msg=output_key(o))
