@@ -69,12 +69,15 @@ def shared_prefix_prompts(model_dir: str | Path) -> dict[str, list[list[int]]]:
     }
 
 
-# tests/v2_on_cpu: the shim that runs vLLM 0.32.0's Model Runner V2 on CPU (Triton's interpreter)
-V2_ON_CPU = Path(__file__).resolve().parent / "v2_on_cpu"
+# tests/cpu_shims: test-only shims loaded by its sitecustomize in every process of a run that asks for them:
+# v2_on_cpu (vLLM 0.32.0's Model Runner V2 on CPU, Triton's interpreter) and cpu_collectives (the collectives
+# vLLM 0.32.0's CPU communicator lacks for data parallelism)
+CPU_SHIMS = Path(__file__).resolve().parent / "cpu_shims"
 
 
-# tests/cpu_collectives: the collectives vLLM 0.32.0's CPU communicator lacks for data parallelism
-CPU_COLLECTIVES = Path(__file__).resolve().parent / "cpu_collectives"
+def _with_cpu_shims(flags: dict[str, str]) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(CPU_SHIMS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**flags, "PYTHONPATH": path}
 
 
 def runner_env(runner: str) -> dict[str, str]:
@@ -84,8 +87,7 @@ def runner_env(runner: str) -> dict[str, str]:
     if runner == "v1":
         return {}
     assert runner == "v2", runner
-    path = os.pathsep.join(p for p in (str(V2_ON_CPU), os.environ.get("PYTHONPATH", "")) if p)
-    return {"MOE_ROUTES_V2_ON_CPU": "1", "VLLM_USE_V2_MODEL_RUNNER": "1", "PYTHONPATH": path}
+    return _with_cpu_shims({"MOE_ROUTES_V2_ON_CPU": "1", "VLLM_USE_V2_MODEL_RUNNER": "1"})
 
 
 def drive(
@@ -137,10 +139,13 @@ def output_key(out: dict) -> str:
     return completion_key(out["request_id"], out.get("completion_index"))
 
 
-def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeout: int = 900) -> list[dict]:
+def drive_dp(
+    model: str | Path, runs_per_rank: list[dict], workdir: Path, timeout: int = 900, runner: str = "v1"
+) -> list[dict]:
     """vLLM's offline data-parallel mode: one driver process per DP rank, started together, each with the
     VLLM_DP_* environment (as vLLM's examples/offline_inference/data_parallel.py does); on vLLM 0.32.0 with the
-    collectives its CPU communicator lacks (tests/cpu_collectives). Returns each rank's run result."""
+    collectives its CPU communicator lacks (tests/cpu_shims/cpu_collectives.py). runner: see runner_env. Returns
+    each rank's run result."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, size = free_port(), len(runs_per_rank)
     procs = []
@@ -159,9 +164,9 @@ def drive_dp(model: str | Path, runs_per_rank: list[dict], workdir: Path, timeou
             VLLM_CPU_OMP_THREADS_BIND="nobind",
             OMP_NUM_THREADS="1",
         )
+        env.update(runner_env(runner))
         if vllm_pin() != "0.15.1":  # 0.32.0's CPU communicator has no all_gatherv / reduce_scatterv
-            path = os.pathsep.join(p for p in (str(CPU_COLLECTIVES), os.environ.get("PYTHONPATH", "")) if p)
-            env.update(MOE_ROUTES_CPU_COLLECTIVES="1", PYTHONPATH=path)
+            env.update(_with_cpu_shims({"MOE_ROUTES_CPU_COLLECTIVES": "1"}))
         log = open(workdir / f"driver{rank}.log", "w")
         procs.append(
             (

