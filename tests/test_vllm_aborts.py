@@ -3,10 +3,11 @@
 upstream 0.32.0 `v1/engine/output_processor.py:552-614`, rows = P + G - 1 - start), and the log holds exactly
 those positions (item 5: records of positions the caller never got are never written). Through the real patched
 engine on CPU: offline (`LLMEngine.abort_request`, which now hands the final outputs back), `AsyncLLM.abort`
-(the generator's final output) and HTTP (`POST /pause`, what RL frameworks call at a weight sync; its in-flight
-requests end with finish_reason "abort"). Where this series goes beyond upstream: a completion aborted in the
-middle of a chunked prefill returns the prompt rows computed so far (upstream: None), since a prefill chunk's
-rows reach the front-end with the step that computed them.
+(the generator's final output) and HTTP (`POST /pause`, what RL frameworks call at a weight sync, and the token
+endpoint's `abort_requests` for the request it names: the in-flight requests end with finish_reason "abort").
+Where this series goes beyond upstream: a completion aborted in the middle of a chunked prefill returns the
+prompt rows computed so far (upstream: None), since a prefill chunk's rows reach the front-end with the step
+that computed them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from engine_modules import vllm_pin
 from routes_ref import (
     PY,
     ROOT,
@@ -254,3 +256,68 @@ def test_http_pause_returns_the_aborted_completions_rows(models, tmp_path):
     assert_agrees_with_reference(
         log, model, [{"request_id": result["r"].id, "prompt_token_ids": prompt, "token_ids": tokens}]
     )
+
+
+# The token endpoint's abort, which RL frameworks' disaggregated rollouts call with the ids they gave
+# /inference/v1/generate: 0.15.1 serves /abort_requests only with --tokens-only
+# (vllm/entrypoints/serve/disagg/api_router.py:84-104); 0.32.0 serves /inference/v1/abort_requests with
+# --enable-scale-out (vllm/entrypoints/scale_out/token_in_token_out/api_router.py:80-102).
+TOKEN_ABORT = (
+    (("--tokens-only",), "/abort_requests")
+    if vllm_pin() == "0.15.1"
+    else (
+        ("--enable-scale-out",),
+        "/inference/v1/abort_requests",
+    )
+)
+
+
+def test_http_abort_requests_returns_the_aborted_rows_on_the_token_endpoint(models, tmp_path):
+    """POST abort_requests with the engine's id of a /inference/v1/generate request (generate-tokens-<request_id>)
+    ends it with finish_reason "abort" and the routing of the positions its choice carries (base64 .npy, as
+    upstream), equal to the log's records, which hold exactly those positions, and to the HF reference."""
+    import base64
+    import io
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    model = models["qwen2_moe"]
+    log_path = tmp_path / "log.jsonl"
+    args, abort_path = TOKEN_ABORT
+    prompt = AutoTokenizer.from_pretrained(model)(gsm8k_questions(1)[0])["input_ids"]
+    flags = ("--enable-return-routed-experts", "--enable-return-routed-expert-weights", *args)
+    result: dict = {}
+    with serve(model, tmp_path / "srv", env={"VLLM_LOG_MOE": str(log_path)}, args=flags) as client:
+        root = str(client.base_url).rstrip("/").removesuffix("/v1")
+        body = {
+            "model": str(model),
+            "token_ids": prompt,
+            "request_id": "rollout-7",
+            "sampling_params": {"max_tokens": 1500, "temperature": 0.0, "ignore_eos": True},
+        }
+
+        def generate():
+            result["r"] = httpx.post(root + "/inference/v1/generate", json=body, timeout=300)
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        deadline = time.time() + 120
+        while time.time() < deadline and _generated_tokens(root) < 32:
+            time.sleep(0.1)  # decoding is under way
+        r = httpx.post(root + abort_path, json={"request_ids": ["generate-tokens-rollout-7"]}, timeout=60)
+        assert r.status_code == 200, r.text
+        thread.join(300)
+    assert result["r"].status_code == 200, result["r"].text
+    (choice,) = result["r"].json()["choices"]
+    assert choice["finish_reason"] == "abort", choice["finish_reason"]
+    tokens = choice["token_ids"]
+    assert 0 < len(tokens) < 1500
+    ids, weights = (
+        np.load(io.BytesIO(base64.b64decode(choice[k])), allow_pickle=False)
+        for k in ("routed_experts", "routed_expert_weights")
+    )
+    n_pos = len(prompt) + len(tokens) - 1
+    log = RouteLog(log_path)
+    key = "generate-tokens-rollout-7"
+    _check_against_log_and_reference(log, model, key, prompt, tokens, ids, weights, n_pos)
