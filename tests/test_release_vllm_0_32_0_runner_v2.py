@@ -4,8 +4,9 @@ AsyncOutput.get_output, the KV cache ready) with real data. The log and the per-
 reference where users break them: prefix-cache hits on blocks filled in the same step, n > 1 with chunked prefill
 in a spawned engine core, preemption with recompute, stop strings with a prompt start. And upstream's own
 routed experts (its AuxOutput connector, which needs V2 and prefix caching: this series leaves the flag to it in
-the "upstream_return" runs) against the log, in the same adversarial cases and under the GPU's async scheduling
-(engine core forked, tests/gpu_defaults.py), TP=2 and DP=2 (tests/cpu_shims/cpu_collectives.py).
+the "upstream_return" runs) against the log, in the same adversarial cases. Under the GPU's async scheduling
+(engine core forked, tests/gpu_defaults.py), TP=2 and DP=2 (tests/cpu_shims/cpu_collectives.py): the log with
+each source of the per-request arrays, upstream's connector and the series' own return.
 
 Collected only in the 0.32.0 pin's run (tests/conftest.py). What only a GPU shows (CUDA graphs, the pinned
 copies overlapping the next step, real async overlap): APPENDIX section 5.
@@ -118,13 +119,19 @@ def v2_runs(models, tmp_path_factory):
     return work, results
 
 
-def _check(work, name: str, outputs: list[dict], model_dir, start: int = 0) -> RouteLog:
-    """The log: positions 0..P+G-2 once per layer, equal to the HF reference (fp32: every entry); the arrays: P+G-1-
-    start rows each, equal to the log record for record."""
+def _log_exact(work, name: str, outputs: list[dict], model_dir) -> RouteLog:
+    """The log: every position of every completion once per layer, equal to the HF reference (fp32: every entry)."""
     log = RouteLog(work / f"{name}.jsonl")
     log.check_exact_coverage(outputs)
     agreement = assert_agrees_with_reference(log, model_dir, outputs)
     assert agreement["id_agreement"] == 1.0, agreement
+    return log
+
+
+def _check(work, name: str, outputs: list[dict], model_dir, start: int = 0) -> RouteLog:
+    """The log: positions 0..P+G-2 once per layer, equal to the HF reference (fp32: every entry); the arrays: P+G-1-
+    start rows each, equal to the log record for record."""
+    log = _log_exact(work, name, outputs, model_dir)
     routes = ReturnedRoutes(work / f"{name}.npz", log.meta["layers_logged"])
     assert not routes.none and set(routes.ids) == {output_key(o) for o in outputs}
     returned_equal_to_log(routes, log, outputs, start=start)
@@ -173,17 +180,6 @@ def _upstream_rows_equal_the_log(log: RouteLog, npz, outputs: list[dict], start:
             np.testing.assert_array_equal(np.sort(got[:, layers], -1), np.sort(ids[start:], -1), err_msg=output_key(o))
 
 
-def _upstream_equal_to_log_and_reference(work, name: str, outputs: list[dict], model_dir, start: int = 0) -> RouteLog:
-    """Upstream's ids (its AuxOutput connector, prefix caching on) equal to the log, whose records cover each
-    position once and equal the HF reference."""
-    log = RouteLog(work / f"{name}.jsonl")
-    log.check_exact_coverage(outputs)
-    agreement = assert_agrees_with_reference(log, model_dir, outputs)
-    assert agreement["id_agreement"] == 1.0, agreement
-    _upstream_rows_equal_the_log(log, work / f"{name}.npz", outputs, start)
-    return log
-
-
 @pytest.mark.parametrize(
     "run,name,start",
     [(4, "up_same_step", 0), (5, "up_preempt", 0), (6, "up_n2", 0), (7, "up_stop", 5)],
@@ -198,40 +194,45 @@ def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, mod
         assert len(outputs) == 4 and max(len(o["prompt_token_ids"]) for o in outputs) > 64, "no prompt was chunked"
     if name == "up_stop":
         assert any(len(o["token_ids"]) < 16 for o in outputs), "no completion ended on a stop string"
-    _upstream_equal_to_log_and_reference(work, name, outputs, models["qwen2_moe"], start)
+    log = _log_exact(work, name, outputs, models["qwen2_moe"])
+    _upstream_rows_equal_the_log(log, work / f"{name}.npz", outputs, start)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Upstream's ids on V2 under the GPU's async scheduling (engine core forked, tests/gpu_defaults.py), TP=2 and DP=2
+# V2 under the GPU's async scheduling (engine core forked, tests/gpu_defaults.py), TP=2 and DP=2: the log with
+# upstream's ids (its connector) and with the series' own return (ids + weights), each source its own engines
 # ---------------------------------------------------------------------------------------------------
 NOBIND = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}  # CPU workers: no NUMA node per rank
+SOURCES = {"up": {"llm": UPSTREAM, "upstream_return": True}, "ours": {"llm": ROUTES}}
 
 
-@pytest.fixture(scope="module")
-def v2_parallel_runs(models, tmp_path_factory):
-    work = tmp_path_factory.mktemp("runner_v2_parallel")
-    eager = {"enforce_eager": True}
+@pytest.fixture(scope="module", params=sorted(SOURCES))
+def v2_parallel_runs(request, models, tmp_path_factory):
+    source = request.param
+    work = tmp_path_factory.mktemp(f"runner_v2_parallel_{source}")
+    eager = {"enforce_eager": True, **SOURCES[source]["llm"]}
+    upstream = {"upstream_return": True} if SOURCES[source].get("upstream_return") else {}
     stops = {"max_tokens": 12, "stop": ["e", "a"], "ignore_eos": False}
     runs = [
         # 0: async scheduling, the engine core forked (the GPU defaults); stop strings end completions in the
         # front-end while the engine has already scheduled the next step
         dict(
-            env={"VLLM_LOG_MOE": str(work / "up_async.jsonl")},
-            llm={**eager, **UPSTREAM},
+            env={"VLLM_LOG_MOE": str(work / "async.jsonl")},
+            llm=eager,
             sampling=stops,
             prompts=gsm8k_questions(6),
-            save_routes=str(work / "up_async.npz"),
-            upstream_return=True,
-            gpu_defaults={"async_scheduling": True, "fork": True, "record": str(work / "up_async.record.jsonl")},
+            save_routes=str(work / "async.npz"),
+            gpu_defaults={"async_scheduling": True, "fork": True, "record": str(work / "async.record.jsonl")},
+            **upstream,
         ),
         # 1: TP=2 (multiprocess executor, two V2 workers)
         dict(
-            env={"VLLM_LOG_MOE": str(work / "up_tp2.jsonl"), **NOBIND},
-            llm={**eager, **UPSTREAM, "tensor_parallel_size": 2},
+            env={"VLLM_LOG_MOE": str(work / "tp2.jsonl"), **NOBIND},
+            llm={**eager, "tensor_parallel_size": 2},
             sampling={"max_tokens": 8},
             prompts=gsm8k_questions(4),
-            save_routes=str(work / "up_tp2.npz"),
-            upstream_return=True,
+            save_routes=str(work / "tp2.npz"),
+            **upstream,
         ),
     ]
     results, log = drive(models["qwen2_moe"], runs, work, timeout=1800, runner="v2")
@@ -249,10 +250,10 @@ def v2_parallel_runs(models, tmp_path_factory):
         [
             dict(
                 r,
-                llm={**eager, **UPSTREAM},
-                env={"VLLM_LOG_MOE": str(work / "up_dp2.jsonl")},
-                save_routes=str(work / f"up_dp2_{i}.npz"),
-                upstream_return=True,
+                llm=eager,
+                env={"VLLM_LOG_MOE": str(work / "dp2.jsonl")},
+                save_routes=str(work / f"dp2_{i}.npz"),
+                **upstream,
             )
             for i, r in enumerate(ranks)
         ],
@@ -263,33 +264,43 @@ def v2_parallel_runs(models, tmp_path_factory):
     for r in dp:
         assert r["ok"], r.get("traceback")
     assert all("Using V2 Model Runner" in (work / "dp" / f"driver{i}.log").read_text() for i in range(2))
-    return work, results, dp
+    return source, work, results, dp
 
 
-def test_upstream_routed_experts_under_async_scheduling_in_a_forked_engine_core(v2_parallel_runs, models):
-    work, results, _ = v2_parallel_runs
+def _rows_equal_the_log(source: str, log: RouteLog, npz, outputs: list[dict], key_prefix: str = "") -> None:
+    """Upstream's ids, or the series' ids and weights, equal to the log's records, completion by completion."""
+    if source == "up":
+        _upstream_rows_equal_the_log(log, npz, outputs, key_prefix=key_prefix)
+        return
+    routes = ReturnedRoutes(npz, log.meta["layers_logged"], key_prefix=key_prefix)
+    assert not routes.none and len(routes.ids) == len(outputs)
+    returned_equal_to_log(routes, log, [dict(o, request_id=key_prefix + o["request_id"]) for o in outputs])
+
+
+def test_v2_under_async_scheduling_in_a_forked_engine_core(v2_parallel_runs, models):
+    source, work, results, _ = v2_parallel_runs
     result = results[0]
-    (core,) = [r for r in read_record(work / "up_async.record.jsonl") if r["event"] == "engine_core"]
+    (core,) = [r for r in read_record(work / "async.record.jsonl") if r["event"] == "engine_core"]
     assert core["scheduler"] == "AsyncScheduler" and core["async_scheduling"] is True, core
     assert core["start_method"] == "fork" and core["parent_marker"] == result["gpu_defaults_marker"], core
     outputs = result["outputs"]
     assert any(o["finish_reason"] == "stop" and o["stop_reason"] in ("e", "a") for o in outputs), "no stop string"
-    _upstream_equal_to_log_and_reference(work, "up_async", outputs, models["qwen2_moe"])
+    log = _log_exact(work, "async", outputs, models["qwen2_moe"])
+    _rows_equal_the_log(source, log, work / "async.npz", outputs)
 
 
-def test_upstream_routed_experts_under_tensor_parallelism(v2_parallel_runs, models):
-    work, results, _ = v2_parallel_runs
-    log = _upstream_equal_to_log_and_reference(work, "up_tp2", results[1]["outputs"], models["qwen2_moe"])
+def test_v2_under_tensor_parallelism(v2_parallel_runs, models):
+    source, work, results, _ = v2_parallel_runs
+    outputs = results[1]["outputs"]
+    log = _log_exact(work, "tp2", outputs, models["qwen2_moe"])
     assert len(log.metas) == 1 and log.meta["tensor_parallel_size"] == 2
+    _rows_equal_the_log(source, log, work / "tp2.npz", outputs)
 
 
-def test_upstream_routed_experts_under_data_parallelism(v2_parallel_runs, models):
-    work, _, dp = v2_parallel_runs
-    log = RouteLog(work / "up_dp2.jsonl")
-    assert sorted(m["data_parallel_rank"] for m in log.metas) == [0, 1]
+def test_v2_under_data_parallelism(v2_parallel_runs, models):
+    source, work, _, dp = v2_parallel_runs
     outputs = [dict(o, request_id=f"dp{rank}/{o['request_id']}") for rank, r in enumerate(dp) for o in r["outputs"]]
-    log.check_exact_coverage(outputs)
-    agreement = assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
-    assert agreement["id_agreement"] == 1.0, agreement
+    log = _log_exact(work, "dp2", outputs, models["qwen2_moe"])
+    assert sorted(m["data_parallel_rank"] for m in log.metas) == [0, 1]
     for rank, r in enumerate(dp):
-        _upstream_rows_equal_the_log(log, work / f"up_dp2_{rank}.npz", r["outputs"], key_prefix=f"dp{rank}/")
+        _rows_equal_the_log(source, log, work / f"dp2_{rank}.npz", r["outputs"], key_prefix=f"dp{rank}/")
