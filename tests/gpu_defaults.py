@@ -55,7 +55,8 @@ the order is the GPU's (schedule k+1, forward k+1, then update k, with the extra
 engine-side finish), but forward k+1 has finished before update k, and no copy is ever in flight when an
 event is waited on.
 
-vLLM 0.32.0 (its CPU build runs the V1-based CPUModelRunner, whose async path is the same class): the platform
+vLLM 0.32.0 (its CPU build runs the V1-based CPUModelRunner, whose async path is the same class; under Model
+Runner V2 (tests/cpu_shims/v2_on_cpu.py) only the scheduling switches apply, V2 has its own AsyncOutput): the platform
 turns async scheduling off and forces spawn at vllm/platforms/cpu.py:329-331 and :409, undone the same way; the
 constructor builds `torch.cuda.Event(blocking=True)` (gpu_model_runner.py:287), stood in like `torch.Event`;
 and the CPU platform also runs a multiprocess engine's single worker in a process of its own (the mp executor,

