@@ -168,7 +168,8 @@ def test_v2_stop_strings_and_prompt_start(v2_runs, models):
 
 
 def _upstream_rows_equal_the_log(log: RouteLog, npz, outputs: list[dict], start: int = 0, key_prefix: str = ""):
-    """Upstream's ids: P+G-1-start rows per completion (None for none), every entry equal to the log's records."""
+    """Upstream's ids: P+G-1-start rows for every completion (never None), each row's top-k ids the set the log
+    records for that position and layer (upstream returns no weights)."""
     layers = log.meta["layers_logged"]
     with np.load(npz) as z:
         none = [k for k in z.files if k.startswith("none/")]
