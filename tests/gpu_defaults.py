@@ -282,3 +282,23 @@ def uninstall() -> None:
 def read_record(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def assert_async_engine_core(record: list[dict], marker: dict, fork: bool = True) -> dict:
+    """The harness took effect in the engine core (read_record of its record; marker: the driver's
+    gpu_defaults_marker): async scheduling with its batch queue, started by fork from the driver that installed
+    the harness, or in that driver's process. Returns the engine_core record."""
+    (core,) = [r for r in record if r["event"] == "engine_core"]
+    assert core["parent_marker"] == marker  # module state of the driver that installed the harness
+    assert core["scheduler"] == "AsyncScheduler" and core["step_fn"] == "step_with_batch_queue", core
+    assert core["batch_queue_size"] == 2 and core["async_scheduling"] is True, core
+    if fork:
+        # the engine core process: "EngineCore_DP0" on 0.15.1, "EngineCore" on 0.32.0
+        assert core["start_method"] == "fork" and core["process_name"].startswith("EngineCore"), core
+        assert core["pid"] != marker["pid"] and core["ppid"] == marker["pid"], core
+        assert core["mp_method"] == "fork"
+    else:
+        assert core["pid"] == marker["pid"], core  # in-process engine core
+    calls = {r["name"] for r in record if r["event"] == "step_fn_called"}
+    assert calls == {"step_with_batch_queue"}, calls
+    return core

@@ -75,6 +75,12 @@ def shared_prefix_prompts(model_dir: str | Path) -> dict[str, list[list[int]]]:
 CPU_SHIMS = Path(__file__).resolve().parent / "cpu_shims"
 
 
+# A CPU worker on one OpenMP thread, unbound: the automatic core binding wants a NUMA node per worker (TP, DP),
+# and on a 2-core machine a worker on every core starves the API server's event loop (a request to it waits
+# until the decoding ends)
+ONE_THREAD_CPU_WORKER = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+
+
 def _with_cpu_shims(flags: dict[str, str]) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(CPU_SHIMS), os.environ.get("PYTHONPATH", "")) if p)
     return {**flags, "PYTHONPATH": path}
@@ -139,6 +145,16 @@ def output_key(out: dict) -> str:
     return completion_key(out["request_id"], out.get("completion_index"))
 
 
+def dp_outputs(results: list[dict]) -> list[dict]:
+    """Every DP rank's driver outputs (drive_dp's results, in rank order), each request id keyed by its rank as
+    the log keys it (completion_key)."""
+    return [
+        dict(o, request_id=completion_key(o["request_id"], dp_rank=rank))
+        for rank, r in enumerate(results)
+        for o in r["outputs"]
+    ]
+
+
 def drive_dp(
     model: str | Path, runs_per_rank: list[dict], workdir: Path, timeout: int = 900, runner: str = "v1"
 ) -> list[dict]:
@@ -160,9 +176,7 @@ def drive_dp(
             VLLM_DP_RANK_LOCAL=str(rank),
             VLLM_DP_MASTER_IP="127.0.0.1",
             VLLM_DP_MASTER_PORT=str(port),
-            # the CPU worker's automatic core binding wants a NUMA node per rank
-            VLLM_CPU_OMP_THREADS_BIND="nobind",
-            OMP_NUM_THREADS="1",
+            **ONE_THREAD_CPU_WORKER,
         )
         env.update(runner_env(runner))
         if vllm_pin() != "0.15.1":  # 0.32.0's CPU communicator has no all_gatherv / reduce_scatterv

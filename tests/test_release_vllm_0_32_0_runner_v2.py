@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_defaults import read_record
+from gpu_defaults import assert_async_engine_core, read_record
 from routes_ref import (
+    ONE_THREAD_CPU_WORKER,
     ROUTES,
     ReturnedRoutes,
     RouteLog,
     assert_agrees_with_reference,
+    dp_outputs,
     drive,
     drive_dp,
     gsm8k_questions,
@@ -206,7 +208,6 @@ def test_upstream_routed_experts_equal_the_log_and_the_hf_reference(v2_runs, mod
 # V2 under the GPU's async scheduling (engine core forked, tests/gpu_defaults.py), TP=2 and DP=2: the log with
 # upstream's ids (its connector) and with the series' own return (ids + weights), each source its own engines
 # ---------------------------------------------------------------------------------------------------
-NOBIND = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}  # CPU workers: no NUMA node per rank
 SOURCES = {"up": {"llm": UPSTREAM, "upstream_return": True}, "ours": {"llm": ROUTES}}
 
 
@@ -231,7 +232,7 @@ def v2_parallel_runs(request, models, tmp_path_factory):
         ),
         # 1: TP=2 (multiprocess executor, two V2 workers)
         dict(
-            env={"VLLM_LOG_MOE": str(work / "tp2.jsonl"), **NOBIND},
+            env={"VLLM_LOG_MOE": str(work / "tp2.jsonl"), **ONE_THREAD_CPU_WORKER},
             llm={**eager, "tensor_parallel_size": 2},
             sampling={"max_tokens": 8},
             prompts=gsm8k_questions(4),
@@ -285,12 +286,7 @@ def _rows_equal_the_log(source: str, log: RouteLog, npz, outputs: list[dict], ke
 def test_v2_under_async_scheduling_in_a_forked_engine_core(v2_parallel_runs, models):
     source, work, results, _ = v2_parallel_runs
     result = results[0]
-    record = read_record(work / "async.record.jsonl")
-    (core,) = [r for r in record if r["event"] == "engine_core"]
-    assert core["scheduler"] == "AsyncScheduler" and core["async_scheduling"] is True, core
-    assert core["step_fn"] == "step_with_batch_queue" and core["batch_queue_size"] == 2, core
-    assert {r["name"] for r in record if r["event"] == "step_fn_called"} == {"step_with_batch_queue"}
-    assert core["start_method"] == "fork" and core["parent_marker"] == result["gpu_defaults_marker"], core
+    assert_async_engine_core(read_record(work / "async.record.jsonl"), result["gpu_defaults_marker"], fork=True)
     outputs = result["outputs"]
     assert any(o["finish_reason"] == "stop" and o["stop_reason"] in ("e", "a") for o in outputs), "no stop string"
     log = _log_exact(work, "async", outputs, models["qwen2_moe"])
@@ -307,7 +303,7 @@ def test_v2_under_tensor_parallelism(v2_parallel_runs, models):
 
 def test_v2_under_data_parallelism(v2_parallel_runs, models):
     source, work, _, dp = v2_parallel_runs
-    outputs = [dict(o, request_id=f"dp{rank}/{o['request_id']}") for rank, r in enumerate(dp) for o in r["outputs"]]
+    outputs = dp_outputs(dp)
     log = _log_exact(work, "dp2", outputs, models["qwen2_moe"])
     assert sorted(m["data_parallel_rank"] for m in log.metas) == [0, 1]
     for rank, r in enumerate(dp):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from engine_modules import vllm_pin
-from gpu_defaults import read_record
+from gpu_defaults import assert_async_engine_core, read_record
 from routes_ref import (
     ROUTES,
     ReturnedRoutes,
@@ -87,20 +87,7 @@ def _output_collector(core: dict, fork: bool) -> tuple[str, str]:
 def _engine_core(work: Path, name: str, result: dict, fork: bool = True) -> list[dict]:
     """The records the harness wrote from inside the engine core: the GPU defaults took effect there."""
     rec = read_record(work / f"{name}.record.jsonl")
-    marker = result["gpu_defaults_marker"]
-    (core,) = [r for r in rec if r["event"] == "engine_core"]
-    assert core["parent_marker"] == marker  # module state of the driver that installed the harness
-    assert core["scheduler"] == "AsyncScheduler" and core["step_fn"] == "step_with_batch_queue", core
-    assert core["batch_queue_size"] == 2 and core["async_scheduling"] is True, core
-    if fork:
-        # the engine core process: "EngineCore_DP0" on 0.15.1, "EngineCore" on 0.32.0
-        assert core["start_method"] == "fork" and core["process_name"].startswith("EngineCore"), core
-        assert core["pid"] != marker["pid"] and core["ppid"] == marker["pid"], core
-        assert core["mp_method"] == "fork"
-    else:
-        assert core["pid"] == marker["pid"], core  # in-process engine core
-    calls = {r["name"] for r in rec if r["event"] == "step_fn_called"}
-    assert calls == {"step_with_batch_queue"}, calls
+    core = assert_async_engine_core(rec, result["gpu_defaults_marker"], fork)
     where, thread = _output_collector(core, fork)
     (runner,) = [r for r in rec if r["event"] == "model_runner"]
     assert runner["async_"] is True and runner["cls"] == "CPUModelRunner", runner

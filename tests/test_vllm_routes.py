@@ -15,11 +15,13 @@ import pytest
 from engine_modules import ROOT, vllm_pin
 from routes_ref import (
     DRIVER,
+    ONE_THREAD_CPU_WORKER,
     PY,
     ROUTES,
     ReturnedRoutes,
     RouteLog,
     assert_agrees_with_reference,
+    dp_outputs,
     drive,
     drive_dp,
     gsm8k_questions,
@@ -472,10 +474,6 @@ def dp_runs(models, tmp_path_factory):
     return work, logged, plain
 
 
-def _dp_outputs(results):
-    return [dict(o, request_id=f"dp{rank}/{o['request_id']}") for rank, r in enumerate(results) for o in r["outputs"]]
-
-
 def test_data_parallel_logs_every_rank_exactly_once(dp_runs, models):
     work, logged, plain = dp_runs
     log = RouteLog(work / "dp.jsonl")
@@ -484,11 +482,11 @@ def test_data_parallel_logs_every_rank_exactly_once(dp_runs, models):
     assert log.validate_schema() > 0
     # both callers number their requests from "0": the records tell them apart by dp_rank
     assert {o["request_id"] for o in logged[0]["outputs"]} & {o["request_id"] for o in logged[1]["outputs"]}
-    outputs = _dp_outputs(logged)
+    outputs = dp_outputs(logged)
     log.check_exact_coverage(outputs)
     # the slice of the gathered batch is this rank's: the routing matches an independent HF recomputation
     assert_agrees_with_reference(log, models["qwen2_moe"], outputs)
-    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in _dp_outputs(plain)]
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in dp_outputs(plain)]
     # each rank's CompletionOutput.routed_experts: its own rows of the gathered batch, equal to its records
     for rank, r in enumerate(logged):
         routes = ReturnedRoutes(work / f"dp{rank}.npz", [0, 1, 2], key_prefix=f"dp{rank}/")
@@ -510,10 +508,7 @@ def test_tensor_parallel_writes_one_copy(models, tmp_path):
         "prompts": gsm8k_questions(6),
         "save_routes": str(tmp_path / "tp.npz"),
     }
-    # the CPU worker's automatic core binding wants a NUMA node per rank
-    (result,), _ = drive(
-        models["qwen2_moe"], [run], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
-    )
+    (result,), _ = drive(models["qwen2_moe"], [run], tmp_path, extra_env=ONE_THREAD_CPU_WORKER)
     assert result["ok"], result.get("traceback")
     # one writer, the front-end's: the rows come from TP rank 0 only (rank 1 captures nothing)
     assert len(result["writer_stats"]) == 1 and result["writer_stats"][0]["route_records"] > 0
